@@ -1,0 +1,138 @@
+"""GPU timing of router_topk variants and peers (DeepSeek-V4-Flash router: E=256, k=6,
+sqrtsoftplus + bias, scaling 1.5), with the copy bandwidth measured in the same run.
+
+    python bench/router_bench.py [--tokens 1 128 4096 65536] [--dtypes float32 bfloat16] [--json out.json]
+
+Times are CUDA-event medians after warm-up; inputs rotate among enough copies to exceed the L2
+cache, so no run reads its logits from cache.  "py_us" is the host-side cost of one call
+(validation, dispatch, launch; no synchronisation), measured separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+import ds4kern
+from ds4kern._arrays import BFLOAT16
+from ds4kern.timing import copy_bandwidth, cuda_time
+
+E, K, SCALING = 256, 6, 1.5
+ROTATE_BYTES = 256 << 20  # more than the 50-60 MB L2 of an H100/H200
+
+
+def minimal_bytes(T, itemsize, index_itemsize=4):
+    return T * E * itemsize + T * K * (4 + index_itemsize)
+
+
+def torch_peers():
+    try:
+        import torch
+        import torch.nn.functional as F
+    except Exception:
+        return {}
+
+    def eager(x, bias):
+        s = torch.sqrt(F.softplus(x.float()))  # softplus(x) = x for x > 20, as in the spec
+        idx = torch.topk(s + bias, K, dim=-1).indices
+        w = s.gather(-1, idx)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * SCALING
+        return w, idx.int()
+
+    peers = {"torch_eager": eager}
+    try:
+        peers["torch_compile"] = torch.compile(eager, dynamic=False)
+    except Exception as e:  # pragma: no cover
+        print(f"torch.compile unavailable: {e}", file=sys.stderr)
+    return peers
+
+
+def bench(tokens, dtypes, repeat=200):
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    bw = copy_bandwidth()
+    rows = []
+    rng = np.random.default_rng()
+    peers = torch_peers()
+    variants = [v.name for v in ds4kern.variants("router_topk") if v.backend == "cuda"]
+    for dtype in dtypes:
+        dt = {"float32": np.float32, "bfloat16": BFLOAT16}[dtype]
+        for T in tokens:
+            nbytes = minimal_bytes(T, np.dtype(dt).itemsize)
+            nsets = int(min(64, max(1, -(-ROTATE_BYTES // max(1, T * E * np.dtype(dt).itemsize)))))
+            xs = [cp.asarray(rng.standard_normal((T, E), dtype=np.float32).astype(dt)) for _ in range(nsets)]
+            bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+            w_o, i_o = cp.empty((T, K), cp.float32), cp.empty((T, K), cp.int32)
+            cur = [0]
+
+            def rotate(i):
+                cur[0] = i % nsets
+
+            for v in variants:
+                def call(v=v):
+                    ds4kern.router_topk(xs[cur[0]], K, score_function="sqrtsoftplus", expert_bias=bias,
+                                        scaling_factor=SCALING, out=(w_o, i_o), variant=v)
+                try:
+                    t = cuda_time(call, warmup=10, repeat=repeat, setup=rotate)
+                except Exception as e:
+                    print(f"{v} failed at T={T} {dtype}: {e}", file=sys.stderr)
+                    continue
+                # host cost of one call: many back-to-back launches, no sync inside
+                n = 2000 if T <= 4096 else 200
+                cp.cuda.Device().synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    call()
+                host = (time.perf_counter() - t0) / n
+                cp.cuda.Device().synchronize()
+                rows.append(dict(device=name, dtype=dtype, T=T, impl=v, us=t * 1e6, py_us=host * 1e6,
+                                 gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / bw))
+            if peers:
+                import torch
+
+                xt = [torch.from_dlpack(x) for x in xs]
+                bt = torch.from_dlpack(bias)
+                for pname, fn in peers.items():
+                    try:
+                        t = cuda_time(lambda: fn(xt[cur[0]], bt), warmup=10, repeat=repeat, setup=rotate)
+                    except Exception as e:
+                        print(f"{pname} failed at T={T} {dtype}: {e}", file=sys.stderr)
+                        continue
+                    rows.append(dict(device=name, dtype=dtype, T=T, impl=pname, us=t * 1e6, py_us=float("nan"),
+                                     gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / bw))
+            del xs
+    return dict(device=name, copy_gbs=bw / 1e9, date=time.strftime("%Y-%m-%d"), rows=rows)
+
+
+def table(res) -> str:
+    out = [f"device: {res['device']}, copy bandwidth {res['copy_gbs']:.0f} GB/s (read+write), {res['date']}",
+           "", "| dtype | T | impl | kernel µs | GB/s | % copy | host µs/call |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        py = "" if r["py_us"] != r["py_us"] else f"{r['py_us']:.1f}"
+        out.append(f"| {r['dtype']} | {r['T']} | {r['impl']} | {r['us']:.2f} | {r['gbs']:.0f} | "
+                   f"{r['pct_copy']:.1f} | {py} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096, 65536])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    res = bench(args.tokens, args.dtypes, args.repeat)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Turning user arrays into numpy or CuPy arrays, and results back into the caller's kind.
+
+numpy arrays run on the reference backend.  CuPy arrays, objects with
+``__cuda_array_interface__`` and torch CUDA tensors run on the GPU, zero-copy.  For torch
+tensors the op runs on torch's current stream and returns torch tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+try:  # ml_dtypes registers bfloat16 with numpy (a runtime dependency)
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a hard dependency
+    BFLOAT16 = None
+
+FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16) if d is not None)
+
+
+def cupy_or_none():
+    try:
+        import cupy
+    except Exception:
+        return None
+    return cupy
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "__dlpack__")
+
+
+class Frame:
+    """Where an op runs: backend, CuPy module, device and stream, and how to hand results back.
+
+    Made from the op's main array; every other array argument is converted through
+    :meth:`convert`, which checks it lives on the same backend and device.
+    """
+
+    def __init__(self, x: Any, name: str):
+        self.torch = False
+        self.torch_cpu = False
+        self.cp = None
+        self.device_id = None
+        self.stream = None  # a cupy stream object for torch inputs, else None (current stream)
+        if isinstance(x, np.ndarray):
+            self.backend = "numpy"
+            self.array = x
+            return
+        if _is_torch(x):
+            if not x.is_cuda:
+                self.backend = "numpy"
+                self.torch_cpu = True
+                self.array = x.detach().numpy() if x.dtype != _torch_bf16() else _torch_cpu_bf16(x)
+                return
+            cp = self._need_cupy(name, x)
+            import torch
+
+            self.torch = True
+            self.device_id = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            with cp.cuda.Device(self.device_id):
+                self.stream = cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
+                with self.stream:
+                    self.array = cp.from_dlpack(x.detach())
+            self.backend = "cuda"
+            return
+        cp = cupy_or_none()
+        if cp is not None and isinstance(x, cp.ndarray):
+            self.cp = cp
+            self.backend = "cuda"
+            self.array = x
+            self.device_id = x.device.id
+            return
+        if hasattr(x, "__cuda_array_interface__"):
+            cp = self._need_cupy(name, x)
+            self.backend = "cuda"
+            self.array = cp.asarray(x)
+            self.device_id = self.array.device.id
+            return
+        raise TypeError(
+            f"{name} must be a numpy array, a CuPy array, a torch CUDA tensor or an object with "
+            f"__cuda_array_interface__; got {type(x).__module__}.{type(x).__name__}"
+        )
+
+    def _need_cupy(self, name, x):
+        cp = cupy_or_none()
+        if cp is None:
+            raise TypeError(
+                f"{name} is a GPU array ({type(x).__name__}) but CuPy is not installed; "
+                "install ds4kern[cuda12] or ds4kern[cuda13]"
+            )
+        self.cp = cp
+        return cp
+
+    # -- other arguments ------------------------------------------------------------------
+    def convert(self, x: Any, name: str):
+        """Bring another array argument onto this frame's backend and device (zero-copy)."""
+        if self.backend == "numpy":
+            if isinstance(x, np.ndarray):
+                return x
+            if _is_torch(x) and not x.is_cuda:
+                return x.detach().numpy()
+            raise TypeError(
+                f"{name} must be a numpy array like the other inputs (they are on the host); "
+                f"got {type(x).__module__}.{type(x).__name__}"
+            )
+        cp = self.cp
+        if isinstance(x, np.ndarray):
+            raise TypeError(
+                f"{name} is a numpy (host) array but the other inputs are on the GPU; move it with "
+                "cupy.asarray first"
+            )
+        if _is_torch(x):
+            if not x.is_cuda:
+                raise TypeError(f"{name} is a CPU torch tensor but the other inputs are on the GPU")
+            with self.stream if self.stream is not None else contextlib.nullcontext():
+                arr = cp.from_dlpack(x.detach())
+        elif isinstance(x, cp.ndarray):
+            arr = x
+        elif hasattr(x, "__cuda_array_interface__"):
+            arr = cp.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a GPU array like the other inputs; got {type(x).__name__}")
+        if arr.device.id != self.device_id:
+            raise ValueError(f"{name} is on device {arr.device.id}, the other inputs on device {self.device_id}")
+        return arr
+
+    # -- execution ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def running(self):
+        """Device and stream under which the chosen variant runs."""
+        if self.backend == "numpy":
+            yield
+            return
+        with self.cp.cuda.Device(self.device_id):
+            if self.stream is not None:
+                with self.stream:
+                    yield
+            else:
+                yield
+
+    @property
+    def xp(self):
+        return np if self.backend == "numpy" else self.cp
+
+    def empty(self, shape, dtype):
+        if self.backend == "numpy":
+            return np.empty(shape, dtype)
+        with self.cp.cuda.Device(self.device_id):
+            return self.cp.empty(shape, dtype)
+
+    def give_back(self, arr):
+        """Return a result in the kind of array the caller passed (torch in, torch out)."""
+        if self.torch:
+            import torch
+
+            return torch.from_dlpack(arr)
+        if self.torch_cpu:
+            import torch
+
+            if arr.dtype == BFLOAT16:
+                return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+            return torch.from_numpy(arr)
+        return arr
+
+
+def _torch_bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def _torch_cpu_bf16(t):
+    import torch
+
+    return t.detach().contiguous().view(torch.uint16 if hasattr(torch, "uint16") else torch.int16).numpy().view(BFLOAT16)
+
+
+def dtype_name(dt: np.dtype) -> str:
+    return "bfloat16" if BFLOAT16 is not None and dt == BFLOAT16 else np.dtype(dt).name

@@ -1,0 +1,203 @@
+"""Choosing a variant per call, and saying why.
+
+Order of precedence for each call:
+
+1. ``variant=`` given to the op: used if it exists, matches the arrays' backend and supports the
+   problem; otherwise a ``ValueError`` says why.
+2. An override: :func:`use_variant` (innermost context first), then the environment variable
+   ``DS4KERN_VARIANT`` (``"router_topk=naive,compress_decode=grouped"``).  An override that
+   cannot run this problem is skipped, and :func:`ds4kern.explain` says so.
+3. The autotune cache, when enabled (reserved; see the autotune issue).
+4. The static heuristic: the lowest ``cost`` among the variants that support the problem
+   (ties: registration order).
+
+Decisions are memoised per (problem, overrides, registry generation); a problem's fields are
+exactly what the variants' ``supports``/``cost`` may look at, with token counts already
+rounded to their bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .registry import Variant, registry
+
+__all__ = ["use_variant", "select", "Decision", "Candidate", "ENV_VARIANT"]
+
+ENV_VARIANT = "DS4KERN_VARIANT"
+
+_override: contextvars.ContextVar[tuple] = contextvars.ContextVar("ds4kern_override", default=())
+
+
+@contextlib.contextmanager
+def use_variant(op_or_map: Union[str, dict], name: Optional[str] = None):
+    """Force variants inside a ``with`` block (this thread / task only).
+
+    ``with ds4kern.use_variant("router_topk", "naive"): ...`` or
+    ``with ds4kern.use_variant({"router_topk": "reference"}): ...``.
+    """
+    if isinstance(op_or_map, dict):
+        if name is not None:
+            raise TypeError("use_variant: give either a mapping or (op, name), not both")
+        pairs = tuple(op_or_map.items())
+    else:
+        if not isinstance(name, str):
+            raise TypeError(f"use_variant: name must be a variant name string, got {name!r}")
+        pairs = ((op_or_map, name),)
+    for op, n in pairs:
+        if not isinstance(op, str) or not isinstance(n, str):
+            raise TypeError(f"use_variant: op and name must be strings, got {op!r}: {n!r}")
+    token = _override.set(pairs + _override.get())
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(raw: str) -> tuple:
+    pairs = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"{ENV_VARIANT}={raw!r}: each entry must read op=variant, got {part!r}")
+        op, name = (s.strip() for s in part.split("=", 1))
+        pairs.append((op, name))
+    return tuple(pairs)
+
+
+def _override_for(op: str) -> tuple[Optional[str], str]:
+    for o, n in _override.get():
+        if o == op:
+            return n, "use_variant() context"
+    raw = os.environ.get(ENV_VARIANT)
+    if raw:
+        for o, n in _parse_env(raw):
+            if o == op:
+                return n, f"environment {ENV_VARIANT}"
+    return None, ""
+
+
+@dataclass
+class Candidate:
+    variant: Variant
+    rejected: Optional[str]  # reason, or None if it can run the problem
+    cost: Optional[float]
+
+
+@dataclass
+class Decision:
+    op: str
+    problem: object
+    chosen: Optional[Variant]
+    how: str  # "explicit", "override", "autotune", "heuristic", or "none"
+    why: str
+    candidates: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}: {self.problem}"]
+        bucket = getattr(self.problem, "bucket", None)
+        if bucket is not None:
+            lines.append(f"  bucket: {bucket}")
+        lines.append("  candidates:")
+        for c in self.candidates:
+            v = c.variant
+            tag = f"[{v.backend}, plugin {v.plugin}]"
+            if c.rejected is not None:
+                lines.append(f"    - {v.name:16s} {tag}: rejected: {c.rejected}")
+            else:
+                mark = "  <- chosen" if self.chosen is v else ""
+                lines.append(f"    - {v.name:16s} {tag}: supported, cost {c.cost:g}{mark}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        if self.chosen is not None:
+            lines.append(f"  chosen: {self.chosen.name} ({self.how}): {self.why}")
+        else:
+            lines.append(f"  chosen: none: {self.why}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _evaluate(op: str, problem) -> list[Candidate]:
+    backend = problem.backend
+    out = []
+    for v in registry.variants(op):
+        if v.backend != backend:
+            out.append(Candidate(v, f"backend {v.backend!r}, the arrays are {backend!r}", None))
+            continue
+        try:
+            reason = v.supports(problem)
+        except Exception as e:  # a plugin's predicate must not break dispatch
+            reason = f"supports() raised {type(e).__name__}: {e}"
+        if reason is not None:
+            out.append(Candidate(v, str(reason), None))
+            continue
+        try:
+            cost = v.cost_of(problem)
+        except Exception as e:
+            out.append(Candidate(v, f"cost() raised {type(e).__name__}: {e}", None))
+            continue
+        out.append(Candidate(v, None, cost))
+    return out
+
+
+def decide(op: str, problem, variant: Optional[str] = None) -> Decision:
+    """Full decision with every candidate (what :func:`ds4kern.explain` prints)."""
+    cands = _evaluate(op, problem)
+    if not cands:
+        raise ValueError(f"no variants registered for op {op!r}")
+    by_name = {c.variant.name: c for c in cands}
+    if variant is not None:
+        if not isinstance(variant, str):
+            raise TypeError(f"variant must be a variant name string, got {variant!r}")
+        c = by_name.get(variant)
+        if c is None:
+            raise ValueError(f"variant={variant!r} is not a registered variant of {op}; registered: {list(by_name)}")
+        if c.rejected is not None:
+            raise ValueError(f"variant={variant!r} cannot run this {op} problem: {c.rejected}")
+        return Decision(op, problem, c.variant, "explicit", "variant= argument", cands)
+    notes = []
+    name, source = _override_for(op)
+    if name is not None:
+        c = by_name.get(name)
+        if c is None:
+            notes.append(f"override {name!r} from {source} is not a registered variant; ignored")
+        elif c.rejected is not None:
+            notes.append(f"override {name!r} from {source} cannot run this problem ({c.rejected}); ignored")
+        else:
+            return Decision(op, problem, c.variant, "override", f"forced by {source}", cands, notes)
+    ok = [c for c in cands if c.rejected is None]
+    if not ok:
+        reasons = "; ".join(f"{c.variant.name}: {c.rejected}" for c in cands)
+        return Decision(op, problem, None, "none", f"no variant can run this problem ({reasons})", cands, notes)
+    best = min(ok, key=lambda c: c.cost)  # min keeps the first of equal costs
+    others = ", ".join(f"{c.variant.name} {c.cost:g}" for c in ok if c is not best)
+    why = f"lowest cost hint {best.cost:g}" + (f" (others: {others})" if others else " (only candidate)")
+    return Decision(op, problem, best.variant, "heuristic", why, cands, notes)
+
+
+_cache: dict = {}
+_CACHE_MAX = 4096
+
+
+def select(op: str, problem, variant: Optional[str] = None) -> Variant:
+    """The variant to run (memoised); raises ``ValueError`` if none can run the problem."""
+    key = (op, problem, variant, _override.get(), os.environ.get(ENV_VARIANT), registry.generation)
+    v = _cache.get(key)
+    if v is None:
+        d = decide(op, problem, variant)
+        if d.chosen is None:
+            raise ValueError(f"{op}: {d.why}")
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        v = _cache[key] = d.chosen
+    return v

@@ -1,0 +1,329 @@
+"""``router_topk``: DeepSeek-V4 router top-k with score function (compact form).
+
+Semantics (``spec/router.md``): all arithmetic in float32 whatever the logits' dtype.
+
+- ``softmax``, pre: s = softmax(x) over all E; select the top-k of s; weights = scaling * s[sel].
+- ``softmax``, post: select the top-k of x; weights = scaling * softmax(x[sel]) over the k.
+- ``sigmoid`` (s = 1/(1+exp(-x))) and ``sqrtsoftplus`` (s = sqrt(softplus(x)), softplus(x) = x
+  for x > 20): select the top-k of s + bias; weights = s[sel] / (sum s[sel] + 1e-20) if k > 1,
+  else s[sel]; times scaling.
+
+Order and ties: rows of the outputs are in descending selection score; equal scores go to the
+lower expert index (torch.topk-compatible).  -0.0 and +0.0 tie.
+
+NaN rule: a NaN selection score ranks below every number (-inf included), so a NaN is selected
+only when fewer than k non-NaN scores remain in the row; NaN scores among themselves go by
+ascending index.  A NaN that reaches the arithmetic of a row's weights makes them NaN (for
+softmax one NaN logit makes the whole row's softmax NaN, as in numpy and torch).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import dispatch, kernels
+from .._arrays import BFLOAT16, FLOAT_DTYPES, Frame, dtype_name
+from ..hookspecs import hookimpl
+from ..registry import Variant
+
+OP = "router_topk"
+SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+INDEX_DTYPES = ("int16", "int32", "int64")
+EPS = np.float32(1e-20)
+
+__all__ = ["router_topk", "RouterArgs", "RouterProblem", "reference_router_topk", "order_keys"]
+
+
+def _bucket_tokens(t: int) -> int:
+    """Token counts share decisions in power-of-two buckets (0 and 1 are their own)."""
+    return 1 << (t - 1).bit_length() if t > 1 else t
+
+
+@dataclass(frozen=True)
+class RouterProblem:
+    """What a variant's ``supports``/``cost`` may look at (token count already bucketed)."""
+
+    backend: str
+    tokens_bucket: int
+    num_experts: int
+    topk: int
+    dtype: str
+    index_dtype: str
+    score_function: str
+    use_pre_softmax: bool
+    has_bias: bool
+
+    def __str__(self) -> str:
+        sf = self.score_function + (" (pre)" if self.use_pre_softmax else "")
+        return (f"backend={self.backend} T<={self.tokens_bucket} E={self.num_experts} k={self.topk} "
+                f"{self.dtype} -> {self.index_dtype} {sf}{' +bias' if self.has_bias else ''}")
+
+    @property
+    def bucket(self) -> tuple:
+        return (self.tokens_bucket, self.num_experts, self.topk, self.dtype, self.index_dtype,
+                self.score_function, self.use_pre_softmax, self.has_bias)
+
+
+@dataclass
+class RouterArgs:
+    """Validated arguments handed to a variant's ``fn``.
+
+    ``logits`` is C-contiguous ``[T, E]`` (T >= 1; variants are never called with T == 0),
+    ``expert_bias`` float32 ``[E]`` or None.  The variant fills ``weights`` (float32 ``[T, k]``)
+    and ``indices`` (``[T, k]``, ``index_dtype``), both C-contiguous, on the current device and
+    stream.  ``xp`` is numpy or cupy.
+    """
+
+    logits: Any
+    topk: int
+    score_function: str
+    use_pre_softmax: bool
+    expert_bias: Any
+    scaling_factor: float
+    weights: Any
+    indices: Any
+    problem: RouterProblem
+    frame: Frame
+
+    @property
+    def xp(self):
+        return self.frame.xp
+
+
+def _index_dtype(index_dtype) -> np.dtype:
+    try:
+        dt = np.dtype(index_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in INDEX_DTYPES:
+        raise TypeError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype!r}")
+    return dt
+
+
+def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
+             index_dtype, out, allocate=True) -> tuple[RouterArgs, tuple]:
+    frame = Frame(logits, "logits")
+    x = frame.array
+    if x.ndim < 1:
+        raise ValueError(f"logits must have shape [..., E] (at least 1 dimension), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
+    E = int(x.shape[-1])
+    if E < 1:
+        raise ValueError(f"logits must have at least one expert (last dimension), got shape {tuple(x.shape)}")
+    if isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"topk must be an int, got {topk!r}")
+    k = int(topk)
+    if not 1 <= k <= E:
+        raise ValueError(f"topk must satisfy 1 <= topk <= E={E}, got {k}")
+    if not isinstance(score_function, str) or score_function.lower() not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {score_function!r}")
+    sf = score_function.lower()
+    if not isinstance(use_pre_softmax, (bool, np.bool_)):
+        raise TypeError(f"use_pre_softmax must be a bool, got {use_pre_softmax!r}")
+    pre = bool(use_pre_softmax)
+    if pre and sf != "softmax":
+        raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
+    if scaling_factor is None:
+        scale = 1.0
+    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and np.isfinite(scaling_factor):
+        scale = float(scaling_factor)
+    else:
+        raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
+    idt = _index_dtype(index_dtype)
+    if idt == np.int16 and E > 32767:
+        raise ValueError(f"index_dtype=int16 holds expert ids up to 32767, but E={E}")
+    bias = None
+    if expert_bias is not None:
+        if sf == "softmax":
+            raise ValueError("expert_bias applies to score_function 'sigmoid' or 'sqrtsoftplus' only, not 'softmax'")
+        bias = frame.convert(expert_bias, "expert_bias")
+        if bias.dtype != np.float32:
+            raise TypeError(f"expert_bias must be float32, got {dtype_name(bias.dtype)}")
+        if tuple(bias.shape) != (E,):
+            raise ValueError(f"expert_bias must have shape ({E},) to match logits, got {tuple(bias.shape)}")
+        bias = frame.xp.ascontiguousarray(bias)
+
+    lead = tuple(int(d) for d in x.shape[:-1])
+    T = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), idt.name, sf, pre, bias is not None)
+    if not allocate:
+        return RouterArgs(None, k, sf, pre, bias, scale, None, None, problem, frame), ()
+
+    if not x.flags.c_contiguous:
+        x = frame.xp.ascontiguousarray(x)  # a copy: rows must be contiguous
+    x2 = x.reshape(T, E)
+    out_shape = lead + (k,)
+    if out is None:
+        w_full = frame.empty(out_shape, np.float32)
+        i_full = frame.empty(out_shape, idt)
+    else:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out must be a (weights, indices) pair")
+        w_full = frame.convert(out[0], "out[0] (weights)")
+        i_full = frame.convert(out[1], "out[1] (indices)")
+        for name, arr, dt in (("out[0] (weights)", w_full, np.dtype(np.float32)), ("out[1] (indices)", i_full, idt)):
+            if tuple(arr.shape) != out_shape:
+                raise ValueError(f"{name} must have shape {out_shape}, got {tuple(arr.shape)}")
+            if arr.dtype != dt:
+                raise TypeError(f"{name} must have dtype {dtype_name(dt)}, got {dtype_name(arr.dtype)}")
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous")
+    args = RouterArgs(x2, k, sf, pre, bias, scale, w_full.reshape(T, k), i_full.reshape(T, k), problem, frame)
+    return args, (w_full, i_full)
+
+
+def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_softmax: bool = False,
+                expert_bias=None, scaling_factor: Optional[float] = None, index_dtype="int32",
+                out=None, variant: Optional[str] = None):
+    """Top-k expert selection with score function, compact output.
+
+    Args:
+        logits: ``[..., E]`` float32, float16 or bfloat16.  numpy arrays run on the reference
+            backend; CuPy arrays, torch CUDA tensors (zero-copy, torch's current stream, torch
+            tensors back) and ``__cuda_array_interface__`` objects run on the GPU.
+        topk: k, ``1 <= k <= E``.
+        score_function: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``.
+        use_pre_softmax: softmax over all E before selection (softmax only).
+        expert_bias: float32 ``[E]``, added to the scores for selection only
+            (sigmoid / sqrtsoftplus only).
+        scaling_factor: multiplies the weights (default 1.0).
+        index_dtype: ``int16`` (E <= 32767), ``int32`` (default) or ``int64``.
+        out: optional ``(weights, indices)`` to fill, C-contiguous, shapes ``[..., k]``.
+        variant: force a variant by name (see :func:`ds4kern.explain`).
+
+    Returns:
+        ``(weights, indices)``: float32 ``[..., k]`` and ``[..., k]`` of ``index_dtype``, each row in
+        descending selection score, equal scores by ascending expert index.
+    """
+    args, (w_full, i_full) = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias,
+                                      scaling_factor, index_dtype, out)
+    v = dispatch.select(OP, args.problem, variant)
+    if args.logits.shape[0] > 0:
+        with args.frame.running():
+            v.fn(args)
+    return args.frame.give_back(w_full), args.frame.give_back(i_full)
+
+
+def explain_router_topk(logits, topk, *, score_function="softmax", use_pre_softmax=False, expert_bias=None,
+                        scaling_factor=None, index_dtype="int32", out=None, variant=None) -> dispatch.Decision:
+    args, _ = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
+                       index_dtype, out, allocate=False)
+    return dispatch.decide(OP, args.problem, variant)
+
+
+# ---------------------------------------------------------------------------------------
+# reference backend (numpy, float32 arithmetic as in the kernels)
+
+def order_keys(s: np.ndarray) -> np.ndarray:
+    """uint32 selection keys with the same total order as ``ds4_order_key`` in common.cuh."""
+    s = np.asarray(s, dtype=np.float32)
+    s = np.where(s == 0, np.float32(0), s)  # fold -0 onto +0
+    u = s.view(np.uint32)
+    key = np.where(u & np.uint32(0x80000000), ~u, u | np.uint32(0x80000000)).astype(np.uint32)
+    key[np.isnan(s)] = 1
+    return key
+
+
+def topk_by_key(sel: np.ndarray, k: int) -> np.ndarray:
+    """Indices [T, k] of the k largest selection scores per row; ties by ascending index."""
+    T, E = sel.shape
+    comb = (order_keys(sel).astype(np.uint64) << np.uint64(32)) | (
+        np.uint64(0xFFFFFFFF) - np.arange(E, dtype=np.uint64))
+    part = np.argpartition(comb, E - k, axis=1)[:, E - k:] if k < E else np.broadcast_to(np.arange(E), (T, E))
+    vals = np.take_along_axis(comb, part, axis=1)
+    order = np.argsort(vals, axis=1)[:, ::-1]  # the combined values are unique
+    return np.take_along_axis(part, order, axis=1)
+
+
+def score(x: np.ndarray, score_function: str) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        if score_function == "sigmoid":
+            return (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float32)
+        sp = np.where(x > np.float32(20), x, np.log1p(np.exp(x)))
+        return np.sqrt(sp).astype(np.float32)
+
+
+def reference_router_topk(logits, k, score_function, use_pre_softmax, expert_bias, scaling_factor):
+    """The reference computation on host arrays: returns (weights float32 [T,k], indices int64)."""
+    x = np.asarray(logits).astype(np.float32)
+    scale = np.float32(scaling_factor)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if score_function == "softmax" and use_pre_softmax:
+            mx = np.max(x, axis=1, keepdims=True)
+            s = np.exp(x - mx)
+            s = (s / s.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float32)
+            idx = topk_by_key(s, k)
+            w = np.take_along_axis(s, idx, axis=1)
+        elif score_function == "softmax":
+            idx = topk_by_key(x, k)
+            xs = np.take_along_axis(x, idx, axis=1)
+            v = np.exp(xs - xs[:, :1])
+            w = v / v.sum(axis=1, keepdims=True, dtype=np.float32)
+        else:
+            s = score(x, score_function)
+            sel = s if expert_bias is None else s + np.asarray(expert_bias, np.float32)
+            idx = topk_by_key(sel, k)
+            w = np.take_along_axis(s, idx, axis=1)
+            if k > 1:
+                w = w / (w.sum(axis=1, keepdims=True, dtype=np.float32) + EPS)
+        w = (w * scale).astype(np.float32)
+    return w, idx
+
+
+def _reference(a: RouterArgs) -> None:
+    w, idx = reference_router_topk(a.logits, a.topk, a.score_function, a.use_pre_softmax, a.expert_bias,
+                                   a.scaling_factor)
+    a.weights[...] = w
+    a.indices[...] = idx
+
+
+# ---------------------------------------------------------------------------------------
+# naive CUDA variant: one warp per token, k rounds of warp arg-max
+
+_CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+_ITYPE = {"int16": "short", "int32": "int", "int64": "long long"}
+# Values per lane the kernel is instantiated for (registers hold 32*VPL keys per warp).
+NAIVE_VPL = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96)
+NAIVE_MAX_E = 32 * NAIVE_VPL[-1]
+NAIVE_WARPS_PER_BLOCK = 4
+
+
+def _naive_name(dtype: str, index_dtype: str, vpl: int) -> str:
+    return f"router_topk_naive<{_CTYPE[dtype]}, {_ITYPE[index_dtype]}, {vpl}>"
+
+
+ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
+    "router.cu",
+    tuple(_naive_name(d, i, v) for d in _CTYPE for i in _ITYPE for v in NAIVE_VPL),
+))
+
+
+def _naive_supports(p: RouterProblem) -> Optional[str]:
+    if p.num_experts > NAIVE_MAX_E:
+        return f"E={p.num_experts} exceeds {NAIVE_MAX_E}, the most one warp holds in registers"
+    return None
+
+
+def _naive(a: RouterArgs) -> None:
+    T, E = a.logits.shape
+    vpl = next(v for v in NAIVE_VPL if 32 * v >= E)
+    kern = ROUTER_KERNELS.kernel(_naive_name(a.problem.dtype, a.problem.index_dtype, vpl))
+    grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
+    bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
+    kern((grid,), (32 * NAIVE_WARPS_PER_BLOCK,),
+         (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk),
+          np.int32(SCORE_FUNCTIONS[a.score_function]), np.int32(a.use_pre_softmax),
+          np.float32(a.scaling_factor), a.weights, a.indices))
+
+
+@hookimpl
+def ds4kern_register_variants(register):
+    register(Variant(OP, "reference", "numpy", _reference, cost=1.0,
+                     description="numpy, float32 arithmetic; the oracle of the GPU tests"))
+    register(Variant(OP, "naive", "cuda", _naive, supports=_naive_supports, cost=1.0,
+                     description="one warp per token, k rounds of warp arg-max over register-held keys"))

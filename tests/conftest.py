@@ -1,0 +1,49 @@
+import os
+
+import numpy as np
+import pytest
+
+
+def _gpu_reason():
+    try:
+        import cupy
+    except Exception as e:
+        return f"CuPy not importable ({type(e).__name__}); install ds4kern[cuda12] or [cuda13] on a GPU machine"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"no CUDA device ({type(e).__name__}: {e})"
+    return None if n > 0 else "no CUDA device"
+
+
+GPU_SKIP_REASON = _gpu_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_SKIP_REASON is None:
+        return
+    skip = pytest.mark.skip(reason=f"GPU test: {GPU_SKIP_REASON}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    """Fresh inputs every run; the seed is printed on failure to reproduce."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def clean_overrides(monkeypatch):
+    monkeypatch.delenv("DS4KERN_VARIANT", raising=False)
+    yield

@@ -1,0 +1,210 @@
+"""router_topk CUDA variants against the reference backend, on fresh random inputs.
+
+Outputs are poisoned before each run (NaN weights, -1 indices) so unwritten elements fail.
+"""
+
+import numpy as np
+import pytest
+
+import ds4kern
+from ds4kern._arrays import BFLOAT16
+from ds4kern.checks import compare_router, router_scores64, router_tolerances
+from ds4kern.ops.router import reference_router_topk
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": BFLOAT16}
+MODES = {
+    "softmax-post": dict(score_function="softmax"),
+    "softmax-pre": dict(score_function="softmax", use_pre_softmax=True),
+    "sigmoid": dict(score_function="sigmoid"),
+    "sigmoid-bias": dict(score_function="sigmoid", bias=True),
+    "sqrtsoftplus": dict(score_function="sqrtsoftplus"),
+    "sqrtsoftplus-bias": dict(score_function="sqrtsoftplus", bias=True),
+}
+SHAPES = [(1, 1), (7, 3), (32, 1), (32, 32), (33, 33), (130, 8), (256, 6), (256, 8), (384, 6),
+          (1024, 32), (2304, 16), (3072, 5)]
+
+
+def cuda_variants():
+    return [v.name for v in ds4kern.variants("router_topk") if v.backend == "cuda"]
+
+
+def poisoned(cp, shape, k, index_dtype):
+    return (cp.full(shape + (k,), cp.nan, cp.float32), cp.full(shape + (k,), -1, index_dtype))
+
+
+def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32", scaling=None,
+                  lead=None, exact=False):
+    mode = dict(mode)
+    E = x_host.shape[-1]
+    bias = (0.3 * rng.standard_normal(E)).astype(np.float32) if mode.pop("bias", False) else None
+    lead = x_host.shape[:-1]
+    w_d, i_d = poisoned(cp, lead, k, np.dtype(index_dtype))
+    x_d = cp.asarray(x_host)
+    rw, ri = ds4kern.router_topk(x_d, k, expert_bias=None if bias is None else cp.asarray(bias),
+                                 scaling_factor=scaling, index_dtype=index_dtype, out=(w_d, i_d),
+                                 variant=variant, **mode)
+    assert rw is w_d and ri is i_d
+    w, i = cp.asnumpy(w_d).reshape(-1, k), cp.asnumpy(i_d).reshape(-1, k)
+    assert (i >= 0).all() and (i < E).all(), "unwritten or out-of-range index"
+    x32 = x_host.astype(np.float32).reshape(-1, E)
+    sf, pre = mode["score_function"], mode.get("use_pre_softmax", False)
+    w_ref, i_ref = reference_router_topk(x32, k, sf, pre, bias, 1.0 if scaling is None else scaling)
+    if exact:
+        np.testing.assert_array_equal(i, i_ref)
+    sel = router_scores64(x32, sf, pre, bias)[0]
+    cmp = compare_router(w, i, w_ref, i_ref, sel, *router_tolerances(E))
+    assert cmp.ok, cmp
+    assert cmp.tie_rows <= max(2, x32.shape[0] // 1000), cmp
+    assert not np.isnan(w).any()
+    return w, i
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("E,k", SHAPES, ids=lambda v: str(v))
+def test_naive_equals_reference(cp, rng, dtype, mode, E, k):
+    T = int(rng.integers(1, 300))
+    x = (rng.standard_normal((T, E)) * 2).astype(DTYPES[dtype])
+    run_and_check(cp, x, k, MODES[mode], rng, scaling=float(rng.choice([1.0, 1.5, 2.5])))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", ["softmax-post", "softmax-pre", "sigmoid", "sqrtsoftplus"])
+def test_ties_identical_to_reference(cp, rng, dtype, mode):
+    # integer logits: exact ties everywhere; selection and order must be identical
+    x = rng.integers(-3, 4, size=(500, 96)).astype(DTYPES[dtype])
+    run_and_check(cp, x, 12, MODES[mode], rng, exact=True)
+    x = np.zeros((8, 64), DTYPES[dtype]) + DTYPES[dtype](0.5)
+    run_and_check(cp, x, 64, MODES[mode], rng, exact=True)
+
+
+@pytest.mark.parametrize("index_dtype", ["int16", "int32", "int64"])
+def test_index_dtypes_and_leading_dims(cp, rng, index_dtype):
+    x = rng.standard_normal((3, 5, 7, 130)).astype(np.float32)
+    run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, index_dtype=index_dtype)
+
+
+def test_default_allocation_is_fully_written(cp, rng):
+    # fill the pool's free blocks of the output sizes with poison, then allocate through the op
+    T, E, k = 1000, 256, 6
+    for _ in range(3):
+        junk = [cp.full((T, k), cp.nan, cp.float32), cp.full((T, k), -1, cp.int32)]
+        del junk
+        x = rng.standard_normal((T, E)).astype(np.float32)
+        w, i = ds4kern.router_topk(cp.asarray(x), k, score_function="sigmoid")
+        w_ref, i_ref = reference_router_topk(x, k, "sigmoid", False, None, 1.0)
+        np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+        np.testing.assert_allclose(cp.asnumpy(w), w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_and_single(cp, rng):
+    w, i = ds4kern.router_topk(cp.zeros((0, 256), cp.float32), 6)
+    assert w.shape == (0, 6) and i.shape == (0, 6) and isinstance(w, cp.ndarray)
+    w, i = ds4kern.router_topk(cp.zeros((4, 0, 256), cp.float32), 6)
+    assert w.shape == (4, 0, 6)
+    x = rng.standard_normal(256).astype(np.float32)
+    w, i = ds4kern.router_topk(cp.asarray(x), 6)
+    assert w.shape == (6,)
+    assert list(cp.asnumpy(i)) == list(np.argsort(-x, kind="stable")[:6])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_largest_spec_shape(cp, rng, dtype):
+    x = rng.standard_normal((65536, 256)).astype(DTYPES[dtype])
+    run_and_check(cp, x, 6, MODES["sqrtsoftplus-bias"], rng, scaling=1.5)
+    run_and_check(cp, x, 8, MODES["sigmoid-bias"], rng, scaling=2.5)
+
+
+def test_nan_rule_matches_reference(cp, rng):
+    x = rng.standard_normal((64, 40)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[0, :] = np.nan
+    x[1, :38] = np.nan
+    x[2, 5] = -np.inf
+    for sf in ("sigmoid", "sqrtsoftplus", "softmax"):
+        for k in (1, 4, 40):
+            _, i = ds4kern.router_topk(cp.asarray(x), k, score_function=sf)
+            _, i_ref = ds4kern.router_topk(x, k, score_function=sf)
+            np.testing.assert_array_equal(cp.asnumpy(i), i_ref, err_msg=f"{sf} k={k}")
+
+
+def test_non_default_stream(cp, rng):
+    x = rng.standard_normal((4096, 256)).astype(np.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        x_d = cp.asarray(x)
+        w, i = ds4kern.router_topk(x_d, 6, score_function="sigmoid")
+    s.synchronize()
+    _, i_ref = reference_router_topk(x, 6, "sigmoid", False, None, 1.0)
+    np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+
+
+def test_cuda_graph_capture(cp, rng):
+    T, E, k = 2048, 256, 6
+    bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        x_d = cp.asarray(rng.standard_normal((T, E)).astype(np.float32))
+        w_d, i_d = cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)
+        ds4kern.router_topk(x_d, k, out=(w_d, i_d), **kw)  # compile outside the capture
+        s.begin_capture()
+        ds4kern.router_topk(x_d, k, out=(w_d, i_d), **kw)
+        g = s.end_capture()
+        for _ in range(2):
+            x = rng.standard_normal((T, E)).astype(np.float32)
+            x_d[...] = cp.asarray(x)
+            w_d.fill(cp.nan)
+            i_d.fill(-1)
+            g.launch(s)
+            s.synchronize()
+            w_ref, i_ref = reference_router_topk(x, k, "sqrtsoftplus", False, cp.asnumpy(bias), 1.5)
+            np.testing.assert_array_equal(cp.asnumpy(i_d), i_ref)
+            np.testing.assert_allclose(cp.asnumpy(w_d), w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_zero_copy(cp, rng):
+    torch = pytest.importorskip("torch")
+    from ds4kern._arrays import Frame
+
+    t = torch.randn(333, 256, device="cuda", dtype=torch.bfloat16)
+    f = Frame(t, "logits")
+    assert f.array.data.ptr == t.data_ptr(), "torch tensor was copied"
+    bias = torch.randn(256, device="cuda", dtype=torch.float32) * 0.1
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        w, i = ds4kern.router_topk(t, 6, score_function="sqrtsoftplus", expert_bias=bias, index_dtype="int64")
+    s.synchronize()
+    assert isinstance(w, torch.Tensor) and w.is_cuda and w.dtype == torch.float32 and i.dtype == torch.int64
+    x = t.float().cpu().numpy()
+    w_ref, i_ref = reference_router_topk(x, 6, "sqrtsoftplus", False, bias.cpu().numpy(), 1.0)
+    np.testing.assert_array_equal(i.cpu().numpy(), i_ref)
+    np.testing.assert_allclose(w.cpu().numpy(), w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_on_gpu_arrays(cp):
+    x = cp.ones((4096, 256), cp.float32)
+    d = ds4kern.explain("router_topk", x, 6, score_function="sigmoid")
+    assert d.chosen.name == "naive", str(d)
+    assert "reference" in str(d) and "backend 'numpy'" in str(d)
+    d = ds4kern.explain("router_topk", cp.ones((2, 4000), cp.float32), 6)
+    assert any(c.variant.name == "naive" and "exceeds" in c.rejected for c in d.candidates if c.rejected)
+    with pytest.raises(ValueError, match="exceeds"):
+        ds4kern.router_topk(cp.ones((2, 4000), cp.float32), 6, variant="naive")
+
+
+def test_host_bias_with_device_logits_is_refused(cp):
+    with pytest.raises(TypeError, match="expert_bias"):
+        ds4kern.router_topk(cp.ones((4, 16), cp.float32), 2, score_function="sigmoid",
+                            expert_bias=np.zeros(16, np.float32))
+
+
+@pytest.mark.parametrize("variant", ["cupy_composite"])
+@pytest.mark.parametrize("mode", ["softmax-post", "softmax-pre", "sigmoid-bias", "sqrtsoftplus-bias"])
+def test_plugin_variant_equals_reference(cp, rng, variant, mode):
+    if variant not in cuda_variants():
+        pytest.skip(f"plugin variant {variant} not installed (pip install -e plugins/ds4kern-cupy-router)")
+    x = rng.standard_normal((517, 130)).astype(np.float32)
+    run_and_check(cp, x, 7, MODES[mode], rng, variant=variant)

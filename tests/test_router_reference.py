@@ -1,0 +1,188 @@
+"""Reference backend of router_topk against an independent float64 scipy formulation, plus
+validation errors, ties, NaN, empty input and leading dims (all on the CPU)."""
+
+import numpy as np
+import pytest
+
+import ds4kern
+from ds4kern._arrays import BFLOAT16
+from ds4kern.checks import compare_router, router_tolerances, router_topk64
+
+MODES = [
+    dict(score_function="softmax", use_pre_softmax=False),
+    dict(score_function="softmax", use_pre_softmax=True),
+    dict(score_function="sigmoid"),
+    dict(score_function="sigmoid", bias=True),
+    dict(score_function="sqrtsoftplus"),
+    dict(score_function="sqrtsoftplus", bias=True),
+]
+
+
+def _run_both(x, k, mode, rng, scaling=None, index_dtype="int32"):
+    mode = dict(mode)
+    bias = (0.3 * rng.standard_normal(x.shape[-1])).astype(np.float32) if mode.pop("bias", False) else None
+    w, i = ds4kern.router_topk(x, k, expert_bias=bias, scaling_factor=scaling, index_dtype=index_dtype, **mode)
+    x32 = np.asarray(x).astype(np.float32).reshape(-1, x.shape[-1])
+    w64, i64, sel = router_topk64(x32, k, mode["score_function"], mode.get("use_pre_softmax", False), bias,
+                                  1.0 if scaling is None else scaling)
+    return w, i, w64, i64, sel
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+@pytest.mark.parametrize("E,k", [(1, 1), (7, 3), (32, 4), (130, 8), (256, 6), (256, 256), (2304, 16)])
+def test_reference_matches_float64(mode, E, k, rng):
+    x = (rng.standard_normal((37, E)) * 2).astype(np.float32)
+    w, i, w64, i64, sel = _run_both(x, k, mode, rng, scaling=1.5)
+    assert w.dtype == np.float32 and i.dtype == np.int32 and w.shape == (37, k) == i.shape
+    atol, rtol = router_tolerances(E)
+    cmp = compare_router(w, i, w64, i64, sel, atol, rtol)
+    assert cmp.ok, cmp
+    assert cmp.tie_rows <= 1, cmp
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_logits(dtype, rng):
+    dt = BFLOAT16 if dtype == "bfloat16" else np.float16
+    x = rng.standard_normal((64, 256)).astype(dt)
+    w, i, w64, i64, sel = _run_both(x, 6, dict(score_function="sqrtsoftplus", bias=True), rng)
+    cmp = compare_router(w, i, w64, i64, sel, *router_tolerances(256))
+    assert cmp.ok, cmp
+
+
+def test_ties_go_to_lower_index(rng):
+    # integer logits: many exact ties; the chosen set and order are fully determined
+    x = rng.integers(-2, 3, size=(200, 64)).astype(np.float32)
+    for mode in MODES:
+        mode = {k: v for k, v in mode.items() if k != "bias"}
+        w, i = ds4kern.router_topk(x, 10, **mode)
+        w64, i64, sel = router_topk64(x, 10, mode["score_function"], mode.get("use_pre_softmax", False), None)
+        np.testing.assert_array_equal(i, i64)
+
+
+def test_all_equal_row_picks_first_k():
+    x = np.full((3, 40), 0.25, np.float32)
+    _, i = ds4kern.router_topk(x, 5, score_function="sigmoid")
+    np.testing.assert_array_equal(i, np.tile(np.arange(5), (3, 1)))
+    x[1] = -0.0  # -0 and +0 tie
+    x[1, ::2] = 0.0
+    _, i = ds4kern.router_topk(x, 5)
+    np.testing.assert_array_equal(i[1], np.arange(5))
+
+
+def test_nan_rule():
+    x = np.array([[np.nan, 1.0, np.nan, -np.inf, 2.0, -1.0]], np.float32)
+    _, i = ds4kern.router_topk(x, 4, score_function="sigmoid")
+    np.testing.assert_array_equal(i[0], [4, 1, 5, 3])  # numbers (even -inf) before NaN
+    w, i = ds4kern.router_topk(x, 6, score_function="sigmoid")
+    np.testing.assert_array_equal(i[0], [4, 1, 5, 3, 0, 2])  # NaNs last, by index
+    assert np.isnan(w).all()  # a NaN in the normalisation makes the row NaN
+    _, i = ds4kern.router_topk(x, 3, score_function="softmax")
+    np.testing.assert_array_equal(i[0], [4, 1, 5])
+
+
+@pytest.mark.parametrize("index_dtype", ["int16", "int32", "int64", np.int64, np.dtype("int16")])
+def test_index_dtypes_and_leading_dims(index_dtype, rng):
+    x = rng.standard_normal((2, 3, 5, 33)).astype(np.float32)
+    w, i = ds4kern.router_topk(x, 4, score_function="sigmoid", index_dtype=index_dtype)
+    assert w.shape == (2, 3, 5, 4) and i.shape == (2, 3, 5, 4)
+    assert i.dtype == np.dtype(index_dtype)
+    w2, i2 = ds4kern.router_topk(x.reshape(-1, 33), 4, score_function="sigmoid")
+    np.testing.assert_array_equal(i.reshape(-1, 4), i2)
+    np.testing.assert_array_equal(w.reshape(-1, 4), w2)
+
+
+def test_single_row_and_empty():
+    x = np.arange(8, dtype=np.float32)
+    w, i = ds4kern.router_topk(x, 2)
+    assert w.shape == (2,) and list(i) == [7, 6]
+    w, i = ds4kern.router_topk(np.zeros((0, 16), np.float32), 3)
+    assert w.shape == (0, 3) and i.shape == (0, 3)
+    w, i = ds4kern.router_topk(np.zeros((4, 0, 16), np.float32), 3)
+    assert w.shape == (4, 0, 3)
+
+
+def test_non_contiguous_input(rng):
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    w, i = ds4kern.router_topk(x[:, ::2], 3)
+    w2, i2 = ds4kern.router_topk(np.ascontiguousarray(x[:, ::2]), 3)
+    np.testing.assert_array_equal(i, i2)
+
+
+def test_out_argument(rng):
+    x = rng.standard_normal((10, 32)).astype(np.float32)
+    w = np.full((10, 4), np.nan, np.float32)
+    i = np.full((10, 4), -1, np.int64)
+    rw, ri = ds4kern.router_topk(x, 4, index_dtype="int64", out=(w, i))
+    assert rw is w and ri is i
+    w2, i2 = ds4kern.router_topk(x, 4, index_dtype="int64")
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_array_equal(w, w2)
+
+
+def test_scaling_and_k1(rng):
+    x = rng.standard_normal((20, 16)).astype(np.float32)
+    w1, _ = ds4kern.router_topk(x, 1, score_function="sigmoid")
+    w2, _ = ds4kern.router_topk(x, 1, score_function="sigmoid", scaling_factor=2.5)
+    np.testing.assert_allclose(w2, 2.5 * w1, rtol=1e-6)
+    # k = 1: the unnormalised score
+    np.testing.assert_allclose(w1[:, 0], 1 / (1 + np.exp(-x.max(1).astype(np.float64))), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(topk=0), ValueError, "topk"),
+        (dict(topk=17), ValueError, "topk"),
+        (dict(topk=2.0), TypeError, "topk"),
+        (dict(topk=True), TypeError, "topk"),
+        (dict(score_function="relu"), ValueError, "score_function"),
+        (dict(score_function="sigmoid", use_pre_softmax=True), ValueError, "use_pre_softmax"),
+        (dict(expert_bias=np.zeros(16, np.float32)), ValueError, "expert_bias"),
+        (dict(score_function="sigmoid", expert_bias=np.zeros(15, np.float32)), ValueError, "expert_bias"),
+        (dict(score_function="sigmoid", expert_bias=np.zeros(16, np.float64)), TypeError, "expert_bias"),
+        (dict(score_function="sigmoid", expert_bias=[0.0] * 16), TypeError, "expert_bias"),
+        (dict(index_dtype="uint8"), TypeError, "index_dtype"),
+        (dict(index_dtype="int33"), TypeError, "index_dtype"),
+        (dict(scaling_factor=float("nan")), ValueError, "scaling_factor"),
+        (dict(scaling_factor="2"), ValueError, "scaling_factor"),
+        (dict(out=(np.empty((4, 2), np.float32),)), TypeError, "out"),
+        (dict(out=(np.empty((4, 3), np.float32), np.empty((4, 2), np.int32))), ValueError, "out[0]"),
+        (dict(out=(np.empty((4, 2), np.float64), np.empty((4, 2), np.int32))), TypeError, "out[0]"),
+        (dict(out=(np.empty((4, 2), np.float32), np.empty((4, 2), np.int64))), TypeError, "out[1]"),
+        (dict(variant="nope"), ValueError, "variant"),
+        (dict(variant="naive"), ValueError, "backend"),
+    ],
+)
+def test_errors_name_the_argument(kwargs, exc, words):
+    kwargs = {"topk": 2, **kwargs}
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ds4kern.router_topk(np.ones((4, 16), np.float32), **kwargs)
+
+
+def test_bad_logits():
+    with pytest.raises(TypeError, match="logits dtype"):
+        ds4kern.router_topk(np.ones((4, 16), np.float64), 2)
+    with pytest.raises(TypeError, match="logits dtype"):
+        ds4kern.router_topk(np.ones((4, 16), np.int32), 2)
+    with pytest.raises(ValueError, match="logits"):
+        ds4kern.router_topk(np.array(3.0, np.float32), 1)
+    with pytest.raises(ValueError, match="at least one expert"):
+        ds4kern.router_topk(np.ones((4, 0), np.float32), 1)
+    with pytest.raises(TypeError, match="logits must be"):
+        ds4kern.router_topk([[1.0, 2.0]], 1)
+
+
+def test_int16_limit():
+    with pytest.raises(ValueError, match="int16"):
+        ds4kern.router_topk(np.ones((1, 40000), np.float32), 2, index_dtype="int16")
+
+
+def test_largest_spec_shape_reference(rng):
+    # the benchmark's largest problem, on the CPU, checked on a sample of rows in float64
+    x = rng.standard_normal((65536, 256)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(256)).astype(np.float32)
+    w, i = ds4kern.router_topk(x, 6, score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
+    rows = rng.choice(65536, 500, replace=False)
+    w64, i64, sel = router_topk64(x[rows], 6, "sqrtsoftplus", False, bias, 1.5)
+    cmp = compare_router(w[rows], i[rows], w64, i64, sel, *router_tolerances(256))
+    assert cmp.ok, cmp

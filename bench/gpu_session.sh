@@ -23,5 +23,7 @@ if [ "${1:-}" != quick ]; then
      -k "not largest and not torch" -p no:cacheprovider > "$OUT/sanitizer.txt" 2>&1
   echo "sanitizer exit $?"; tail -5 "$OUT/sanitizer.txt"
 fi
+step overhead
+$py bench/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
 step bench
 $py bench/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

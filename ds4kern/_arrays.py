@@ -63,7 +63,7 @@ class Frame:
             self.torch = True
             self.device_id = x.device.index if x.device.index is not None else torch.cuda.current_device()
             with cp.cuda.Device(self.device_id):
-                self.stream = cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
+                self.stream = _external_stream(cp, torch.cuda.current_stream(x.device))
                 with self.stream:
                     self.array = cp.from_dlpack(x.detach())
             self.backend = "cuda"
@@ -166,6 +166,17 @@ class Frame:
                 return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
             return torch.from_numpy(arr)
         return arr
+
+
+def _external_stream(cp, torch_stream):
+    """A CuPy stream object for a torch stream (no copy, no synchronisation)."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(torch_stream)
+        except Exception:
+            pass
+    return cp.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
 def _torch_bf16():

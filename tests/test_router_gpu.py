@@ -76,7 +76,7 @@ def test_ties_identical_to_reference(cp, rng, dtype, mode):
     # integer logits: exact ties everywhere; selection and order must be identical
     x = rng.integers(-3, 4, size=(500, 96)).astype(DTYPES[dtype])
     run_and_check(cp, x, 12, MODES[mode], rng, exact=True)
-    x = np.zeros((8, 64), DTYPES[dtype]) + DTYPES[dtype](0.5)
+    x = np.full((8, 64), 0.5, np.float32).astype(DTYPES[dtype])
     run_and_check(cp, x, 64, MODES[mode], rng, exact=True)
 
 

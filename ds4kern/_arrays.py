@@ -109,6 +109,10 @@ class Frame:
                 f"got {type(x).__module__}.{type(x).__name__}"
             )
         cp = self.cp
+        if type(x) is cp.ndarray:
+            if x.device.id != self.device_id:
+                raise ValueError(f"{name} is on device {x.device.id}, the other inputs on device {self.device_id}")
+            return x
         if isinstance(x, np.ndarray):
             raise TypeError(
                 f"{name} is a numpy (host) array but the other inputs are on the GPU; move it with "
@@ -142,6 +146,15 @@ class Frame:
                     yield
             else:
                 yield
+
+    def run(self, fn, *args):
+        """``fn(*args)`` on this frame's device and stream (no context switch when already there)."""
+        if self.backend == "numpy":
+            return fn(*args)
+        if self.stream is None and self.cp.cuda.runtime.getDevice() == self.device_id:
+            return fn(*args)
+        with self.running():
+            return fn(*args)
 
     @property
     def xp(self):
@@ -191,5 +204,13 @@ def _torch_cpu_bf16(t):
     return t.detach().contiguous().view(torch.uint16 if hasattr(torch, "uint16") else torch.int16).numpy().view(BFLOAT16)
 
 
-def dtype_name(dt: np.dtype) -> str:
-    return "bfloat16" if BFLOAT16 is not None and dt == BFLOAT16 else np.dtype(dt).name
+_DTYPE_NAMES = {np.dtype(n): n for n in ("float32", "float16", "float64", "int8", "int16", "int32", "int64",
+                                          "uint8", "uint16", "uint32", "uint64", "bool")}
+if BFLOAT16 is not None:
+    _DTYPE_NAMES[BFLOAT16] = "bfloat16"
+
+
+def dtype_name(dt) -> str:
+    """Short name of a dtype ("bfloat16" for ml_dtypes' bfloat16); a dict hit on the hot path."""
+    name = _DTYPE_NAMES.get(dt)
+    return name if name is not None else np.dtype(dt).name

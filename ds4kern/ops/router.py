@@ -19,6 +19,8 @@ softmax one NaN logit makes the whole row's softmax NaN, as in numpy and torch).
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -94,7 +96,21 @@ class RouterArgs:
         return self.frame.xp
 
 
+@functools.lru_cache(maxsize=64)
+def _index_dtype_cached(index_dtype) -> np.dtype:
+    return _index_dtype_uncached(index_dtype)
+
+
 def _index_dtype(index_dtype) -> np.dtype:
+    try:
+        return _index_dtype_cached(index_dtype)
+    except TypeError as e:
+        if "unhashable" in str(e):
+            return _index_dtype_uncached(index_dtype)
+        raise
+
+
+def _index_dtype_uncached(index_dtype) -> np.dtype:
     try:
         dt = np.dtype(index_dtype)
     except TypeError:
@@ -115,7 +131,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     E = int(x.shape[-1])
     if E < 1:
         raise ValueError(f"logits must have at least one expert (last dimension), got shape {tuple(x.shape)}")
-    if isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral):
+    if type(topk) is not int and (isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral)):
         raise TypeError(f"topk must be an int, got {topk!r}")
     k = int(topk)
     if not 1 <= k <= E:
@@ -130,7 +146,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
     if scaling_factor is None:
         scale = 1.0
-    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and np.isfinite(scaling_factor):
+    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and math.isfinite(scaling_factor):
         scale = float(scaling_factor)
     else:
         raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
@@ -148,15 +164,16 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
             raise ValueError(f"expert_bias must have shape ({E},) to match logits, got {tuple(bias.shape)}")
         bias = frame.xp.ascontiguousarray(bias)
 
-    lead = tuple(int(d) for d in x.shape[:-1])
-    T = int(np.prod(lead, dtype=np.int64)) if lead else 1
-    problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), idt.name, sf, pre, bias is not None)
+    lead = tuple(x.shape[:-1])
+    T = math.prod(lead)
+    problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), dtype_name(idt), sf, pre,
+                            bias is not None)
     if not allocate:
         return RouterArgs(None, k, sf, pre, bias, scale, None, None, problem, frame), ()
 
     if not x.flags.c_contiguous:
         x = frame.xp.ascontiguousarray(x)  # a copy: rows must be contiguous
-    x2 = x.reshape(T, E)
+    x2 = x if x.ndim == 2 else x.reshape(T, E)
     out_shape = lead + (k,)
     if out is None:
         w_full = frame.empty(out_shape, np.float32)
@@ -173,7 +190,8 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
                 raise TypeError(f"{name} must have dtype {dtype_name(dt)}, got {dtype_name(arr.dtype)}")
             if not arr.flags.c_contiguous:
                 raise ValueError(f"{name} must be C-contiguous")
-    args = RouterArgs(x2, k, sf, pre, bias, scale, w_full.reshape(T, k), i_full.reshape(T, k), problem, frame)
+    w2, i2 = (w_full, i_full) if len(lead) == 1 else (w_full.reshape(T, k), i_full.reshape(T, k))
+    args = RouterArgs(x2, k, sf, pre, bias, scale, w2, i2, problem, frame)
     return args, (w_full, i_full)
 
 
@@ -204,8 +222,7 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
                                       scaling_factor, index_dtype, out)
     v = dispatch.select(OP, args.problem, variant)
     if args.logits.shape[0] > 0:
-        with args.frame.running():
-            v.fn(args)
+        args.frame.run(v.fn, args)
     return args.frame.give_back(w_full), args.frame.give_back(i_full)
 
 

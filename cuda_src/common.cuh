@@ -35,3 +35,30 @@ __device__ __forceinline__ float ds4_warp_max(float v) {
     for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
     return v;
 }
+
+// Index outputs of a run-time integer type (a uniform switch per store; stores are few).
+#define DS4_IDX_U8 0
+#define DS4_IDX_U16 1
+#define DS4_IDX_I16 2
+#define DS4_IDX_I32 3
+#define DS4_IDX_I64 4
+
+__device__ __forceinline__ void ds4_store_index(void* base, int kind, long long off, int v) {
+    switch (kind) {
+        case DS4_IDX_U8: static_cast<unsigned char*>(base)[off] = (unsigned char)v; break;
+        case DS4_IDX_U16: static_cast<unsigned short*>(base)[off] = (unsigned short)v; break;
+        case DS4_IDX_I16: static_cast<short*>(base)[off] = (short)v; break;
+        case DS4_IDX_I32: static_cast<int*>(base)[off] = v; break;
+        default: static_cast<long long*>(base)[off] = (long long)v; break;
+    }
+}
+
+__device__ __forceinline__ int ds4_load_index(const void* base, int kind, long long off) {
+    switch (kind) {
+        case DS4_IDX_U8: return static_cast<const unsigned char*>(base)[off];
+        case DS4_IDX_U16: return static_cast<const unsigned short*>(base)[off];
+        case DS4_IDX_I16: return static_cast<const short*>(base)[off];
+        case DS4_IDX_I32: return static_cast<const int*>(base)[off];
+        default: return (int)static_cast<const long long*>(base)[off];
+    }
+}

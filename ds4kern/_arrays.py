@@ -214,3 +214,29 @@ def dtype_name(dt) -> str:
     """Short name of a dtype ("bfloat16" for ml_dtypes' bfloat16); a dict hit on the hot path."""
     name = _DTYPE_NAMES.get(dt)
     return name if name is not None else np.dtype(dt).name
+
+
+def rows_view(xp, arr, lead: tuple, k: int, name: str):
+    """A ``[T, k]`` view of ``arr`` (shape ``lead + (k,)``) sharing its memory, or ValueError.
+
+    Leading dims must collapse into one row axis without a copy; strides must be non-negative
+    multiples of the item size.  Works for numpy and CuPy arrays.
+    """
+    shape, st, item = tuple(arr.shape), tuple(arr.strides), arr.itemsize
+    want = tuple(lead) + (k,)
+    if shape != want:
+        raise ValueError(f"{name} must have shape {want}, got {shape}")
+    if any(x < 0 or x % item for x in st):
+        raise ValueError(f"{name} must have non-negative strides that are multiples of its item size, got {st}")
+    T = 1
+    for d in lead:
+        T *= d
+    if arr.ndim == 2:
+        return arr
+    dims = [(d, x) for d, x in zip(lead, st[:-1]) if d != 1]
+    for (d0, x0), (d1, x1) in zip(dims, dims[1:]):
+        if x0 != x1 * d1:
+            raise ValueError(f"{name}: its leading dimensions cannot be merged into one row axis without a copy "
+                             f"(shape {shape}, strides {st})")
+    row = dims[-1][1] if dims else k * st[-1]
+    return xp.lib.stride_tricks.as_strided(arr, (T, k), (row, st[-1]))

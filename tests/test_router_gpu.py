@@ -80,10 +80,30 @@ def test_ties_identical_to_reference(cp, rng, dtype, mode):
     run_and_check(cp, x, 64, MODES[mode], rng, exact=True)
 
 
-@pytest.mark.parametrize("index_dtype", ["int16", "int32", "int64"])
+@pytest.mark.parametrize("index_dtype", ["uint8", "uint16", "int16", "int32", "int64"])
 def test_index_dtypes_and_leading_dims(cp, rng, index_dtype):
     x = rng.standard_normal((3, 5, 7, 130)).astype(np.float32)
     run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, index_dtype=index_dtype)
+    x = rng.standard_normal((301, 130)).astype(np.float32)
+    run_and_check(cp, x, 40, MODES["sigmoid-bias"], rng, index_dtype=index_dtype)  # k > 32 reads back
+
+
+@pytest.mark.parametrize("variant", ["naive", "cupy_composite"])
+def test_strided_narrow_index_output(cp, rng, variant):
+    if variant not in cuda_variants():
+        pytest.skip(f"{variant} not installed")
+    T, L, E, k = 777, 4, 256, 6
+    buf = cp.full((T + 3, L, k), 255, cp.uint8)
+    wbuf = cp.full((T, 2, k), cp.nan, cp.float32)
+    for layer in range(L):
+        x = rng.standard_normal((T, E)).astype(np.float32)
+        w, i = ds4kern.router_topk(cp.asarray(x), k, score_function="sqrtsoftplus",
+                                   out=(wbuf[:, 1, :], buf[1:1 + T, layer, :]), variant=variant)
+        w_ref, i_ref = reference_router_topk(x, k, "sqrtsoftplus", False, None, 1.0)
+        np.testing.assert_array_equal(cp.asnumpy(buf[1:1 + T, layer, :]), i_ref.astype(np.uint8))
+        np.testing.assert_allclose(cp.asnumpy(wbuf[:, 1, :]), w_ref, rtol=1e-5, atol=1e-6)
+    assert bool((buf[0] == 255).all()) and bool((buf[1 + T:] == 255).all())
+    assert bool(cp.isnan(wbuf[:, 0, :]).all())
 
 
 def test_default_allocation_is_fully_written(cp, rng):

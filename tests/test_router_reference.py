@@ -141,14 +141,18 @@ def test_scaling_and_k1(rng):
         (dict(score_function="sigmoid", expert_bias=np.zeros(15, np.float32)), ValueError, "expert_bias"),
         (dict(score_function="sigmoid", expert_bias=np.zeros(16, np.float64)), TypeError, "expert_bias"),
         (dict(score_function="sigmoid", expert_bias=[0.0] * 16), TypeError, "expert_bias"),
-        (dict(index_dtype="uint8"), TypeError, "index_dtype"),
+        (dict(index_dtype="uint32"), TypeError, "index_dtype"),
+        (dict(index_dtype="float32"), TypeError, "index_dtype"),
         (dict(index_dtype="int33"), TypeError, "index_dtype"),
         (dict(scaling_factor=float("nan")), ValueError, "scaling_factor"),
         (dict(scaling_factor="2"), ValueError, "scaling_factor"),
         (dict(out=(np.empty((4, 2), np.float32),)), TypeError, "out"),
         (dict(out=(np.empty((4, 3), np.float32), np.empty((4, 2), np.int32))), ValueError, "out[0]"),
         (dict(out=(np.empty((4, 2), np.float64), np.empty((4, 2), np.int32))), TypeError, "out[0]"),
-        (dict(out=(np.empty((4, 2), np.float32), np.empty((4, 2), np.int64))), TypeError, "out[1]"),
+        (dict(out=(np.empty((4, 2), np.float32), np.empty((4, 2), np.int64)), index_dtype="int32"), TypeError,
+         "out[1]"),
+        (dict(out=(None, np.empty((4, 2), np.float32))), TypeError, "out[1]"),
+        (dict(out=(None, np.empty((4, 2, 2), np.int32)[:, :, 0].T)), ValueError, "out[1]"),
         (dict(variant="nope"), ValueError, "variant"),
         (dict(variant="naive"), ValueError, "backend"),
     ],
@@ -172,9 +176,38 @@ def test_bad_logits():
         ds4kern.router_topk([[1.0, 2.0]], 1)
 
 
-def test_int16_limit():
-    with pytest.raises(ValueError, match="int16"):
-        ds4kern.router_topk(np.ones((1, 40000), np.float32), 2, index_dtype="int16")
+@pytest.mark.parametrize("dt,E_bad", [("uint8", 257), ("int16", 32769), ("uint16", 65537)])
+def test_narrow_index_limits(dt, E_bad):
+    with pytest.raises(ValueError, match=dt):
+        ds4kern.router_topk(np.ones((1, E_bad), np.float32), 2, index_dtype=dt)
+    w, i = ds4kern.router_topk(np.ones((1, E_bad - 1), np.float32), 2, index_dtype=dt)
+    assert i.dtype == np.dtype(dt)
+
+
+def test_strided_narrow_index_output_fills_capture_slice(rng):
+    # a routing-capture style buffer [tokens, layers, k]: each layer writes its strided slice
+    T, L, E, k = 50, 3, 256, 6
+    buf = np.full((T + 5, L, k), 255, np.uint8)
+    ref = []
+    for layer in range(L):
+        x = rng.standard_normal((T, E)).astype(np.float32)
+        w, i = ds4kern.router_topk(x, k, score_function="sigmoid", out=(None, buf[2:2 + T, layer, :]))
+        assert i.base is not None and np.shares_memory(i, buf)
+        _, i_plain = ds4kern.router_topk(x, k, score_function="sigmoid", index_dtype="int64")
+        ref.append(i_plain)
+    np.testing.assert_array_equal(buf[2:2 + T].transpose(1, 0, 2), np.stack(ref).astype(np.uint8))
+    assert (buf[:2] == 255).all() and (buf[2 + T:] == 255).all()
+
+
+def test_strided_outputs_with_leading_dims(rng):
+    x = rng.standard_normal((4, 5, 64)).astype(np.float32)
+    big_w = np.zeros((4, 5, 2, 3), np.float32)
+    big_i = np.zeros((4, 5, 3, 7), np.int16)
+    w, i = ds4kern.router_topk(x, 3, score_function="sqrtsoftplus", out=(big_w[:, :, 1, :], big_i[:, :, :, 2]))
+    w2, i2 = ds4kern.router_topk(x, 3, score_function="sqrtsoftplus")
+    np.testing.assert_array_equal(big_i[:, :, :, 2], i2)
+    np.testing.assert_array_equal(big_w[:, :, 1, :], w2)
+    assert (big_w[:, :, 0, :] == 0).all()
 
 
 def test_largest_spec_shape_reference(rng):

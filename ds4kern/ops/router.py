@@ -28,13 +28,16 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import dispatch, kernels
-from .._arrays import BFLOAT16, FLOAT_DTYPES, Frame, dtype_name
+from .._arrays import FLOAT_DTYPES, Frame, dtype_name, rows_view
 from ..hookspecs import hookimpl
 from ..registry import Variant
 
 OP = "router_topk"
 SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
-INDEX_DTYPES = ("int16", "int32", "int64")
+INDEX_DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
+# largest number of experts each index dtype can name
+INDEX_LIMITS = {"uint8": 256, "uint16": 65536, "int16": 32768, "int32": 2**31, "int64": 2**31}
+IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
 EPS = np.float32(1e-20)
 
 __all__ = ["router_topk", "RouterArgs", "RouterProblem", "reference_router_topk", "order_keys"]
@@ -76,8 +79,8 @@ class RouterArgs:
 
     ``logits`` is C-contiguous ``[T, E]`` (T >= 1; variants are never called with T == 0),
     ``expert_bias`` float32 ``[E]`` or None.  The variant fills ``weights`` (float32 ``[T, k]``)
-    and ``indices`` (``[T, k]``, ``index_dtype``), both C-contiguous, on the current device and
-    stream.  ``xp`` is numpy or cupy.
+    and ``indices`` (``[T, k]``, ``problem.index_dtype``) on the current device and stream; both
+    may be strided views of the caller's memory (see their ``.strides``).  ``xp`` is numpy or cupy.
     """
 
     logits: Any
@@ -108,6 +111,12 @@ def _index_dtype(index_dtype) -> np.dtype:
         if "unhashable" in str(e):
             return _index_dtype_uncached(index_dtype)
         raise
+
+
+def _out_index_dtype(dt) -> np.dtype:
+    if dtype_name(dt) not in INDEX_DTYPES:
+        raise TypeError(f"out[1] (indices) must have an integer dtype among {INDEX_DTYPES}, got {dtype_name(dt)}")
+    return np.dtype(dt)
 
 
 def _index_dtype_uncached(index_dtype) -> np.dtype:
@@ -150,9 +159,22 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
         scale = float(scaling_factor)
     else:
         raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
-    idt = _index_dtype(index_dtype)
-    if idt == np.int16 and E > 32767:
-        raise ValueError(f"index_dtype=int16 holds expert ids up to 32767, but E={E}")
+    out_w = out_i = None
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out must be a (weights, indices) pair; either may be None")
+        out_w, out_i = out
+        if out_i is not None:
+            out_i = frame.convert(out_i, "out[1] (indices)")
+    if index_dtype is None:
+        idt = _out_index_dtype(out_i.dtype) if out_i is not None else np.dtype(np.int32)
+    else:
+        idt = _index_dtype(index_dtype)
+        if out_i is not None and out_i.dtype != idt:
+            raise TypeError(f"out[1] (indices) has dtype {dtype_name(out_i.dtype)} but index_dtype={dtype_name(idt)}")
+    idn = dtype_name(idt)
+    if E > INDEX_LIMITS[idn]:
+        raise ValueError(f"index dtype {idn} holds expert ids up to {INDEX_LIMITS[idn] - 1}, but E={E}")
     bias = None
     if expert_bias is not None:
         if sf == "softmax":
@@ -166,7 +188,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
 
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
-    problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), dtype_name(idt), sf, pre,
+    problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), idn, sf, pre,
                             bias is not None)
     if not allocate:
         return RouterArgs(None, k, sf, pre, bias, scale, None, None, problem, frame), ()
@@ -175,28 +197,26 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
         x = frame.xp.ascontiguousarray(x)  # a copy: rows must be contiguous
     x2 = x if x.ndim == 2 else x.reshape(T, E)
     out_shape = lead + (k,)
-    if out is None:
+    if out_w is None:
         w_full = frame.empty(out_shape, np.float32)
-        i_full = frame.empty(out_shape, idt)
+        w2 = w_full.reshape(T, k)
     else:
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError("out must be a (weights, indices) pair")
-        w_full = frame.convert(out[0], "out[0] (weights)")
-        i_full = frame.convert(out[1], "out[1] (indices)")
-        for name, arr, dt in (("out[0] (weights)", w_full, np.dtype(np.float32)), ("out[1] (indices)", i_full, idt)):
-            if tuple(arr.shape) != out_shape:
-                raise ValueError(f"{name} must have shape {out_shape}, got {tuple(arr.shape)}")
-            if arr.dtype != dt:
-                raise TypeError(f"{name} must have dtype {dtype_name(dt)}, got {dtype_name(arr.dtype)}")
-            if not arr.flags.c_contiguous:
-                raise ValueError(f"{name} must be C-contiguous")
-    w2, i2 = (w_full, i_full) if len(lead) == 1 else (w_full.reshape(T, k), i_full.reshape(T, k))
+        w_full = frame.convert(out_w, "out[0] (weights)")
+        if w_full.dtype != np.float32:
+            raise TypeError(f"out[0] (weights) must have dtype float32, got {dtype_name(w_full.dtype)}")
+        w2 = rows_view(frame.xp, w_full, lead, k, "out[0] (weights)")
+    if out_i is None:
+        i_full = frame.empty(out_shape, idt)
+        i2 = i_full.reshape(T, k)
+    else:
+        i_full = out_i
+        i2 = rows_view(frame.xp, i_full, lead, k, "out[1] (indices)")
     args = RouterArgs(x2, k, sf, pre, bias, scale, w2, i2, problem, frame)
     return args, (w_full, i_full)
 
 
 def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_softmax: bool = False,
-                expert_bias=None, scaling_factor: Optional[float] = None, index_dtype="int32",
+                expert_bias=None, scaling_factor: Optional[float] = None, index_dtype=None,
                 out=None, variant: Optional[str] = None):
     """Top-k expert selection with score function, compact output.
 
@@ -210,8 +230,11 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
         expert_bias: float32 ``[E]``, added to the scores for selection only
             (sigmoid / sqrtsoftplus only).
         scaling_factor: multiplies the weights (default 1.0).
-        index_dtype: ``int16`` (E <= 32767), ``int32`` (default) or ``int64``.
-        out: optional ``(weights, indices)`` to fill, C-contiguous, shapes ``[..., k]``.
+        index_dtype: ``int32`` (default), ``int64``, ``int16`` (E <= 32768), or the narrow
+            ``uint8`` (E <= 256) / ``uint16`` (E <= 65536); defaults to the dtype of ``out[1]``.
+        out: optional ``(weights, indices)`` to fill in place, shapes ``[..., k]``; either may be
+            None.  They may be strided views (e.g. one layer's slice of a routing-capture buffer
+            ``buf[t0:t1, layer, :]``) as long as the leading dims merge into one row axis.
         variant: force a variant by name (see :func:`ds4kern.explain`).
 
     Returns:
@@ -227,7 +250,7 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
 
 
 def explain_router_topk(logits, topk, *, score_function="softmax", use_pre_softmax=False, expert_bias=None,
-                        scaling_factor=None, index_dtype="int32", out=None, variant=None) -> dispatch.Decision:
+                        scaling_factor=None, index_dtype=None, out=None, variant=None) -> dispatch.Decision:
     args, _ = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
                        index_dtype, out, allocate=False)
     return dispatch.decide(OP, args.problem, variant)
@@ -303,20 +326,19 @@ def _reference(a: RouterArgs) -> None:
 # naive CUDA variant: one warp per token, k rounds of warp arg-max
 
 _CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-_ITYPE = {"int16": "short", "int32": "int", "int64": "long long"}
 # Values per lane the kernel is instantiated for (registers hold 32*VPL keys per warp).
 NAIVE_VPL = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96)
 NAIVE_MAX_E = 32 * NAIVE_VPL[-1]
 NAIVE_WARPS_PER_BLOCK = 4
 
 
-def _naive_name(dtype: str, index_dtype: str, vpl: int) -> str:
-    return f"router_topk_naive<{_CTYPE[dtype]}, {_ITYPE[index_dtype]}, {vpl}>"
+def _naive_name(dtype: str, vpl: int) -> str:
+    return f"router_topk_naive<{_CTYPE[dtype]}, {vpl}>"
 
 
 ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router.cu",
-    tuple(_naive_name(d, i, v) for d in _CTYPE for i in _ITYPE for v in NAIVE_VPL),
+    tuple(_naive_name(d, v) for d in _CTYPE for v in NAIVE_VPL),
 ))
 
 
@@ -329,13 +351,17 @@ def _naive_supports(p: RouterProblem) -> Optional[str]:
 def _naive(a: RouterArgs) -> None:
     T, E = a.logits.shape
     vpl = next(v for v in NAIVE_VPL if 32 * v >= E)
-    kern = ROUTER_KERNELS.kernel(_naive_name(a.problem.dtype, a.problem.index_dtype, vpl))
+    kern = ROUTER_KERNELS.kernel(_naive_name(a.problem.dtype, vpl))
     grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
+    w, i = a.weights, a.indices
     kern((grid,), (32 * NAIVE_WARPS_PER_BLOCK,),
          (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk),
           np.int32(SCORE_FUNCTIONS[a.score_function]), np.int32(a.use_pre_softmax),
-          np.float32(a.scaling_factor), a.weights, a.indices))
+          np.float32(a.scaling_factor),
+          w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
+          i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
+          np.int32(IDX_KIND[a.problem.index_dtype])))
 
 
 @hookimpl

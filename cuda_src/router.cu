@@ -16,16 +16,7 @@
 // Needs sm_80+ for the warp-reduce instructions.
 #include "common.cuh"
 
-#define DS4_SCORE_SOFTMAX 0
-#define DS4_SCORE_SIGMOID 1
-#define DS4_SCORE_SQRTSOFTPLUS 2
-
-__device__ __forceinline__ float ds4_score_fn(float x, int score_fn) {
-    if (score_fn == DS4_SCORE_SIGMOID) return 1.0f / (1.0f + expf(-x));
-    // sqrt(softplus(x)), softplus(x) = x for x > 20 (as in the spec and TE)
-    const float sp = x > 20.0f ? x : log1pf(expf(x));
-    return sqrtf(sp);
-}
+#include "router_common.cuh"
 
 template <typename T, int VPL>
 __global__ void router_topk_naive(const T* __restrict__ logits,

@@ -12,12 +12,13 @@ __version__ = "0.1.0"
 from .dispatch import use_variant
 from .hookspecs import hookimpl
 from .ops import OPS as _OPS
-from .ops.router import router_topk
+from .ops.router import router_hash, router_topk
 from .registry import PluginWarning, Variant, registry
 
 __all__ = [
     "__version__",
     "router_topk",
+    "router_hash",
     "explain",
     "use_variant",
     "variants",

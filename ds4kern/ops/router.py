@@ -40,7 +40,8 @@ INDEX_LIMITS = {"uint8": 256, "uint16": 65536, "int16": 32768, "int32": 2**31, "
 IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
 EPS = np.float32(1e-20)
 
-__all__ = ["router_topk", "RouterArgs", "RouterProblem", "reference_router_topk", "order_keys"]
+__all__ = ["router_topk", "router_hash", "RouterArgs", "RouterProblem", "RouterHashArgs", "RouterHashProblem",
+           "reference_router_topk", "reference_router_hash", "order_keys"]
 
 
 def _bucket_tokens(t: int) -> int:
@@ -129,6 +130,46 @@ def _index_dtype_uncached(index_dtype) -> np.dtype:
     return dt
 
 
+def _split_out(out):
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out must be a (weights, indices) pair; either may be None")
+    return out[0], out[1]
+
+
+def _resolve_index_dtype(index_dtype, out_i, E: int) -> np.dtype:
+    """The index dtype from ``index_dtype`` and/or the caller's index buffer, range-checked."""
+    if index_dtype is None:
+        idt = _out_index_dtype(out_i.dtype) if out_i is not None else np.dtype(np.int32)
+    else:
+        idt = _index_dtype(index_dtype)
+        if out_i is not None and out_i.dtype != idt:
+            raise TypeError(f"out[1] (indices) has dtype {dtype_name(out_i.dtype)} but index_dtype={dtype_name(idt)}")
+    idn = dtype_name(idt)
+    if E > INDEX_LIMITS[idn]:
+        raise ValueError(f"index dtype {idn} holds expert ids up to {INDEX_LIMITS[idn] - 1}, but E={E}")
+    return idt
+
+
+def _outputs(frame, out_w, out_i, lead, k, idt):
+    """(weights as given, weights [T, k] view, indices as given, indices [T, k] view)."""
+    T = math.prod(lead)
+    if out_w is None:
+        w_full = frame.empty(lead + (k,), np.float32)
+        w2 = w_full.reshape(T, k)
+    else:
+        w_full = frame.convert(out_w, "out[0] (weights)")
+        if w_full.dtype != np.float32:
+            raise TypeError(f"out[0] (weights) must have dtype float32, got {dtype_name(w_full.dtype)}")
+        w2 = rows_view(frame.xp, w_full, lead, k, "out[0] (weights)")
+    if out_i is None:
+        i_full = frame.empty(lead + (k,), idt)
+        i2 = i_full.reshape(T, k)
+    else:
+        i_full = out_i
+        i2 = rows_view(frame.xp, i_full, lead, k, "out[1] (indices)")
+    return w_full, w2, i_full, i2
+
+
 def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
              index_dtype, out, allocate=True) -> tuple[RouterArgs, tuple]:
     frame = Frame(logits, "logits")
@@ -159,22 +200,11 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
         scale = float(scaling_factor)
     else:
         raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
-    out_w = out_i = None
-    if out is not None:
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError("out must be a (weights, indices) pair; either may be None")
-        out_w, out_i = out
-        if out_i is not None:
-            out_i = frame.convert(out_i, "out[1] (indices)")
-    if index_dtype is None:
-        idt = _out_index_dtype(out_i.dtype) if out_i is not None else np.dtype(np.int32)
-    else:
-        idt = _index_dtype(index_dtype)
-        if out_i is not None and out_i.dtype != idt:
-            raise TypeError(f"out[1] (indices) has dtype {dtype_name(out_i.dtype)} but index_dtype={dtype_name(idt)}")
+    out_w, out_i = (None, None) if out is None else _split_out(out)
+    if out_i is not None:
+        out_i = frame.convert(out_i, "out[1] (indices)")
+    idt = _resolve_index_dtype(index_dtype, out_i, E)
     idn = dtype_name(idt)
-    if E > INDEX_LIMITS[idn]:
-        raise ValueError(f"index dtype {idn} holds expert ids up to {INDEX_LIMITS[idn] - 1}, but E={E}")
     bias = None
     if expert_bias is not None:
         if sf == "softmax":
@@ -196,21 +226,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     if not x.flags.c_contiguous:
         x = frame.xp.ascontiguousarray(x)  # a copy: rows must be contiguous
     x2 = x if x.ndim == 2 else x.reshape(T, E)
-    out_shape = lead + (k,)
-    if out_w is None:
-        w_full = frame.empty(out_shape, np.float32)
-        w2 = w_full.reshape(T, k)
-    else:
-        w_full = frame.convert(out_w, "out[0] (weights)")
-        if w_full.dtype != np.float32:
-            raise TypeError(f"out[0] (weights) must have dtype float32, got {dtype_name(w_full.dtype)}")
-        w2 = rows_view(frame.xp, w_full, lead, k, "out[0] (weights)")
-    if out_i is None:
-        i_full = frame.empty(out_shape, idt)
-        i2 = i_full.reshape(T, k)
-    else:
-        i_full = out_i
-        i2 = rows_view(frame.xp, i_full, lead, k, "out[1] (indices)")
+    w_full, w2, i_full, i2 = _outputs(frame, out_w, out_i, lead, k, idt)
     args = RouterArgs(x2, k, sf, pre, bias, scale, w2, i2, problem, frame)
     return args, (w_full, i_full)
 
@@ -364,9 +380,189 @@ def _naive(a: RouterArgs) -> None:
           np.int32(IDX_KIND[a.problem.index_dtype])))
 
 
+# ---------------------------------------------------------------------------------------
+# router_hash: hash-routed layers (DeepSeek-V4 layers 0-2)
+
+HASH_OP = "router_hash"
+HASH_SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid")
+
+
+@dataclass(frozen=True)
+class RouterHashProblem:
+    backend: str
+    tokens_bucket: int
+    num_experts: int
+    topk: int
+    dtype: str
+    index_dtype: str
+    score_function: str
+
+    def __str__(self) -> str:
+        return (f"backend={self.backend} T<={self.tokens_bucket} E={self.num_experts} k={self.topk} "
+                f"{self.dtype} -> {self.index_dtype} {self.score_function} (hash table)")
+
+    @property
+    def bucket(self) -> tuple:
+        return (self.tokens_bucket, self.num_experts, self.topk, self.dtype, self.index_dtype, self.score_function)
+
+
+@dataclass
+class RouterHashArgs:
+    """Validated arguments of ``router_hash`` handed to a variant: ``logits`` [T, E] contiguous,
+    ``tid2eid`` int32 [vocab, k] contiguous, ``token_ids`` int32/int64 [T] contiguous; the
+    variant fills ``weights`` and ``indices`` ([T, k], possibly strided); ``errors`` is None or a
+    device int32 [1] counter."""
+
+    logits: Any
+    tid2eid: Any
+    token_ids: Any
+    score_function: str
+    scaling_factor: float
+    weights: Any
+    indices: Any
+    errors: Any
+    problem: RouterHashProblem
+    frame: Frame
+
+
+def _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor, index_dtype, out, errors,
+                  allocate=True):
+    frame = Frame(logits, "logits")
+    x = frame.array
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., E] with E >= 1, got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
+    E = int(x.shape[-1])
+    lead = tuple(x.shape[:-1])
+    T = math.prod(lead)
+    table = frame.convert(tid2eid, "tid2eid")
+    if table.ndim != 2 or table.shape[1] < 1:
+        raise ValueError(f"tid2eid must have shape [vocab, k] with k >= 1, got {tuple(table.shape)}")
+    if table.dtype != np.int32:
+        raise TypeError(f"tid2eid must be int32, got {dtype_name(table.dtype)}")
+    k = int(table.shape[1])
+    if k > E:
+        raise ValueError(f"tid2eid has k={k} columns but logits have only E={E} experts")
+    ids = frame.convert(token_ids, "token_ids")
+    if ids.dtype not in (np.int32, np.int64):
+        raise TypeError(f"token_ids must be int32 or int64, got {dtype_name(ids.dtype)}")
+    if tuple(ids.shape) != lead:
+        raise ValueError(f"token_ids must have shape {lead} (the leading dims of logits), got {tuple(ids.shape)}")
+    if not isinstance(score_function, str) or score_function.lower() not in HASH_SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {HASH_SCORE_FUNCTIONS} for hash routing, got {score_function!r}")
+    sf = score_function.lower()
+    if scaling_factor is None:
+        scale = 1.0
+    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and math.isfinite(scaling_factor):
+        scale = float(scaling_factor)
+    else:
+        raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
+    if frame.backend == "numpy":
+        # the reference validates the table and ids (the GPU path reports them without a host sync)
+        if table.size and (table.min() < 0 or table.max() >= E):
+            raise ValueError(f"tid2eid entries must lie in [0, E={E}), found [{table.min()}, {table.max()}]")
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise ValueError(f"token_ids must lie in [0, vocab={table.shape[0]}), found [{ids.min()}, {ids.max()}]")
+        if errors is not None:
+            raise TypeError("errors= is a device counter for GPU inputs; the reference raises instead")
+    elif errors is not None:
+        errors = frame.convert(errors, "errors")
+        if errors.dtype != np.int32 or errors.size != 1:
+            raise TypeError(f"errors must be an int32 array of one element, got {dtype_name(errors.dtype)} {tuple(errors.shape)}")
+    out_w, out_i = (None, None) if out is None else _split_out(out)
+    if out_i is not None:
+        out_i = frame.convert(out_i, "out[1] (indices)")
+    idt = _resolve_index_dtype(index_dtype, out_i, E)
+    problem = RouterHashProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), dtype_name(idt), sf)
+    if not allocate:
+        return RouterHashArgs(None, table, ids, sf, scale, None, None, errors, problem, frame), ()
+    x2 = frame.xp.ascontiguousarray(x).reshape(T, E)
+    w_full, w2, i_full, i2 = _outputs(frame, out_w, out_i, lead, k, idt)
+    args = RouterHashArgs(x2, frame.xp.ascontiguousarray(table), frame.xp.ascontiguousarray(ids).reshape(T),
+                          sf, scale, w2, i2, errors, problem, frame)
+    return args, (w_full, i_full)
+
+
+def router_hash(logits, tid2eid, token_ids, *, score_function: str = "sqrtsoftplus",
+                scaling_factor: Optional[float] = None, index_dtype=None, out=None, errors=None,
+                variant: Optional[str] = None):
+    """Hash routing (DeepSeek-V4 layers 0-2): experts from a token-id table, weights from scores.
+
+    indices = tid2eid[token_ids]; s = score_function(logits) at those experts (float32);
+    weights = s / (sum s + 1e-20) over the k entries if k > 1, else s; times scaling.  No bias.
+
+    Args:
+        logits: ``[..., E]`` float32/float16/bfloat16.
+        tid2eid: int32 ``[vocab, k]`` table.
+        token_ids: int32/int64 of shape ``[...]`` (the leading dims of logits).
+        index_dtype, out: as in :func:`router_topk` (strided / narrow index outputs allowed).
+        errors: GPU only: an int32 device array of one element; the kernel adds the number of
+            out-of-range token ids or table entries it met (no host synchronisation).
+
+    Out-of-range ids or entries: the reference (numpy) raises ``ValueError``.  On the GPU nothing
+    is read or written out of bounds; a bad entry gets index 0 and a NaN score, so that token's
+    weights are NaN, and ``errors`` counts it.
+
+    Returns ``(weights, indices)``, ``[..., k]`` each, in table order.
+    """
+    args, (w_full, i_full) = _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor,
+                                           index_dtype, out, errors)
+    v = dispatch.select(HASH_OP, args.problem, variant)
+    if args.logits.shape[0] > 0:
+        args.frame.run(v.fn, args)
+    return args.frame.give_back(w_full), args.frame.give_back(i_full)
+
+
+def explain_router_hash(logits, tid2eid, token_ids, *, score_function="sqrtsoftplus", scaling_factor=None,
+                        index_dtype=None, out=None, errors=None, variant=None) -> dispatch.Decision:
+    args, _ = _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor, index_dtype, out,
+                            errors, allocate=False)
+    return dispatch.decide(HASH_OP, args.problem, variant)
+
+
+def reference_router_hash(logits, tid2eid, token_ids, score_function, scaling_factor):
+    x = np.asarray(logits).astype(np.float32)
+    idx = np.asarray(tid2eid)[np.asarray(token_ids)].astype(np.int64)
+    w = score(np.take_along_axis(x, idx, axis=1), score_function)
+    with np.errstate(invalid="ignore"):
+        if idx.shape[1] > 1:
+            w = w / (w.sum(axis=1, keepdims=True, dtype=np.float32) + EPS)
+        w = (w * np.float32(scaling_factor)).astype(np.float32)
+    return w, idx
+
+
+def _reference_hash(a: RouterHashArgs) -> None:
+    w, idx = reference_router_hash(a.logits, a.tid2eid, a.token_ids, a.score_function, a.scaling_factor)
+    a.weights[...] = w
+    a.indices[...] = idx
+
+
+ROUTER_HASH_KERNELS = kernels.register_family(kernels.KernelFamily(
+    "router_hash.cu", tuple(f"router_hash_naive<{c}>" for c in _CTYPE.values())))
+
+
+def _naive_hash(a: RouterHashArgs) -> None:
+    T, E = a.logits.shape
+    kern = ROUTER_HASH_KERNELS.kernel(f"router_hash_naive<{_CTYPE[a.problem.dtype]}>")
+    grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
+    w, i = a.weights, a.indices
+    kern((grid,), (32 * NAIVE_WARPS_PER_BLOCK,),
+         (a.logits, a.tid2eid, np.int64(a.tid2eid.shape[0]), a.token_ids, np.int32(a.token_ids.dtype == np.int64),
+          np.int64(T), np.int32(E), np.int32(a.problem.topk), np.int32(SCORE_FUNCTIONS[a.score_function]),
+          np.float32(a.scaling_factor),
+          w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
+          i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
+          np.int32(IDX_KIND[a.problem.index_dtype]), a.errors if a.errors is not None else np.uint64(0)))
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(OP, "reference", "numpy", _reference, cost=1.0,
                      description="numpy, float32 arithmetic; the oracle of the GPU tests"))
     register(Variant(OP, "naive", "cuda", _naive, supports=_naive_supports, cost=1.0,
                      description="one warp per token, k rounds of warp arg-max over register-held keys"))
+    register(Variant(HASH_OP, "reference", "numpy", _reference_hash, cost=1.0,
+                     description="numpy table lookup; validates ids and table entries"))
+    register(Variant(HASH_OP, "naive", "cuda", _naive_hash, cost=1.0,
+                     description="one warp per token, one table entry per lane; bad entries counted, never dereferenced"))

@@ -32,7 +32,7 @@ __all__ = [
 # float32 reference to a few ulp.
 COMMON_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
-_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 
 
 def source_dir() -> Path:

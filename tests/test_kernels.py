@@ -30,9 +30,11 @@ def test_headers_folded_with_line_marks():
 def test_fold_once_and_recursion(tmp_path, monkeypatch):
     (tmp_path / "a.cuh").write_text('#include "b.cuh"\nint a;\n')
     (tmp_path / "b.cuh").write_text("int b;\n")
-    (tmp_path / "x.cu").write_text('#include "a.cuh"\n#include "b.cuh"\n#include <cuda_fp16.h>\nint x;\n')
+    (tmp_path / "x.cu").write_text('#include "a.cuh"\n\n#include "b.cuh"\n#include "a.cuh"\n#include <cuda_fp16.h>\nint x;\n')
     code = kernels._fold(tmp_path / "x.cu", ("x.cu",), set())
-    assert code.count("int b;") == 1 and "int a;" in code and "#include <cuda_fp16.h>" in code
+    assert code.count("int b;") == 1 and code.count("int a;") == 1 and "#include <cuda_fp16.h>" in code
+    # every #line directive starts its own line
+    assert all(line.startswith("#line") for line in code.splitlines() if "#line" in line)
     (tmp_path / "c.cuh").write_text('#include "c.cuh"\n')
     with pytest.raises(ValueError, match="recursive"):
         kernels._fold(tmp_path / "c.cuh", ("c.cuh",), set())

@@ -31,7 +31,8 @@ def cuda_variants():
 
 
 def poisoned(cp, shape, k, index_dtype):
-    return (cp.full(shape + (k,), cp.nan, cp.float32), cp.full(shape + (k,), -1, index_dtype))
+    bad = np.iinfo(index_dtype).max if np.dtype(index_dtype).kind == "u" else -1
+    return (cp.full(shape + (k,), cp.nan, cp.float32), cp.full(shape + (k,), bad, index_dtype))
 
 
 def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32", scaling=None,

@@ -12,63 +12,51 @@
 // run-time switch (uint8/uint16/int16/int32/int64) so a routing-capture buffer of a narrow dtype
 // is filled in place with no extra kernel.
 //
+// router_topk_threshold<T, VPL>: the same answer with less work per token.  Each lane takes the
+// max of its keys; the k-th largest lane max (k rounds over 32 values, not over E) is a
+// threshold that at least k experts reach, so every top-k expert is at or above it.  The few
+// experts at or above it (usually k + a few) are compacted one per lane and selected exactly.
+// For sqrtsoftplus the screening scores use the fast MUFU approximations (ex2/lg2/sqrt.approx)
+// and the threshold is lowered by twice their error bound, so the screen never drops a top-k
+// expert; candidates are then scored with the precise functions.  More than 32 candidates
+// (heavy ties, NaN rows, k > 32) fall back to the naive rounds: the result is identical.
+//
 // Bytes moved: T*E*sizeof(T) read (+E*4 bias, cached), T*k*(4 + sizeof(index)) written.
 // Needs sm_80+ for the warp-reduce instructions.
 #include "common.cuh"
 
 #include "router_common.cuh"
 
+// Exact selection score of one expert (what the reference computes, in float32).
+__device__ __forceinline__ float ds4_sel_score(float x, int e, int score_fn, bool pre, float mx, float denom,
+                                               const float* __restrict__ bias) {
+    if (score_fn == DS4_SCORE_SOFTMAX) return pre ? expf(x - mx) / denom : x;
+    float s = ds4_score_fn(x, score_fn);
+    if (bias != nullptr) s += bias[e];
+    return s;
+}
+
+// Inverse of ds4_order_key for keys >= 2 (numbers).
+__device__ __forceinline__ float ds4_key_to_float(unsigned key) {
+    const unsigned u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    return __uint_as_float(u);
+}
+
+// The k rounds over all experts, then the weights: the naive algorithm, also the fallback of
+// the threshold kernel.  x[] holds this lane's logits (experts lane + 32 i).
 template <typename T, int VPL>
-__global__ void router_topk_naive(const T* __restrict__ logits,
-                                  const float* __restrict__ bias,  // [E] or nullptr
-                                  long long num_tokens, int E, int k,
-                                  int score_fn, int pre_softmax, float scaling,
-                                  float* __restrict__ weights, long long w_rs, long long w_cs,
-                                  void* __restrict__ indices, long long i_rs, long long i_cs,
-                                  int idx_kind) {
-    const int lane = threadIdx.x & 31;
-    const long long token = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (token >= num_tokens) return;  // whole warps leave together
-    const T* row = logits + token * (long long)E;
-
-    float x[VPL];
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-        const int e = lane + 32 * i;
-        x[i] = e < E ? ds4_to_float(row[e]) : DS4_NEG_INF;
-    }
-
-    // Full softmax statistics (pre-softmax only).
-    float mx = 0.0f, denom = 1.0f;
-    const bool pre = score_fn == DS4_SCORE_SOFTMAX && pre_softmax;
-    if (pre) {
-        mx = DS4_NEG_INF;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) mx = fmaxf(mx, x[i]);
-        mx = ds4_warp_max(mx);
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (lane + 32 * i < E) s += expf(x[i] - mx);
-        denom = ds4_warp_sum(s);
-    }
-
+__device__ __forceinline__ void ds4_topk_rounds(const T* __restrict__ row, const float* __restrict__ bias,
+                                                const float (&x)[VPL], int lane, int E, int k, int score_fn,
+                                                bool pre, float mx, float denom, float scaling,
+                                                float* __restrict__ wrow, long long w_cs,
+                                                void* __restrict__ indices, long long irow, long long i_cs,
+                                                int idx_kind) {
     unsigned key[VPL];
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        float sel;
-        if (score_fn == DS4_SCORE_SOFTMAX) {
-            sel = pre ? expf(x[i] - mx) / denom : x[i];
-        } else {
-            sel = ds4_score_fn(x[i], score_fn);
-            if (bias != nullptr && e < E) sel += bias[e];
-        }
-        key[i] = e < E ? ds4_order_key(sel) : 0u;
+        key[i] = e < E ? ds4_order_key(ds4_sel_score(x[i], e, score_fn, pre, mx, denom, bias)) : 0u;
     }
-
-    const long long irow = token * i_rs;  // element offsets of this token's outputs
-    float* wrow = weights + token * w_rs;
     int mine = 0;   // expert chosen in round (chunk*32 + lane)
     int first = 0;  // expert chosen in round 0 (the largest score)
     for (int r = 0; r < k; ++r) {
@@ -89,7 +77,6 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
             if (j <= r) ds4_store_index(indices, idx_kind, irow + j * i_cs, mine);
         }
     }
-
     // Weights.  Lane l handles outputs l, l+32, ...; for k <= 32 the index is still in `mine`,
     // otherwise it is read back from this lane's own earlier store.
     const float x0 = ds4_to_float(row[first]);
@@ -114,4 +101,196 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
         const float v = wrow[j * w_cs];
         wrow[j * w_cs] = (norm ? v / dn : v) * scaling;
     }
+}
+
+// Loads this lane's logits and, for pre-softmax, the row's max and denominator.
+template <typename T, int VPL>
+__device__ __forceinline__ void ds4_load_row(const T* __restrict__ row, int lane, int E, bool pre,
+                                             float (&x)[VPL], float& mx, float& denom) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        x[i] = e < E ? ds4_to_float(row[e]) : DS4_NEG_INF;
+    }
+    mx = 0.0f;
+    denom = 1.0f;
+    if (pre) {
+        mx = DS4_NEG_INF;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) mx = fmaxf(mx, x[i]);
+        mx = ds4_warp_max(mx);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (lane + 32 * i < E) s += expf(x[i] - mx);
+        denom = ds4_warp_sum(s);
+    }
+}
+
+template <typename T, int VPL>
+__global__ void router_topk_naive(const T* __restrict__ logits,
+                                  const float* __restrict__ bias,  // [E] or nullptr
+                                  long long num_tokens, int E, int k,
+                                  int score_fn, int pre_softmax, float scaling,
+                                  float* __restrict__ weights, long long w_rs, long long w_cs,
+                                  void* __restrict__ indices, long long i_rs, long long i_cs,
+                                  int idx_kind) {
+    const int lane = threadIdx.x & 31;
+    const long long token = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (token >= num_tokens) return;  // whole warps leave together
+    const T* row = logits + token * (long long)E;
+    const bool pre = score_fn == DS4_SCORE_SOFTMAX && pre_softmax;
+    float x[VPL], mx, denom;
+    ds4_load_row<T, VPL>(row, lane, E, pre, x, mx, denom);
+    ds4_topk_rounds<T, VPL>(row, bias, x, lane, E, k, score_fn, pre, mx, denom, scaling,
+                            weights + token * w_rs, w_cs, indices, token * i_rs, i_cs, idx_kind);
+}
+
+// Fast screening score for sqrtsoftplus: |approx - exact| <= DS4_SSP_ABS + DS4_SSP_REL * |s|.
+// Error budget: softplus via ex2.approx/lg2.approx is within ~1e-5 absolute (rounding of 1 + t
+// and of x*log2(e) included); sqrt turns an absolute error d into at most sqrt(d) ~ 3.2e-3.
+// The bound used is about 1.6x that.
+#define DS4_SSP_ABS 5e-3f
+#define DS4_SSP_REL 1e-5f
+__device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
+    float sp;
+    if (x > 20.0f) {
+        sp = x;
+    } else {
+        float t, l;
+        asm("ex2.approx.f32 %0, %1;" : "=f"(t) : "f"(x * 1.4426950408889634f));
+        asm("lg2.approx.f32 %0, %1;" : "=f"(l) : "f"(1.0f + t));
+        sp = l * 0.6931471805599453f;
+    }
+    float r;
+    asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(sp));
+    return r;
+}
+
+template <typename T, int VPL>
+__global__ void router_topk_threshold(const T* __restrict__ logits,
+                                      const float* __restrict__ bias,  // [E] or nullptr
+                                      long long num_tokens, int E, int k,
+                                      int score_fn, int pre_softmax, float scaling,
+                                      float* __restrict__ weights, long long w_rs, long long w_cs,
+                                      void* __restrict__ indices, long long i_rs, long long i_cs,
+                                      int idx_kind) {
+    __shared__ int cand_e[32 * 4];  // blockDim.x <= 128: one 32-slot list per warp
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const long long token = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (token >= num_tokens) return;
+    const T* row = logits + token * (long long)E;
+    const bool pre = score_fn == DS4_SCORE_SOFTMAX && pre_softmax;
+    float x[VPL], mx, denom;
+    ds4_load_row<T, VPL>(row, lane, E, pre, x, mx, denom);
+    float* wrow = weights + token * w_rs;
+    const long long irow = token * i_rs;
+    const bool approx = score_fn == DS4_SCORE_SQRTSOFTPLUS;
+
+    // 1. screening keys and this lane's max
+    unsigned key[VPL];
+    unsigned lmax = 0u;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        float a;
+        if (approx) {
+            a = ds4_sqrtsoftplus_approx(x[i]);
+            if (bias != nullptr && e < E) a += bias[e];
+        } else {
+            a = ds4_sel_score(x[i], e, score_fn, pre, mx, denom, e < E ? bias : nullptr);
+        }
+        key[i] = e < E ? ds4_order_key(a) : 0u;
+        lmax = max(lmax, key[i]);
+    }
+    // 2. theta = k-th largest lane max (each lane counted once; lowest lane first on ties)
+    unsigned theta = 0u;
+    if (k <= 32) {
+        unsigned m = lmax;
+        for (int r = 0; r < k; ++r) {
+            theta = __reduce_max_sync(0xffffffffu, m);
+            const unsigned l = __reduce_min_sync(0xffffffffu, m == theta ? (unsigned)lane : 32u);
+            if ((unsigned)lane == l) m = 0u;
+        }
+    }
+    // 3. candidates: keys at or above theta lowered by the screening error bound
+    unsigned lo = theta;
+    if (approx && theta >= 2u) {
+        const float th = ds4_key_to_float(theta);
+        lo = ds4_order_key(th - (2.0f * DS4_SSP_ABS + 2.0f * DS4_SSP_REL * fabsf(th)));
+        lo = max(lo, 2u);  // never admit NaN screening keys
+    }
+    unsigned mask = 0u;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i)
+        if (key[i] >= lo && key[i] != 0u) mask |= 1u << i;
+    const int cnt = __popc(mask);
+    const int total = (int)__reduce_add_sync(0xffffffffu, (unsigned)cnt);
+    if (theta < 2u || total > 32) {  // NaN/degenerate rows, heavy ties, k > 32
+        ds4_topk_rounds<T, VPL>(row, bias, x, lane, E, k, score_fn, pre, mx, denom, scaling,
+                                wrow, w_cs, indices, irow, i_cs, idx_kind);
+        return;
+    }
+    // 4. compact the candidates, one per lane
+    int incl = cnt;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
+    }
+    int pos = incl - cnt;
+    int* list = cand_e + 32 * warp;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i)
+        if (mask & (1u << i)) list[pos++] = lane + 32 * i;
+    __syncwarp();
+    const bool has = lane < total;
+    const int ce = has ? list[lane] : 0;
+    __syncwarp();
+    // 5. exact scores of the candidates, exact selection among them
+    float cx = 0.0f, csel = 0.0f;
+    if (has) {
+        cx = ds4_to_float(row[ce]);
+        csel = ds4_sel_score(cx, ce, score_fn, pre, mx, denom, bias);
+    }
+    unsigned ck = has ? ds4_order_key(csel) : 0u;
+    int my_round = -1;
+    float x0 = 0.0f;
+    for (int r = 0; r < k; ++r) {
+        const unsigned wk = __reduce_max_sync(0xffffffffu, ck);
+        const unsigned we = __reduce_min_sync(0xffffffffu, ck == wk ? (unsigned)ce : 0xffffffffu);
+        if (r == 0) x0 = ds4_to_float(row[we]);
+        if (has && ck == wk && (unsigned)ce == we) { my_round = r; ck = 0u; }
+    }
+    // 6. weights, written by the lane that holds each winner
+    const bool sel = my_round >= 0;
+    float v = 0.0f;
+    if (sel) {
+        if (score_fn == DS4_SCORE_SOFTMAX) v = pre ? csel : expf(cx - x0);
+        else v = bias != nullptr ? ds4_score_fn(cx, score_fn) : csel;
+    }
+    float w;
+    if (pre) {
+        w = v * scaling;
+    } else {
+        const float tot = ds4_warp_sum(v);
+        const bool norm = score_fn == DS4_SCORE_SOFTMAX || k > 1;
+        const float dn = score_fn == DS4_SCORE_SOFTMAX ? tot : tot + 1e-20f;
+        w = (norm ? v / dn : v) * scaling;
+    }
+    if (sel) {
+        wrow[my_round * w_cs] = w;
+        ds4_store_index(indices, idx_kind, irow + my_round * i_cs, ce);
+    }
+}
+
+// Test probe: the screening approximation next to the precise score, for the error-bound test.
+template <int UNUSED>
+__global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __restrict__ approx,
+                                        float* __restrict__ exact, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    approx[i] = ds4_sqrtsoftplus_approx(x[i]);
+    exact[i] = ds4_score_fn(x[i], DS4_SCORE_SQRTSOFTPLUS);
 }

@@ -62,34 +62,96 @@ def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32"
     return w, i
 
 
+KERNEL_VARIANTS = ["naive", "threshold"]
+
+
+def skip_unsupported(variant, E):
+    if variant == "threshold" and E > 1024:
+        pytest.skip("threshold supports E <= 1024")
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("E,k", SHAPES, ids=lambda v: str(v))
-def test_naive_equals_reference(cp, rng, dtype, mode, E, k):
+def test_kernel_equals_reference(cp, rng, variant, dtype, mode, E, k):
+    skip_unsupported(variant, E)
     T = int(rng.integers(1, 300))
     x = (rng.standard_normal((T, E)) * 2).astype(DTYPES[dtype])
-    run_and_check(cp, x, k, MODES[mode], rng, scaling=float(rng.choice([1.0, 1.5, 2.5])))
+    run_and_check(cp, x, k, MODES[mode], rng, variant=variant, scaling=float(rng.choice([1.0, 1.5, 2.5])))
 
 
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", ["softmax-post", "softmax-pre", "sigmoid", "sqrtsoftplus"])
-def test_ties_identical_to_reference(cp, rng, dtype, mode):
+def test_ties_identical_to_reference(cp, rng, variant, dtype, mode):
     # integer logits: exact ties everywhere; selection and order must be identical
     x = rng.integers(-3, 4, size=(500, 96)).astype(DTYPES[dtype])
-    run_and_check(cp, x, 12, MODES[mode], rng, exact=True)
+    run_and_check(cp, x, 12, MODES[mode], rng, variant=variant, exact=True)
     x = np.full((8, 64), 0.5, np.float32).astype(DTYPES[dtype])
-    run_and_check(cp, x, 64, MODES[mode], rng, exact=True)
+    run_and_check(cp, x, 64, MODES[mode], rng, variant=variant, exact=True)
 
 
+@pytest.mark.parametrize("mode", ["sqrtsoftplus", "sqrtsoftplus-bias", "sigmoid-bias", "softmax-pre"])
+def test_threshold_hard_cases(cp, rng, mode):
+    """Rows where the screening is hardest: tiny sqrtsoftplus scores (largest approximation
+    error), near-ties, many exact ties (fallback), k > 32 (fallback), wide ranges."""
+    E = 256
+    cases = [
+        rng.uniform(-14, -8, (400, E)),                      # all scores tiny
+        rng.uniform(-3, 3, (400, E)).round(2),               # dense near-ties
+        np.repeat(rng.standard_normal((400, 1)), E, 1),      # one value per row: all tied
+        rng.standard_normal((400, E)) * 30,                  # past the x > 20 switch
+        np.where(rng.random((400, E)) < 0.1, 25.0, -25.0),   # two clusters
+    ]
+    for x in cases:
+        for k in (1, 6, 8, 31, 40):
+            run_and_check(cp, x.astype(np.float32), k, MODES[mode], rng, variant="threshold")
+
+
+def test_threshold_nan_and_inf_rows_match_reference(cp, rng):
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    x[rng.random(x.shape) < 0.2] = np.nan
+    x[0] = np.nan
+    x[1, :90] = np.nan
+    x[2, 3] = np.inf
+    x[3, 10:20] = -np.inf
+    x[4] = -np.inf
+    for sf in ("sigmoid", "sqrtsoftplus", "softmax"):
+        for k in (1, 4, 8, 40):
+            _, i = ds4kern.router_topk(cp.asarray(x), k, score_function=sf, variant="threshold")
+            _, i_ref = ds4kern.router_topk(x, k, score_function=sf)
+            np.testing.assert_array_equal(cp.asnumpy(i), i_ref, err_msg=f"{sf} k={k}")
+
+
+def test_sqrtsoftplus_screening_error_bound(cp):
+    """The screening approximation stays within a third of the bound the threshold kernel
+    assumes (DS4_SSP_ABS + DS4_SSP_REL * |s| = 5e-3 + 1e-5 |s|)."""
+    from ds4kern.ops.router import ROUTER_KERNELS, SSP_PROBE
+
+    xs = np.concatenate([np.linspace(-100, 40, 2_000_001), np.random.default_rng().standard_normal(1_000_000) * 10])
+    x = cp.asarray(xs.astype(np.float32))
+    a, e = cp.empty_like(x), cp.empty_like(x)
+    ROUTER_KERNELS.kernel(SSP_PROBE)(((x.size + 255) // 256,), (256,), (x, a, e, np.int64(x.size)))
+    err = cp.abs(a - e)
+    bound = 5e-3 + 1e-5 * cp.abs(e)
+    worst = float(cp.max(err / bound))
+    assert worst <= 1 / 3, f"approximation error reaches {worst:.3f} of the bound"
+    # and the precise score matches the float64 formula
+    ref = np.sqrt(np.logaddexp(0.0, xs.astype(np.float32).astype(np.float64)))
+    np.testing.assert_allclose(cp.asnumpy(e), ref, rtol=4e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 @pytest.mark.parametrize("index_dtype", ["uint8", "uint16", "int16", "int32", "int64"])
-def test_index_dtypes_and_leading_dims(cp, rng, index_dtype):
+def test_index_dtypes_and_leading_dims(cp, rng, variant, index_dtype):
     x = rng.standard_normal((3, 5, 7, 130)).astype(np.float32)
-    run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, index_dtype=index_dtype)
+    run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, variant=variant, index_dtype=index_dtype)
     x = rng.standard_normal((301, 130)).astype(np.float32)
-    run_and_check(cp, x, 40, MODES["sigmoid-bias"], rng, index_dtype=index_dtype)  # k > 32 reads back
+    run_and_check(cp, x, 40, MODES["sigmoid-bias"], rng, variant=variant, index_dtype=index_dtype)  # k > 32
 
 
-@pytest.mark.parametrize("variant", ["naive", "cupy_composite"])
+@pytest.mark.parametrize("variant", ["naive", "threshold", "cupy_composite"])
 def test_strided_narrow_index_output(cp, rng, variant):
     if variant not in cuda_variants():
         pytest.skip(f"{variant} not installed")
@@ -131,11 +193,12 @@ def test_empty_and_single(cp, rng):
     assert list(cp.asnumpy(i)) == list(np.argsort(-x, kind="stable")[:6])
 
 
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_largest_spec_shape(cp, rng, dtype):
+def test_largest_spec_shape(cp, rng, variant, dtype):
     x = rng.standard_normal((65536, 256)).astype(DTYPES[dtype])
-    run_and_check(cp, x, 6, MODES["sqrtsoftplus-bias"], rng, scaling=1.5)
-    run_and_check(cp, x, 8, MODES["sigmoid-bias"], rng, scaling=2.5)
+    run_and_check(cp, x, 6, MODES["sqrtsoftplus-bias"], rng, variant=variant, scaling=1.5)
+    run_and_check(cp, x, 8, MODES["sigmoid-bias"], rng, variant=variant, scaling=2.5)
 
 
 def test_nan_rule_matches_reference(cp, rng):
@@ -162,10 +225,11 @@ def test_non_default_stream(cp, rng):
     np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
 
 
-def test_cuda_graph_capture(cp, rng):
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_cuda_graph_capture(cp, rng, variant):
     T, E, k = 2048, 256, 6
     bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
-    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
+    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5, variant=variant)
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         x_d = cp.asarray(rng.standard_normal((T, E)).astype(np.float32))
@@ -208,7 +272,9 @@ def test_torch_zero_copy(cp, rng):
 def test_explain_on_gpu_arrays(cp):
     x = cp.ones((4096, 256), cp.float32)
     d = ds4kern.explain("router_topk", x, 6, score_function="sigmoid")
-    assert d.chosen.name == "naive", str(d)
+    assert d.chosen.name == "threshold", str(d)
+    d = ds4kern.explain("router_topk", cp.ones((2, 2304), cp.float32), 6)
+    assert d.chosen.name == "naive" and "exceeds 1024" in str(d), str(d)
     assert "reference" in str(d) and "backend 'numpy'" in str(d)
     d = ds4kern.explain("router_topk", cp.ones((2, 4000), cp.float32), 6)
     assert any(c.variant.name == "naive" and "exceeds" in c.rejected for c in d.candidates if c.rejected)

@@ -352,9 +352,24 @@ def _naive_name(dtype: str, vpl: int) -> str:
     return f"router_topk_naive<{_CTYPE[dtype]}, {vpl}>"
 
 
+# threshold variant: lane-max threshold, candidates compacted one per lane (E <= 32 * 32)
+THRESHOLD_VPL = (1, 2, 4, 8, 16, 32)
+THRESHOLD_MAX_E = 32 * THRESHOLD_VPL[-1]
+# Preferred over naive (cost 1.0) wherever it runs: faster at every measured size (bench/NOTES.md).
+THRESHOLD_COST = 0.5
+
+
+def _threshold_name(dtype: str, vpl: int) -> str:
+    return f"router_topk_threshold<{_CTYPE[dtype]}, {vpl}>"
+
+
+SSP_PROBE = "router_ssp_approx_probe<0>"
+
 ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router.cu",
-    tuple(_naive_name(d, v) for d in _CTYPE for v in NAIVE_VPL),
+    tuple(_naive_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
+    + tuple(_threshold_name(d, v) for d in _CTYPE for v in THRESHOLD_VPL)
+    + (SSP_PROBE,),
 ))
 
 
@@ -364,10 +379,24 @@ def _naive_supports(p: RouterProblem) -> Optional[str]:
     return None
 
 
+def _threshold_supports(p: RouterProblem) -> Optional[str]:
+    if p.num_experts > THRESHOLD_MAX_E:
+        return f"E={p.num_experts} exceeds {THRESHOLD_MAX_E} (32 register slots per lane)"
+    return None
+
+
 def _naive(a: RouterArgs) -> None:
+    _launch_rounds(a, NAIVE_VPL, _naive_name)
+
+
+def _threshold(a: RouterArgs) -> None:
+    _launch_rounds(a, THRESHOLD_VPL, _threshold_name)
+
+
+def _launch_rounds(a: RouterArgs, vpls, name_of) -> None:
     T, E = a.logits.shape
-    vpl = next(v for v in NAIVE_VPL if 32 * v >= E)
-    kern = ROUTER_KERNELS.kernel(_naive_name(a.problem.dtype, vpl))
+    vpl = next(v for v in vpls if 32 * v >= E)
+    kern = ROUTER_KERNELS.kernel(name_of(a.problem.dtype, vpl))
     grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
     w, i = a.weights, a.indices
@@ -562,6 +591,9 @@ def ds4kern_register_variants(register):
                      description="numpy, float32 arithmetic; the oracle of the GPU tests"))
     register(Variant(OP, "naive", "cuda", _naive, supports=_naive_supports, cost=1.0,
                      description="one warp per token, k rounds of warp arg-max over register-held keys"))
+    register(Variant(OP, "threshold", "cuda", _threshold, supports=_threshold_supports, cost=THRESHOLD_COST,
+                     description="one warp per token; lane-max threshold, candidates selected exactly "
+                                 "(fast screening for sqrtsoftplus)"))
     register(Variant(HASH_OP, "reference", "numpy", _reference_hash, cost=1.0,
                      description="numpy table lookup; validates ids and table entries"))
     register(Variant(HASH_OP, "naive", "cuda", _naive_hash, cost=1.0,

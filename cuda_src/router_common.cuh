@@ -8,7 +8,8 @@
 
 __device__ __forceinline__ float ds4_score_fn(float x, int score_fn) {
     if (score_fn == DS4_SCORE_SIGMOID) return 1.0f / (1.0f + expf(-x));
-    // sqrt(softplus(x)), softplus(x) = x for x > 20 (as in the spec and TE)
-    const float sp = x > 20.0f ? x : log1pf(expf(x));
+    // sqrt(softplus(x)), softplus(x) = x for x > 20 (as in the spec and TE).  Below -20,
+    // log1p(t) == t in float32 (t = e^x < 2^-28), so expf alone gives the same value cheaper.
+    const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
     return sqrtf(sp);
 }

@@ -36,7 +36,7 @@ def poisoned(cp, shape, k, index_dtype):
 
 
 def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32", scaling=None,
-                  lead=None, exact=False):
+                  exact=False, max_tie_rows=None):
     mode = dict(mode)
     E = x_host.shape[-1]
     bias = (0.3 * rng.standard_normal(E)).astype(np.float32) if mode.pop("bias", False) else None
@@ -57,7 +57,8 @@ def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32"
     sel = router_scores64(x32, sf, pre, bias)[0]
     cmp = compare_router(w, i, w_ref, i_ref, sel, *router_tolerances(E))
     assert cmp.ok, cmp
-    assert cmp.tie_rows <= max(2, x32.shape[0] // 1000), cmp
+    limit = max(2, x32.shape[0] // 1000) if max_tie_rows is None else max_tie_rows
+    assert cmp.tie_rows <= limit, cmp
     assert not np.isnan(w).any()
     return w, i
 
@@ -106,7 +107,8 @@ def test_threshold_hard_cases(cp, rng, mode):
     ]
     for x in cases:
         for k in (1, 6, 8, 31, 40):
-            run_and_check(cp, x.astype(np.float32), k, MODES[mode], rng, variant="threshold")
+            # near-tie rows are legitimate here (compare_router checks they tie within rounding)
+            run_and_check(cp, x.astype(np.float32), k, MODES[mode], rng, variant="threshold", max_tie_rows=400)
 
 
 def test_threshold_nan_and_inf_rows_match_reference(cp, rng):
@@ -137,9 +139,11 @@ def test_sqrtsoftplus_screening_error_bound(cp):
     bound = 5e-3 + 1e-5 * cp.abs(e)
     worst = float(cp.max(err / bound))
     assert worst <= 1 / 3, f"approximation error reaches {worst:.3f} of the bound"
-    # and the precise score matches the float64 formula
+    # and the precise score matches the float64 formula while e^x is a normal float32
+    # (below x = -87 the GPU may flush the denormal e^x to zero; numpy keeps it)
+    normal = xs.astype(np.float32) > -87
     ref = np.sqrt(np.logaddexp(0.0, xs.astype(np.float32).astype(np.float64)))
-    np.testing.assert_allclose(cp.asnumpy(e), ref, rtol=4e-7, atol=1e-30)
+    np.testing.assert_allclose(cp.asnumpy(e)[normal], ref[normal], rtol=4e-7, atol=1e-30)
 
 
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)

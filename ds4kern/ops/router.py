@@ -15,6 +15,10 @@ NaN rule: a NaN selection score ranks below every number (-inf included), so a N
 only when fewer than k non-NaN scores remain in the row; NaN scores among themselves go by
 ascending index.  A NaN that reaches the arithmetic of a row's weights makes them NaN (for
 softmax one NaN logit makes the whole row's softmax NaN, as in numpy and torch).
+
+Denormals: for logits below about -87, e^x is a float32 denormal; the GPU may flush it to zero
+where numpy keeps it, so sqrtsoftplus/softmax scores that small can tie on the GPU and break by
+index.  Everything above that range matches the reference to a few ulp.
 """
 
 from __future__ import annotations

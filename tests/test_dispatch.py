@@ -110,3 +110,14 @@ def test_buckets():
     a = ds4kern.explain("router_topk", np.ones((100, 16), np.float32), 2).problem
     b = ds4kern.explain("router_topk", np.ones((120, 16), np.float32), 2).problem
     assert a == b and a.bucket == b.bucket
+
+
+def test_router_static_rule_threshold_vs_naive():
+    """The measured rule: threshold from 4096 tokens (bucketed) up, naive below."""
+    from ds4kern.ops.router import RouterProblem, _threshold_cost
+
+    def p(t):
+        return RouterProblem("cuda", t, 256, 6, "float32", "int32", "sqrtsoftplus", False, True)
+
+    assert _threshold_cost(p(4096)) < 1.0 < _threshold_cost(p(2048))
+    assert _threshold_cost(p(65536)) < 1.0 < _threshold_cost(p(1))

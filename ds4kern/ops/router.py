@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -359,8 +360,14 @@ def _naive_name(dtype: str, vpl: int) -> str:
 # threshold variant: lane-max threshold, candidates compacted one per lane (E <= 32 * 32)
 THRESHOLD_VPL = (1, 2, 4, 8, 16, 32)
 THRESHOLD_MAX_E = 32 * THRESHOLD_VPL[-1]
-# Preferred over naive (cost 1.0) wherever it runs: faster at every measured size (bench/NOTES.md).
-THRESHOLD_COST = 0.5
+# Static rule, from bench/NOTES.md (H100, 2026-11-25): threshold beats naive at T >= 4096
+# (by 4-8%) and loses at T <= 128 (6.1-6.4 vs 5.3-5.7 us); nothing was measured in between.
+# Override with DS4KERN_ROUTER_THRESHOLD_MIN_TOKENS (a token count) or DS4KERN_VARIANT.
+THRESHOLD_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_THRESHOLD_MIN_TOKENS", "4096"))
+
+
+def _threshold_cost(p: RouterProblem) -> float:
+    return 0.9 if p.tokens_bucket >= THRESHOLD_MIN_TOKENS else 1.1
 
 
 def _threshold_name(dtype: str, vpl: int) -> str:
@@ -595,7 +602,7 @@ def ds4kern_register_variants(register):
                      description="numpy, float32 arithmetic; the oracle of the GPU tests"))
     register(Variant(OP, "naive", "cuda", _naive, supports=_naive_supports, cost=1.0,
                      description="one warp per token, k rounds of warp arg-max over register-held keys"))
-    register(Variant(OP, "threshold", "cuda", _threshold, supports=_threshold_supports, cost=THRESHOLD_COST,
+    register(Variant(OP, "threshold", "cuda", _threshold, supports=_threshold_supports, cost=_threshold_cost,
                      description="one warp per token; lane-max threshold, candidates selected exactly "
                                  "(fast screening for sqrtsoftplus)"))
     register(Variant(HASH_OP, "reference", "numpy", _reference_hash, cost=1.0,

@@ -103,12 +103,22 @@ def encode_payload(arr, start: int = 0) -> dict:
             "start": int(start)}
 
 
+def _xp(arr):
+    """numpy for host arrays, cupy for device arrays (attribution works on either)."""
+    if isinstance(arr, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
 def attribute_routing(arr: Optional[np.ndarray], path_len: int, node_tokens: Sequence[int],
                       start: int = 0) -> list:
     """Distribute a decoded payload over the new nodes of a path.
 
     Args:
-        arr: ``[rows, layers, k]`` payload array, or None (no payload: nothing is set).
+        arr: ``[rows, layers, k]`` payload array (numpy, or CuPy for a device-side replay), or
+            None (no payload: nothing is set).
         path_len: tokens already carried by the reused prefix of the path.
         node_tokens: token count of each new node, in path order.
         start: token offset at which the payload's rows begin.
@@ -139,7 +149,7 @@ def attribute_routing(arr: Optional[np.ndarray], path_len: int, node_tokens: Seq
         if n and 0 <= off and end <= rows:
             out[i] = arr[off:end].copy()
         elif n and rows and 0 <= off and end == needed == rows + 1:
-            node = np.empty((n,) + arr.shape[1:], arr.dtype)
+            node = _xp(arr).empty((n,) + tuple(arr.shape[1:]), arr.dtype)
             node[:-1] = arr[off:]
             node[-1] = arr[-1]
             out[i] = node
@@ -163,9 +173,9 @@ def assemble_path(node_arrays: Sequence[Optional[np.ndarray]], node_tokens: Sequ
         parts.append(a)
     if not parts:
         return None
-    if len({p.shape[1:] for p in parts}) != 1 or len({p.dtype for p in parts}) != 1:
+    if len({tuple(p.shape[1:]) for p in parts}) != 1 or len({p.dtype for p in parts}) != 1:
         return None
-    return np.concatenate(parts, axis=0)
+    return _xp(parts[0]).concatenate(parts, axis=0)
 
 
 class RoutingCapture:

@@ -262,3 +262,21 @@ def test_capture_adds_no_kernel_launch(cp, rng):
     table = cp.asarray(np.stack([rng.permutation(E)[:k] for _ in range(100)]).astype(np.int32))
     ids = cp.asarray(rng.integers(0, 100, T).astype(np.int32))
     assert count_kernel_nodes(cp, lambda: cap.route_hash(0, x, table, ids, weights_out=w)) == 1
+
+
+@pytest.mark.gpu
+def test_attribution_on_device_arrays(cp, rng):
+    arr = rng.integers(0, 256, (50, 4, 6)).astype(np.uint8)
+    for path_len, nodes in ((10, [5, 0, 36]), (10, [5, 35]), (0, [50]), (3, [10, 40])):
+        host = attribute_routing(arr, path_len, nodes)
+        dev = attribute_routing(cp.asarray(arr), path_len, nodes)
+        for h, d in zip(host, dev):
+            assert (h is None) == (d is None)
+            if h is not None:
+                assert isinstance(d, cp.ndarray)
+                np.testing.assert_array_equal(cp.asnumpy(d), h)
+        full = assemble_path(dev, nodes)
+        ref = assemble_path(host, nodes)
+        assert (full is None) == (ref is None)
+        if ref is not None:
+            np.testing.assert_array_equal(cp.asnumpy(full), ref)

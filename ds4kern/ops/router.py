@@ -135,6 +135,28 @@ def _index_dtype_uncached(index_dtype) -> np.dtype:
     return dt
 
 
+def _logits(logits):
+    """(frame, array, E) for a ``[..., E]`` float logits argument, validated."""
+    frame = Frame(logits, "logits")
+    x = frame.array
+    if x.ndim < 1:
+        raise ValueError(f"logits must have shape [..., E] (at least 1 dimension), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
+    E = int(x.shape[-1])
+    if E < 1:
+        raise ValueError(f"logits must have at least one expert (last dimension), got shape {tuple(x.shape)}")
+    return frame, x, E
+
+
+def _scaling(scaling_factor) -> float:
+    if scaling_factor is None:
+        return 1.0
+    if isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and math.isfinite(scaling_factor):
+        return float(scaling_factor)
+    raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
+
+
 def _split_out(out):
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("out must be a (weights, indices) pair; either may be None")
@@ -177,15 +199,7 @@ def _outputs(frame, out_w, out_i, lead, k, idt):
 
 def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
              index_dtype, out, allocate=True) -> tuple[RouterArgs, tuple]:
-    frame = Frame(logits, "logits")
-    x = frame.array
-    if x.ndim < 1:
-        raise ValueError(f"logits must have shape [..., E] (at least 1 dimension), got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
-    E = int(x.shape[-1])
-    if E < 1:
-        raise ValueError(f"logits must have at least one expert (last dimension), got shape {tuple(x.shape)}")
+    frame, x, E = _logits(logits)
     if type(topk) is not int and (isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral)):
         raise TypeError(f"topk must be an int, got {topk!r}")
     k = int(topk)
@@ -199,12 +213,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     pre = bool(use_pre_softmax)
     if pre and sf != "softmax":
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
-    if scaling_factor is None:
-        scale = 1.0
-    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and math.isfinite(scaling_factor):
-        scale = float(scaling_factor)
-    else:
-        raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
+    scale = _scaling(scaling_factor)
     out_w, out_i = (None, None) if out is None else _split_out(out)
     if out_i is not None:
         out_i = frame.convert(out_i, "out[1] (indices)")
@@ -467,13 +476,7 @@ class RouterHashArgs:
 
 def _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor, index_dtype, out, errors,
                   allocate=True):
-    frame = Frame(logits, "logits")
-    x = frame.array
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"logits must have shape [..., E] with E >= 1, got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
-    E = int(x.shape[-1])
+    frame, x, E = _logits(logits)
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
     table = frame.convert(tid2eid, "tid2eid")
@@ -492,12 +495,7 @@ def _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor, in
     if not isinstance(score_function, str) or score_function.lower() not in HASH_SCORE_FUNCTIONS:
         raise ValueError(f"score_function must be one of {HASH_SCORE_FUNCTIONS} for hash routing, got {score_function!r}")
     sf = score_function.lower()
-    if scaling_factor is None:
-        scale = 1.0
-    elif isinstance(scaling_factor, numbers.Real) and not isinstance(scaling_factor, bool) and math.isfinite(scaling_factor):
-        scale = float(scaling_factor)
-    else:
-        raise ValueError(f"scaling_factor must be a finite number or None, got {scaling_factor!r}")
+    scale = _scaling(scaling_factor)
     if frame.backend == "numpy":
         # the reference validates the table and ids (the GPU path reports them without a host sync)
         if table.size and (table.min() < 0 or table.max() >= E):

@@ -44,19 +44,69 @@ __device__ __forceinline__ float ds4_key_to_float(unsigned key) {
 
 // The k rounds over all experts, then the weights: the naive algorithm, also the fallback of
 // the threshold kernel.  x[] holds this lane's logits (experts lane + 32 i).
+// Group-limited routing: group score = sum of the group's top m = k / group_topk selection
+// scores (added in descending order, as the reference does); the top group_topk groups stay,
+// every other expert's key becomes that of -inf.  Lane g holds group g's score (num_groups <= 32),
+// and a per-lane bit mask remembers which slots a group already counted (VPL <= 32).
+template <int VPL>
+__device__ __forceinline__ void ds4_group_mask(unsigned (&key)[VPL], int lane, int E, int k,
+                                               int num_groups, int group_topk) {
+    if constexpr (VPL <= 32) {
+        const int gs = E / num_groups, m = k / group_topk;
+        float gscore = 0.0f;
+        for (int g = 0; g < num_groups; ++g) {
+            unsigned taken = 0u;
+            float sum = 0.0f;
+            for (int r = 0; r < m; ++r) {
+                unsigned bk = 0u;
+                int be = 0x7fffffff;
+#pragma unroll
+                for (int i = 0; i < VPL; ++i) {
+                    const int e = lane + 32 * i;
+                    const bool in = e >= g * gs && e < (g + 1) * gs && !((taken >> i) & 1u);
+                    if (in && key[i] > bk) { bk = key[i]; be = e; }
+                }
+                const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
+                const int we = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
+#pragma unroll
+                for (int i = 0; i < VPL; ++i)
+                    if (lane + 32 * i == we) taken |= 1u << i;
+                const float v = wk == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(wk);
+                sum = r == 0 ? v : sum + v;
+            }
+            if (lane == g) gscore = sum;
+        }
+        unsigned gk = lane < num_groups ? ds4_order_key(gscore) : 0u;
+        unsigned kept = 0u;
+        for (int r = 0; r < group_topk; ++r) {
+            const unsigned wk = __reduce_max_sync(0xffffffffu, gk);
+            const unsigned wl = __reduce_min_sync(0xffffffffu, gk == wk ? (unsigned)lane : 32u);
+            kept |= 1u << wl;
+            if ((unsigned)lane == wl) gk = 0u;
+        }
+        const unsigned masked = ds4_order_key(DS4_NEG_INF);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+            const int e = lane + 32 * i;
+            if (e < E && !((kept >> (e / gs)) & 1u)) key[i] = masked;
+        }
+    }
+}
+
 template <typename T, int VPL>
 __device__ __forceinline__ void ds4_topk_rounds(const T* __restrict__ row, const float* __restrict__ bias,
                                                 const float (&x)[VPL], int lane, int E, int k, int score_fn,
                                                 bool pre, float mx, float denom, float scaling,
                                                 float* __restrict__ wrow, long long w_cs,
                                                 void* __restrict__ indices, long long irow, long long i_cs,
-                                                int idx_kind) {
+                                                int idx_kind, int num_groups, int group_topk) {
     unsigned key[VPL];
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
         key[i] = e < E ? ds4_order_key(ds4_sel_score(x[i], e, score_fn, pre, mx, denom, bias)) : 0u;
     }
+    if (num_groups > 0) ds4_group_mask<VPL>(key, lane, E, k, num_groups, group_topk);
     int mine = 0;   // expert chosen in round (chunk*32 + lane)
     int first = 0;  // expert chosen in round 0 (the largest score)
     for (int r = 0; r < k; ++r) {
@@ -134,7 +184,7 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
                                   int score_fn, int pre_softmax, float scaling,
                                   float* __restrict__ weights, long long w_rs, long long w_cs,
                                   void* __restrict__ indices, long long i_rs, long long i_cs,
-                                  int idx_kind) {
+                                  int idx_kind, int num_groups, int group_topk) {
     const int lane = threadIdx.x & 31;
     const long long token = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (token >= num_tokens) return;  // whole warps leave together
@@ -143,7 +193,8 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
     float x[VPL], mx, denom;
     ds4_load_row<T, VPL>(row, lane, E, pre, x, mx, denom);
     ds4_topk_rounds<T, VPL>(row, bias, x, lane, E, k, score_fn, pre, mx, denom, scaling,
-                            weights + token * w_rs, w_cs, indices, token * i_rs, i_cs, idx_kind);
+                            weights + token * w_rs, w_cs, indices, token * i_rs, i_cs, idx_kind,
+                            num_groups, group_topk);
 }
 
 // Fast screening score for sqrtsoftplus: |approx - exact| <= DS4_SSP_ABS + DS4_SSP_REL * |s|.
@@ -229,7 +280,7 @@ __global__ void router_topk_threshold(const T* __restrict__ logits,
     const int total = (int)__reduce_add_sync(0xffffffffu, (unsigned)cnt);
     if (theta < 2u || total > 32) {  // NaN/degenerate rows, heavy ties, k > 32
         ds4_topk_rounds<T, VPL>(row, bias, x, lane, E, k, score_fn, pre, mx, denom, scaling,
-                                wrow, w_cs, indices, irow, i_cs, idx_kind);
+                                wrow, w_cs, indices, irow, i_cs, idx_kind, 0, 0);
         return;
     }
     // 4. compact the candidates, one per lane

@@ -27,10 +27,28 @@ def router_scores64(x, score_function, use_pre_softmax, expert_bias):
     return sel, s
 
 
-def router_topk64(x, k, score_function="softmax", use_pre_softmax=False, expert_bias=None, scaling_factor=1.0):
-    """float64 router: (weights [T,k], indices [T,k], selection scores [T,E])."""
+def group_limit64(sel, k, num_groups, group_topk):
+    """float64 group-limited selection scores: experts outside the top groups become -inf."""
+    T, E = sel.shape
+    gs, m = E // num_groups, k // group_topk
+    g = np.where(np.isnan(sel), -np.inf, sel).reshape(T, num_groups, gs)
+    gscore = -np.sort(-g, axis=2)[:, :, :m].sum(axis=2)
+    out = sel.copy()
+    for t in range(T):
+        keep = np.lexsort((np.arange(num_groups), -gscore[t]))[:group_topk]
+        drop = np.setdiff1d(np.arange(num_groups), keep)
+        for d in drop:
+            out[t, d * gs:(d + 1) * gs] = -np.inf
+    return out
+
+
+def router_topk64(x, k, score_function="softmax", use_pre_softmax=False, expert_bias=None, scaling_factor=1.0,
+                  num_groups=0, group_topk=0):
+    """float64 router: (weights [T,k], indices [T,k], selection scores [T,E] after group limiting)."""
     x = np.asarray(x, dtype=np.float64)
     sel, s = router_scores64(x, score_function, use_pre_softmax, expert_bias)
+    if num_groups:
+        sel = group_limit64(sel, k, num_groups, group_topk)
     T, E = x.shape
     idx = np.empty((T, k), np.int64)
     cols = np.arange(E)

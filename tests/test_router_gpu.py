@@ -36,25 +36,29 @@ def poisoned(cp, shape, k, index_dtype):
 
 
 def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32", scaling=None,
-                  exact=False, max_tie_rows=None):
+                  exact=False, max_tie_rows=None, groups=(0, 0)):
     mode = dict(mode)
     E = x_host.shape[-1]
     bias = (0.3 * rng.standard_normal(E)).astype(np.float32) if mode.pop("bias", False) else None
     lead = x_host.shape[:-1]
     w_d, i_d = poisoned(cp, lead, k, np.dtype(index_dtype))
     x_d = cp.asarray(x_host)
+    gkw = dict(num_groups=groups[0], group_topk=groups[1]) if groups[0] else {}
     rw, ri = ds4kern.router_topk(x_d, k, expert_bias=None if bias is None else cp.asarray(bias),
                                  scaling_factor=scaling, index_dtype=index_dtype, out=(w_d, i_d),
-                                 variant=variant, **mode)
+                                 variant=variant, **mode, **gkw)
     assert rw is w_d and ri is i_d
     w, i = cp.asnumpy(w_d).reshape(-1, k), cp.asnumpy(i_d).reshape(-1, k)
     assert (i >= 0).all() and (i < E).all(), "unwritten or out-of-range index"
     x32 = x_host.astype(np.float32).reshape(-1, E)
     sf, pre = mode["score_function"], mode.get("use_pre_softmax", False)
-    w_ref, i_ref = reference_router_topk(x32, k, sf, pre, bias, 1.0 if scaling is None else scaling)
+    w_ref, i_ref = reference_router_topk(x32, k, sf, pre, bias, 1.0 if scaling is None else scaling, *groups)
     if exact:
         np.testing.assert_array_equal(i, i_ref)
     sel = router_scores64(x32, sf, pre, bias)[0]
+    if groups[0]:  # compare on the reference's group-limited scores (group choice must match)
+        from ds4kern.ops.router import group_limit
+        sel = np.where(np.isneginf(group_limit(sel.astype(np.float32), k, *groups)), -np.inf, sel)
     cmp = compare_router(w, i, w_ref, i_ref, sel, *router_tolerances(E))
     assert cmp.ok, cmp
     limit = max(2, x32.shape[0] // 1000) if max_tie_rows is None else max_tie_rows
@@ -301,3 +305,31 @@ def test_plugin_variant_equals_reference(cp, rng, variant, mode):
         pytest.skip(f"plugin variant {variant} not installed (pip install -e plugins/ds4kern-cupy-router)")
     x = rng.standard_normal((517, 130)).astype(np.float32)
     run_and_check(cp, x, 7, MODES[mode], rng, variant=variant)
+
+
+GROUP_CASES = [(256, 8, 8, 4), (32, 4, 8, 4), (128, 16, 8, 4), (1024, 32, 8, 4), (130, 6, 13, 3), (64, 8, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("E,k,G,gt", GROUP_CASES, ids=lambda v: str(v))
+def test_group_limited_equals_reference(cp, rng, dtype, mode, E, k, G, gt):
+    T = int(rng.integers(1, 400))
+    x = (rng.standard_normal((T, E)) * 2).astype(DTYPES[dtype])
+    run_and_check(cp, x, k, MODES[mode], rng, scaling=2.5, groups=(G, gt))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_group_limited_v3_style_large_and_ties(cp, rng, dtype):
+    # DeepSeek-V3 style: E=256, k=8, sigmoid + bias, 8 groups, top 4 groups, scaling 2.5
+    x = rng.standard_normal((65536, 256)).astype(DTYPES[dtype])
+    run_and_check(cp, x, 8, MODES["sigmoid-bias"], rng, scaling=2.5, groups=(8, 4))
+    x = rng.integers(-2, 3, size=(3000, 256)).astype(DTYPES[dtype])  # ties in scores and in group scores
+    run_and_check(cp, x, 8, MODES["sigmoid"], rng, exact=True, groups=(8, 4))
+
+
+def test_group_limited_dispatch(cp):
+    x = cp.ones((8192, 256), cp.float32)
+    d = ds4kern.explain("router_topk", x, 8, score_function="sigmoid", num_groups=8, group_topk=4)
+    assert d.chosen.name == "naive", str(d)
+    assert "group-limited routing is not implemented" in str(d)

@@ -219,3 +219,47 @@ def test_largest_spec_shape_reference(rng):
     w64, i64, sel = router_topk64(x[rows], 6, "sqrtsoftplus", False, bias, 1.5)
     cmp = compare_router(w[rows], i[rows], w64, i64, sel, *router_tolerances(256))
     assert cmp.ok, cmp
+
+
+GROUP_CASES = [(256, 8, 8, 4), (32, 4, 8, 4), (128, 16, 8, 4), (1024, 32, 8, 4), (130, 6, 13, 3), (64, 8, 1, 1),
+               (64, 8, 8, 8)]
+
+
+@pytest.mark.parametrize("E,k,G,gt", GROUP_CASES)
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_group_limited_matches_float64(E, k, G, gt, mode, rng):
+    mode = dict(mode)
+    bias = (0.3 * rng.standard_normal(E)).astype(np.float32) if mode.pop("bias", False) else None
+    x = (rng.standard_normal((53, E)) * 2).astype(np.float32)
+    w, i = ds4kern.router_topk(x, k, expert_bias=bias, scaling_factor=2.5, num_groups=G, group_topk=gt, **mode)
+    w64, i64, sel = router_topk64(x, k, mode["score_function"], mode.get("use_pre_softmax", False), bias, 2.5,
+                                  num_groups=G, group_topk=gt)
+    cmp = compare_router(w, i, w64, i64, sel, *router_tolerances(E))
+    assert cmp.ok, cmp
+    # every chosen expert lies in one of at most group_topk groups
+    assert (np.array([len(set((row // (E // G)).tolist())) for row in i]) <= gt).all()
+
+
+def test_group_limited_differs_from_plain_and_g1_is_plain(rng):
+    x = rng.standard_normal((200, 64)).astype(np.float32)
+    _, plain = ds4kern.router_topk(x, 8, score_function="sigmoid")
+    _, one = ds4kern.router_topk(x, 8, score_function="sigmoid", num_groups=1, group_topk=1)
+    np.testing.assert_array_equal(plain, one)
+    _, grp = ds4kern.router_topk(x, 8, score_function="sigmoid", num_groups=8, group_topk=2)
+    assert (plain != grp).any()
+
+
+@pytest.mark.parametrize("kw,exc,word", [
+    (dict(num_groups=8), ValueError, "group_topk"),
+    (dict(group_topk=2), ValueError, "num_groups"),
+    (dict(num_groups=5, group_topk=1), ValueError, "divide E"),
+    (dict(num_groups=8, group_topk=4), ValueError, "divide topk"),
+    (dict(num_groups=2, group_topk=4, topk=8), ValueError, "<= num_groups"),
+    (dict(num_groups=16, group_topk=1, topk=8), ValueError, "experts per group"),
+    (dict(num_groups=0, group_topk=1), ValueError, "num_groups"),
+    (dict(num_groups=8.0, group_topk=2), TypeError, "num_groups"),
+])
+def test_group_validation(kw, exc, word):
+    kw = {"topk": 6, **kw}
+    with pytest.raises(exc, match=word):
+        ds4kern.router_topk(np.ones((3, 64), np.float32), **kw)

@@ -67,16 +67,19 @@ class RouterProblem:
     score_function: str
     use_pre_softmax: bool
     has_bias: bool
+    num_groups: int = 0  # 0: no group-limited routing
+    group_topk: int = 0
 
     def __str__(self) -> str:
         sf = self.score_function + (" (pre)" if self.use_pre_softmax else "")
+        groups = f" groups {self.num_groups}/top {self.group_topk}" if self.num_groups else ""
         return (f"backend={self.backend} T<={self.tokens_bucket} E={self.num_experts} k={self.topk} "
-                f"{self.dtype} -> {self.index_dtype} {sf}{' +bias' if self.has_bias else ''}")
+                f"{self.dtype} -> {self.index_dtype} {sf}{' +bias' if self.has_bias else ''}{groups}")
 
     @property
     def bucket(self) -> tuple:
         return (self.tokens_bucket, self.num_experts, self.topk, self.dtype, self.index_dtype,
-                self.score_function, self.use_pre_softmax, self.has_bias)
+                self.score_function, self.use_pre_softmax, self.has_bias, self.num_groups, self.group_topk)
 
 
 @dataclass
@@ -103,6 +106,38 @@ class RouterArgs:
     @property
     def xp(self):
         return self.frame.xp
+
+    @property
+    def num_groups(self) -> int:
+        return self.problem.num_groups
+
+    @property
+    def group_topk(self) -> int:
+        return self.problem.group_topk
+
+
+def _groups(num_groups, group_topk, E: int, k: int) -> tuple[int, int]:
+    """Validated (num_groups, group_topk), (0, 0) without group-limited routing."""
+    if num_groups is None and group_topk is None:
+        return 0, 0
+    if num_groups is None or group_topk is None:
+        raise ValueError("num_groups and group_topk go together: give both or neither, got "
+                         f"num_groups={num_groups!r}, group_topk={group_topk!r}")
+    for name, v in (("num_groups", num_groups), ("group_topk", group_topk)):
+        if type(v) is not int and (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral)):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    G, gt = int(num_groups), int(group_topk)
+    if E % G:
+        raise ValueError(f"num_groups={G} must divide E={E}")
+    if k % gt:
+        raise ValueError(f"group_topk={gt} must divide topk={k}")
+    if gt > G:
+        raise ValueError(f"group_topk={gt} must be <= num_groups={G}")
+    if k // gt > E // G:
+        raise ValueError(f"topk/group_topk={k // gt} must be <= E/num_groups={E // G} (experts per group)")
+    return G, gt
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,7 +233,7 @@ def _outputs(frame, out_w, out_i, lead, k, idt):
 
 
 def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
-             index_dtype, out, allocate=True) -> tuple[RouterArgs, tuple]:
+             index_dtype, out, num_groups=None, group_topk=None, allocate=True) -> tuple[RouterArgs, tuple]:
     frame, x, E = _logits(logits)
     if type(topk) is not int and (isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral)):
         raise TypeError(f"topk must be an int, got {topk!r}")
@@ -214,6 +249,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     if pre and sf != "softmax":
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
     scale = _scaling(scaling_factor)
+    G, gt = _groups(num_groups, group_topk, E, k)
     out_w, out_i = (None, None) if out is None else _split_out(out)
     if out_i is not None:
         out_i = frame.convert(out_i, "out[1] (indices)")
@@ -233,7 +269,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
     problem = RouterProblem(frame.backend, _bucket_tokens(T), E, k, dtype_name(x.dtype), idn, sf, pre,
-                            bias is not None)
+                            bias is not None, G, gt)
     if not allocate:
         return RouterArgs(None, k, sf, pre, bias, scale, None, None, problem, frame), ()
 
@@ -246,8 +282,8 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
 
 
 def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_softmax: bool = False,
-                expert_bias=None, scaling_factor: Optional[float] = None, index_dtype=None,
-                out=None, variant: Optional[str] = None):
+                expert_bias=None, scaling_factor: Optional[float] = None, num_groups: Optional[int] = None,
+                group_topk: Optional[int] = None, index_dtype=None, out=None, variant: Optional[str] = None):
     """Top-k expert selection with score function, compact output.
 
     Args:
@@ -260,6 +296,11 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
         expert_bias: float32 ``[E]``, added to the scores for selection only
             (sigmoid / sqrtsoftplus only).
         scaling_factor: multiplies the weights (default 1.0).
+        num_groups, group_topk: group-limited routing: experts split into ``num_groups`` equal
+            groups; a group's score is the sum of its top ``topk // group_topk`` selection scores;
+            only the top ``group_topk`` groups stay selectable (the rest count as -inf).
+            Requires ``E % num_groups == 0``, ``topk % group_topk == 0``,
+            ``group_topk <= num_groups`` and ``topk // group_topk <= E // num_groups``.
         index_dtype: ``int32`` (default), ``int64``, ``int16`` (E <= 32768), or the narrow
             ``uint8`` (E <= 256) / ``uint16`` (E <= 65536); defaults to the dtype of ``out[1]``.
         out: optional ``(weights, indices)`` to fill in place, shapes ``[..., k]``; either may be
@@ -272,7 +313,7 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
         descending selection score, equal scores by ascending expert index.
     """
     args, (w_full, i_full) = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias,
-                                      scaling_factor, index_dtype, out)
+                                      scaling_factor, index_dtype, out, num_groups, group_topk)
     v = dispatch.select(OP, args.problem, variant)
     if args.logits.shape[0] > 0:
         args.frame.run(v.fn, args)
@@ -280,9 +321,10 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
 
 
 def explain_router_topk(logits, topk, *, score_function="softmax", use_pre_softmax=False, expert_bias=None,
-                        scaling_factor=None, index_dtype=None, out=None, variant=None) -> dispatch.Decision:
+                        scaling_factor=None, num_groups=None, group_topk=None, index_dtype=None, out=None,
+                        variant=None) -> dispatch.Decision:
     args, _ = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling_factor,
-                       index_dtype, out, allocate=False)
+                       index_dtype, out, num_groups, group_topk, allocate=False)
     return dispatch.decide(OP, args.problem, variant)
 
 
@@ -318,26 +360,50 @@ def score(x: np.ndarray, score_function: str) -> np.ndarray:
         return np.sqrt(sp).astype(np.float32)
 
 
-def reference_router_topk(logits, k, score_function, use_pre_softmax, expert_bias, scaling_factor):
+def group_limit(sel: np.ndarray, k: int, num_groups: int, group_topk: int) -> np.ndarray:
+    """Selection scores with every expert outside the top ``group_topk`` groups set to -inf.
+
+    Group score: the group's top ``k // group_topk`` selection scores (same order and tie rule
+    as the selection), added in descending order in float32.
+    """
+    T, E = sel.shape
+    gs, m = E // num_groups, k // group_topk
+    flat = sel.reshape(T * num_groups, gs)
+    top = np.take_along_axis(flat, topk_by_key(flat, m), axis=1)
+    gscore = top[:, 0].copy()
+    for j in range(1, m):
+        gscore = (gscore + top[:, j]).astype(np.float32)
+    keep = topk_by_key(gscore.reshape(T, num_groups), group_topk)
+    mask = np.zeros((T, num_groups), bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    return np.where(np.repeat(mask, gs, axis=1), sel, np.float32(-np.inf)).astype(np.float32)
+
+
+def reference_router_topk(logits, k, score_function, use_pre_softmax, expert_bias, scaling_factor,
+                          num_groups=0, group_topk=0):
     """The reference computation on host arrays: returns (weights float32 [T,k], indices int64)."""
     x = np.asarray(logits).astype(np.float32)
     scale = np.float32(scaling_factor)
+
+    def select(sel):
+        return topk_by_key(group_limit(sel, k, num_groups, group_topk) if num_groups else sel, k)
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if score_function == "softmax" and use_pre_softmax:
             mx = np.max(x, axis=1, keepdims=True)
             s = np.exp(x - mx)
             s = (s / s.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float32)
-            idx = topk_by_key(s, k)
+            idx = select(s)
             w = np.take_along_axis(s, idx, axis=1)
         elif score_function == "softmax":
-            idx = topk_by_key(x, k)
+            idx = select(x)
             xs = np.take_along_axis(x, idx, axis=1)
             v = np.exp(xs - xs[:, :1])
             w = v / v.sum(axis=1, keepdims=True, dtype=np.float32)
         else:
             s = score(x, score_function)
             sel = s if expert_bias is None else s + np.asarray(expert_bias, np.float32)
-            idx = topk_by_key(sel, k)
+            idx = select(sel)
             w = np.take_along_axis(s, idx, axis=1)
             if k > 1:
                 w = w / (w.sum(axis=1, keepdims=True, dtype=np.float32) + EPS)
@@ -347,7 +413,7 @@ def reference_router_topk(logits, k, score_function, use_pre_softmax, expert_bia
 
 def _reference(a: RouterArgs) -> None:
     w, idx = reference_router_topk(a.logits, a.topk, a.score_function, a.use_pre_softmax, a.expert_bias,
-                                   a.scaling_factor)
+                                   a.scaling_factor, a.num_groups, a.group_topk)
     a.weights[...] = w
     a.indices[...] = idx
 
@@ -396,24 +462,28 @@ ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
 def _naive_supports(p: RouterProblem) -> Optional[str]:
     if p.num_experts > NAIVE_MAX_E:
         return f"E={p.num_experts} exceeds {NAIVE_MAX_E}, the most one warp holds in registers"
+    if p.num_groups and (p.num_experts > 1024 or p.num_groups > 32):
+        return "group-limited routing needs E <= 1024 and num_groups <= 32 in this kernel"
     return None
 
 
 def _threshold_supports(p: RouterProblem) -> Optional[str]:
     if p.num_experts > THRESHOLD_MAX_E:
         return f"E={p.num_experts} exceeds {THRESHOLD_MAX_E} (32 register slots per lane)"
+    if p.num_groups:
+        return "group-limited routing is not implemented in this variant"
     return None
 
 
 def _naive(a: RouterArgs) -> None:
-    _launch_rounds(a, NAIVE_VPL, _naive_name)
+    _launch_rounds(a, NAIVE_VPL, _naive_name, (np.int32(a.num_groups), np.int32(a.group_topk)))
 
 
 def _threshold(a: RouterArgs) -> None:
-    _launch_rounds(a, THRESHOLD_VPL, _threshold_name)
+    _launch_rounds(a, THRESHOLD_VPL, _threshold_name, ())
 
 
-def _launch_rounds(a: RouterArgs, vpls, name_of) -> None:
+def _launch_rounds(a: RouterArgs, vpls, name_of, extra: tuple) -> None:
     T, E = a.logits.shape
     vpl = next(v for v in vpls if 32 * v >= E)
     kern = ROUTER_KERNELS.kernel(name_of(a.problem.dtype, vpl))
@@ -426,7 +496,7 @@ def _launch_rounds(a: RouterArgs, vpls, name_of) -> None:
           np.float32(a.scaling_factor),
           w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
           i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
-          np.int32(IDX_KIND[a.problem.index_dtype])))
+          np.int32(IDX_KIND[a.problem.index_dtype])) + extra)
 
 
 # ---------------------------------------------------------------------------------------

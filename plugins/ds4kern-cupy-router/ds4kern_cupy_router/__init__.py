@@ -56,6 +56,7 @@ def ds4kern_register_variants(register):
         name="cupy_composite",
         backend="cuda",
         fn=_router_topk,
+        supports=lambda p: "group-limited routing is not implemented" if getattr(p, "num_groups", 0) else None,
         cost=100.0,  # never preferred over a fused kernel unless asked for
         description="CuPy array functions only (argsort of a 64-bit key); a benchmark peer",
     ))

@@ -39,7 +39,7 @@ def main():
     w, i = cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)
     kern = r.ROUTER_KERNELS.kernel(r._naive_name("float32", 8))
     kargs = (x, bias, np.int64(T), np.int32(E), np.int32(k), np.int32(2), np.int32(0), np.float32(1.5),
-             w, np.int64(k), np.int64(1), i, np.int64(k), np.int64(1), np.int32(3))
+             w, np.int64(k), np.int64(1), i, np.int64(k), np.int64(1), np.int32(3), np.int32(0), np.int32(0))
     full = lambda: ds4kern.router_topk(x, k, score_function="sqrtsoftplus", expert_bias=bias,  # noqa: E731
                                        scaling_factor=1.5, out=(w, i))
     alloc = lambda: ds4kern.router_topk(x, k, score_function="sqrtsoftplus", expert_bias=bias,  # noqa: E731

@@ -66,6 +66,7 @@ def torch_peers(cfg=None):
 
     peers = {"torch_eager": eager}
     try:
+        torch._dynamo.reset()  # a fresh compile cache per configuration (else the recompile limit hits)
         peers["torch_compile"] = torch.compile(eager, dynamic=False)
     except Exception as e:  # pragma: no cover
         print(f"torch.compile unavailable: {e}", file=sys.stderr)

@@ -67,6 +67,9 @@ def torch_peers(cfg=None):
     peers = {"torch_eager": eager}
     try:
         torch._dynamo.reset()  # a fresh compile cache per configuration (else the recompile limit hits)
+        for name in ("recompile_limit", "cache_size_limit"):  # one compile per shape and dtype
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
         peers["torch_compile"] = torch.compile(eager, dynamic=False)
     except Exception as e:  # pragma: no cover
         print(f"torch.compile unavailable: {e}", file=sys.stderr)

@@ -24,4 +24,8 @@ def ds4kern_register_variants(register):
     Call ``register(variant)`` once per :class:`ds4kern.Variant` the plugin offers.  A variant's
     ``fn`` receives the op's validated argument object (for ``router_topk``:
     :class:`ds4kern.ops.router.RouterArgs`) and fills its preallocated outputs.
+
+    Problems gain fields as ops grow (``RouterProblem.num_groups`` came after the first
+    release): a variant's ``supports`` should return a reason for every feature it does not
+    implement, so the dispatcher never hands it a problem it would answer wrongly.
     """

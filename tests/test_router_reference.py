@@ -263,3 +263,20 @@ def test_group_validation(kw, exc, word):
     kw = {"topk": 6, **kw}
     with pytest.raises(exc, match=word):
         ds4kern.router_topk(np.ones((3, 64), np.float32), **kw)
+
+
+def test_torch_cpu_tensors_run_the_reference(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((5, 7, 64)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(64)).astype(np.float32)
+    w, i = ds4kern.router_topk(torch.from_numpy(x), 6, score_function="sqrtsoftplus",
+                               expert_bias=torch.from_numpy(bias), index_dtype="int64")
+    assert isinstance(w, torch.Tensor) and isinstance(i, torch.Tensor) and i.dtype == torch.int64
+    w_np, i_np = ds4kern.router_topk(x, 6, score_function="sqrtsoftplus", expert_bias=bias, index_dtype="int64")
+    np.testing.assert_array_equal(i.numpy(), i_np)
+    np.testing.assert_array_equal(w.numpy(), w_np)
+    # bfloat16 CPU tensors too
+    tb = torch.from_numpy(x).to(torch.bfloat16)
+    _, ib = ds4kern.router_topk(tb, 6, score_function="sigmoid")
+    _, ib_np = ds4kern.router_topk(tb.float().numpy(), 6, score_function="sigmoid")
+    np.testing.assert_array_equal(ib.numpy(), ib_np)

@@ -287,9 +287,10 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
     """Top-k expert selection with score function, compact output.
 
     Args:
-        logits: ``[..., E]`` float32, float16 or bfloat16.  numpy arrays run on the reference
-            backend; CuPy arrays, torch CUDA tensors (zero-copy, torch's current stream, torch
-            tensors back) and ``__cuda_array_interface__`` objects run on the GPU.
+        logits: ``[..., E]`` float32, float16 or bfloat16.  numpy arrays (and CPU torch tensors)
+            run on the reference backend; CuPy arrays, torch CUDA tensors (zero-copy, torch's
+            current stream, torch tensors back) and ``__cuda_array_interface__`` objects run on
+            the GPU.  Rows must be contiguous: other layouts are copied first (one extra kernel).
         topk: k, ``1 <= k <= E``.
         score_function: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``.
         use_pre_softmax: softmax over all E before selection (softmax only).

@@ -13,12 +13,15 @@ from .dispatch import use_variant
 from .hookspecs import hookimpl
 from .ops import OPS as _OPS
 from .ops.router import router_hash, router_topk
+from .ops.router_te import router_topk_backward, router_topk_dense
 from .registry import PluginWarning, Variant, registry
 
 __all__ = [
     "__version__",
     "router_topk",
     "router_hash",
+    "router_topk_dense",
+    "router_topk_backward",
     "explain",
     "use_variant",
     "variants",

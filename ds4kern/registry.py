@@ -29,7 +29,7 @@ __all__ = ["Variant", "PluginWarning", "registry", "BUILTIN_PLUGINS"]
 BACKENDS = ("cuda", "numpy")
 
 # Modules whose hookimpls provide the built-in variants (registered first, in this order).
-BUILTIN_PLUGINS = ("ds4kern.ops.router",)
+BUILTIN_PLUGINS = ("ds4kern.ops.router", "ds4kern.ops.router_te")
 
 
 class PluginWarning(UserWarning):

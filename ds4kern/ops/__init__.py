@@ -1,9 +1,11 @@
 """One module per op family: validation, the public function, its variants' registration."""
 
-from . import router
+from . import router, router_te
 
 # op name -> (public function, explain function taking the same arguments)
 OPS = {
     router.OP: (router.router_topk, router.explain_router_topk),
     router.HASH_OP: (router.router_hash, router.explain_router_hash),
+    router_te.DENSE_OP: (router_te.router_topk_dense, router_te.explain_dense),
+    router_te.BACKWARD_OP: (router_te.router_topk_backward, router_te.explain_backward),
 }

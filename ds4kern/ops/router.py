@@ -170,17 +170,17 @@ def _index_dtype_uncached(index_dtype) -> np.dtype:
     return dt
 
 
-def _logits(logits):
-    """(frame, array, E) for a ``[..., E]`` float logits argument, validated."""
-    frame = Frame(logits, "logits")
+def _logits(logits, name: str = "logits"):
+    """(frame, array, E) for a ``[..., E]`` float array argument, validated."""
+    frame = Frame(logits, name)
     x = frame.array
     if x.ndim < 1:
-        raise ValueError(f"logits must have shape [..., E] (at least 1 dimension), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [..., E] (at least 1 dimension), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
+        raise TypeError(f"{name} dtype must be float32, float16 or bfloat16, got {dtype_name(x.dtype)}")
     E = int(x.shape[-1])
     if E < 1:
-        raise ValueError(f"logits must have at least one expert (last dimension), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have at least one expert (last dimension), got shape {tuple(x.shape)}")
     return frame, x, E
 
 

@@ -13,7 +13,8 @@ from .dispatch import use_variant
 from .hookspecs import hookimpl
 from .ops import OPS as _OPS
 from .ops.router import router_hash, router_topk
-from .ops.router_te import router_topk_backward, router_topk_dense
+from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
+                             router_aux_scores_backward, router_topk_backward, router_topk_dense)
 from .registry import PluginWarning, Variant, registry
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "router_hash",
     "router_topk_dense",
     "router_topk_backward",
+    "router_aux_scores",
+    "router_aux_scores_backward",
+    "router_aux_loss",
+    "router_aux_loss_backward",
     "explain",
     "use_variant",
     "variants",

@@ -137,3 +137,82 @@ def test_backward_validation(rng):
         ds4kern.router_topk_backward(g, inter[:2], topk=2, routing_map=bmap)
     with pytest.raises(TypeError, match="grad_probs"):
         ds4kern.router_topk_backward(g.astype(np.float64), inter, topk=2, routing_map=bmap)
+
+
+# ---------------------------------------------------------------- aux-loss ops
+
+def aux_scores64(x, sf):
+    x = x.astype(np.float64)
+    if sf == "softmax":
+        return sps.softmax(x, -1)
+    s = sps.expit(x) if sf == "sigmoid" else np.sqrt(np.where(x > 20, x, np.logaddexp(0.0, x)))
+    return s / (s.sum(-1, keepdims=True) + 1e-20)
+
+
+@pytest.mark.parametrize("sf", ["softmax", "sigmoid", "sqrtsoftplus"])
+def test_aux_scores_forward_and_backward(rng, sf):
+    T, E, k = 7, 20, 4
+    x = (1.5 * rng.standard_normal((T, E))).astype(np.float32)
+    x[1, 2] = 23.0
+    scores, rmap, inter = ds4kern.router_aux_scores(x, k, score_function=sf)
+    ref = aux_scores64(x, sf)
+    np.testing.assert_allclose(scores, ref, rtol=2e-6, atol=1e-8)
+    top = np.lexsort((np.tile(np.arange(E), (T, 1)), -ref), axis=-1)[:, :k]
+    want = np.zeros((T, E), bool)
+    np.put_along_axis(want, top, True, axis=1)
+    np.testing.assert_array_equal(rmap, want)
+    G = rng.standard_normal((T, E)).astype(np.float32)
+    grad = ds4kern.router_aux_scores_backward(G, inter, score_function=sf)
+    h, num = 1e-6, np.zeros((T, E))
+    for e in range(E):
+        xp, xm = x.astype(np.float64), x.astype(np.float64)
+        xp[:, e] += h
+        xm[:, e] -= h
+        num[:, e] = ((aux_scores64(xp, sf) - aux_scores64(xm, sf)) * G).sum(-1) / (2 * h)
+    np.testing.assert_allclose(grad, num, rtol=2e-4, atol=2e-6)
+
+
+def test_aux_loss_forward_backward_deterministic(rng):
+    T, E, k, coeff = 300, 64, 6, 1e-2
+    probs = rng.random((T, E)).astype(np.float32)
+    tpe = rng.integers(0, 50, E).astype(np.int64)
+    loss = ds4kern.router_aux_loss(probs, tpe, topk=k, coeff=coeff)
+    want = (probs.astype(np.float64).sum(0) * tpe).sum() * E * coeff / (k * T * T)
+    assert loss.shape == () and loss.dtype == np.float32
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert all(float(ds4kern.router_aux_loss(probs, tpe, topk=k, coeff=coeff)) == float(loss) for _ in range(5))
+    g = ds4kern.router_aux_loss_backward(np.float32(2.0), probs, tpe, topk=k, coeff=coeff)
+    np.testing.assert_allclose(g, np.tile(tpe * E * coeff / (k * T * T) * 2.0, (T, 1)), rtol=1e-6)
+    # the loss is linear in probs: its gradient is exactly that of a finite difference
+    d = rng.standard_normal((T, E)).astype(np.float64) * 1e-3
+    diff = (float(ds4kern.router_aux_loss((probs + d).astype(np.float32), tpe, topk=k, coeff=coeff)) - float(loss))
+    np.testing.assert_allclose(diff, (g.astype(np.float64) / 2.0 * d).sum(), rtol=2e-2)
+    # num_tokens other than the rows (e.g. the global token count)
+    l2 = ds4kern.router_aux_loss(probs, tpe, topk=k, coeff=coeff, num_tokens=2 * T)
+    np.testing.assert_allclose(float(l2), float(loss) / 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("call,word", [
+    (lambda: ds4kern.router_aux_loss(np.ones((4, 8), np.float32), np.ones(7), topk=2, coeff=1.0), "tokens_per_expert"),
+    (lambda: ds4kern.router_aux_loss(np.ones((4, 8), np.float32), np.ones(8), topk=9, coeff=1.0), "topk"),
+    (lambda: ds4kern.router_aux_loss(np.ones((4, 8), np.float32), np.ones(8), topk=2, coeff=float("inf")), "coeff"),
+    (lambda: ds4kern.router_aux_loss(np.ones((2, 4, 8), np.float32), np.ones(8), topk=2, coeff=1.0), "probs"),
+    (lambda: ds4kern.router_aux_loss_backward(np.ones(3), np.ones((4, 8), np.float32), np.ones(8), topk=2, coeff=1.0),
+     "grad_loss"),
+    (lambda: ds4kern.router_aux_scores(np.ones((4, 8), np.float32), 0), "topk"),
+    (lambda: ds4kern.router_aux_scores_backward(np.ones((4, 8), np.float32), np.ones((4, 8))), "intermediate"),
+])
+def test_aux_validation(call, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        call()
+
+
+def test_explain_covers_every_op():
+    x = np.ones((4, 16), np.float32)
+    assert ds4kern.explain("router_topk_dense", x, 2).chosen.name == "reference"
+    _, m, inter = ds4kern.router_topk_dense(x, 2)
+    assert ds4kern.explain("router_topk_backward", x, inter, topk=2, routing_map=m).chosen.name == "reference"
+    assert ds4kern.explain("router_aux_scores", x, 2).chosen.name == "reference"
+    assert ds4kern.explain("router_aux_loss", x, np.ones(16), topk=2, coeff=1.0).chosen.name == "reference"
+    assert ds4kern.explain("router_aux_loss_backward", 1.0, x, np.ones(16), topk=2, coeff=1.0).chosen.name == "reference"
+    assert ds4kern.explain("router_aux_scores_backward", x, inter, score_function="softmax").chosen.name == "reference"

@@ -8,4 +8,8 @@ OPS = {
     router.HASH_OP: (router.router_hash, router.explain_router_hash),
     router_te.DENSE_OP: (router_te.router_topk_dense, router_te.explain_dense),
     router_te.BACKWARD_OP: (router_te.router_topk_backward, router_te.explain_backward),
+    router_te.AUX_SCORES_OP: (router_te.router_aux_scores, router_te.explain_aux_scores),
+    router_te.AUX_SCORES_BACKWARD_OP: (router_te.router_aux_scores_backward, router_te.explain_aux_scores_backward),
+    router_te.AUX_LOSS_OP: (router_te.router_aux_loss, router_te.explain_aux_loss),
+    router_te.AUX_LOSS_BACKWARD_OP: (router_te.router_aux_loss_backward, router_te.explain_aux_loss_backward),
 }

@@ -33,7 +33,8 @@ BACKWARD_OP = "router_topk_backward"
 MAP_FORMATS = ("bytemap", "bitmap")
 DENSE_INDEX_DTYPES = ("int16", "int32", "int64")
 
-__all__ = ["router_topk_dense", "router_topk_backward", "pack_bitmap", "unpack_bitmap"]
+__all__ = ["router_topk_dense", "router_topk_backward", "router_aux_scores", "router_aux_scores_backward",
+           "router_aux_loss", "router_aux_loss_backward", "pack_bitmap", "unpack_bitmap"]
 
 
 def pack_bitmap(mask: np.ndarray) -> np.ndarray:
@@ -343,9 +344,249 @@ def explain_backward(grad_probs, intermediate, *, topk, routing_map=None, topk_i
     return dispatch.decide(BACKWARD_OP, args.problem, variant)
 
 
+# ---------------------------------------------------------------------------------------
+# aux-loss ops (TE parity): scores for the load-balancing loss, and the loss itself
+
+AUX_SCORES_OP = "router_aux_scores"
+AUX_SCORES_BACKWARD_OP = "router_aux_scores_backward"
+AUX_LOSS_OP = "router_aux_loss"
+AUX_LOSS_BACKWARD_OP = "router_aux_loss_backward"
+
+
+@dataclass(frozen=True)
+class AuxProblem:
+    op: str
+    backend: str
+    tokens_bucket: int
+    num_experts: int
+    dtype: str
+    detail: tuple = ()
+
+    @property
+    def bucket(self) -> tuple:
+        return (self.tokens_bucket, self.num_experts, self.dtype) + self.detail
+
+
+@dataclass
+class AuxArgs:
+    """Validated host/device arrays and parameters of an aux-loss op; ``out`` is filled."""
+
+    arrays: dict
+    params: dict
+    out: Any
+    problem: AuxProblem
+    frame: Frame
+
+
+def _run_aux(op, args, variant):
+    v = dispatch.select(op, args.problem, variant)
+    args.frame.run(v.fn, args)
+
+
+def _aux_scores_prepare(logits, topk, score_function, allocate=True):
+    frame, x, E = _r._logits(logits)
+    if type(topk) is not int or not 1 <= topk <= E:
+        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
+    if not isinstance(score_function, str) or score_function.lower() not in _r.SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {tuple(_r.SCORE_FUNCTIONS)}, got {score_function!r}")
+    sf = score_function.lower()
+    lead = tuple(x.shape[:-1])
+    T = math.prod(lead)
+    problem = AuxProblem(AUX_SCORES_OP, frame.backend, _r._bucket_tokens(T), E, dtype_name(x.dtype), (topk, sf))
+    if not allocate:
+        return AuxArgs({}, {}, None, problem, frame), ()
+    outs = (frame.empty(lead + (E,), np.float32), frame.empty(lead + (E,), np.bool_),
+            frame.empty(lead + (E,), np.float32))
+    args = AuxArgs({"logits": frame.xp.ascontiguousarray(x).reshape(T, E)}, {"topk": topk, "score_function": sf},
+                   tuple(o.reshape(T, E) for o in outs), problem, frame)
+    return args, outs
+
+
+def router_aux_scores(logits, topk: int, *, score_function: str = "softmax", variant: Optional[str] = None):
+    """Scores for the auxiliary load-balancing loss (no bias, no groups).
+
+    scores = softmax(x) over E, or s / (sum_E s + 1e-20) for sigmoid / sqrtsoftplus; the routing
+    map marks the top-k of those scores (larger first, lower index on ties).  Returns
+    ``(scores float32 [..., E], routing_map bool [..., E], intermediate float32 [..., E])``; the
+    intermediate (softmax: the scores; sigmoid: s; sqrtsoftplus: the raw logits) feeds
+    :func:`router_aux_scores_backward`.
+    """
+    args, outs = _aux_scores_prepare(logits, topk, score_function)
+    if math.prod(outs[0].shape[:-1]):
+        _run_aux(AUX_SCORES_OP, args, variant)
+    return tuple(args.frame.give_back(o) for o in outs)
+
+
+def _aux_normalised(x, sf):
+    with np.errstate(over="ignore", invalid="ignore"):
+        if sf == "softmax":
+            e = np.exp(x - x.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True, dtype=np.float32)
+            return p.astype(np.float32), p.astype(np.float32)
+        s = _r.score(x, sf)
+        p = s / (s.sum(axis=1, keepdims=True, dtype=np.float32) + np.float32(1e-20))
+        return p.astype(np.float32), (s if sf == "sigmoid" else x)
+
+
+def _reference_aux_scores(a: AuxArgs) -> None:
+    x = np.asarray(a.arrays["logits"]).astype(np.float32)
+    p, inter = _aux_normalised(x, a.params["score_function"])
+    idx = _r.topk_by_key(p, a.params["topk"])
+    mask = np.zeros(p.shape, bool)
+    np.put_along_axis(mask, idx, True, axis=1)
+    a.out[0][...] = p
+    a.out[1][...] = mask
+    a.out[2][...] = inter
+
+
+def _aux_scores_backward_prepare(grad_scores, intermediate, score_function, allocate=True):
+    frame, g, E = _r._logits(grad_scores, "grad_scores")
+    inter = frame.convert(intermediate, "intermediate")
+    if tuple(inter.shape) != tuple(g.shape) or inter.dtype != np.float32:
+        raise ValueError(f"intermediate must be float32 of shape {tuple(g.shape)}, got {dtype_name(inter.dtype)} "
+                         f"{tuple(inter.shape)}")
+    if not isinstance(score_function, str) or score_function.lower() not in _r.SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {tuple(_r.SCORE_FUNCTIONS)}, got {score_function!r}")
+    sf = score_function.lower()
+    T = math.prod(g.shape[:-1])
+    problem = AuxProblem(AUX_SCORES_BACKWARD_OP, frame.backend, _r._bucket_tokens(T), E, dtype_name(g.dtype), (sf,))
+    if not allocate:
+        return AuxArgs({}, {}, None, problem, frame), None
+    out = frame.empty(tuple(g.shape), g.dtype)
+    xp = frame.xp
+    arrays = {"grad": xp.ascontiguousarray(g).reshape(T, E), "inter": xp.ascontiguousarray(inter).reshape(T, E)}
+    return AuxArgs(arrays, {"score_function": sf}, out.reshape(T, E), problem, frame), out
+
+
+def router_aux_scores_backward(grad_scores, intermediate, *, score_function: str = "softmax",
+                               variant: Optional[str] = None):
+    """Gradient of :func:`router_aux_scores`' scores with respect to the logits."""
+    args, out = _aux_scores_backward_prepare(grad_scores, intermediate, score_function)
+    if out.size:
+        _run_aux(AUX_SCORES_BACKWARD_OP, args, variant)
+    return args.frame.give_back(out)
+
+
+def _reference_aux_scores_backward(a: AuxArgs) -> None:
+    g = np.asarray(a.arrays["grad"]).astype(np.float32)
+    act = np.asarray(a.arrays["inter"], np.float32)
+    sf = a.params["score_function"]
+    with np.errstate(over="ignore", invalid="ignore"):
+        if sf == "softmax":
+            gx = act * (g - (g * act).sum(axis=1, keepdims=True, dtype=np.float32))
+        else:
+            s = act if sf == "sigmoid" else _r.score(act, "sqrtsoftplus")
+            S = s.sum(axis=1, keepdims=True, dtype=np.float32) + np.float32(1e-20)
+            D = (g * s).sum(axis=1, keepdims=True, dtype=np.float32)
+            gs = g / S - D / (S * S)
+            if sf == "sigmoid":
+                gx = gs * s * (np.float32(1) - s)
+            else:
+                sig = np.float32(1) / (np.float32(1) + np.exp(-act))
+                gx = gs * np.where(act > np.float32(20), np.float32(1), sig) / (np.float32(2) * s + np.float32(1e-20))
+    a.out[...] = gx.astype(a.out.dtype)
+
+
+def _aux_loss_prepare(op, probs_like, tokens_per_expert, topk, coeff, num_tokens, grad_loss, allocate=True):
+    name = "probs" if op == AUX_LOSS_OP else "probs_like"
+    frame, p, E = _r._logits(probs_like, name)
+    if p.ndim != 2:
+        raise ValueError(f"{name} must have shape [T, E], got {tuple(p.shape)}")
+    tpe = frame.convert(tokens_per_expert, "tokens_per_expert")
+    if tuple(tpe.shape) != (E,) or tpe.dtype.kind not in "iuf":
+        raise ValueError(f"tokens_per_expert must be a numeric array of shape ({E},), got "
+                         f"{dtype_name(tpe.dtype)} {tuple(tpe.shape)}")
+    if type(topk) is not int or not 1 <= topk <= E:
+        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
+    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(coeff):
+        raise ValueError(f"coeff must be a finite number, got {coeff!r}")
+    T = int(p.shape[0]) if num_tokens is None else num_tokens
+    if type(T) is not int or T < 1:
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    arrays = {"probs": p, "tpe": tpe}
+    if op == AUX_LOSS_BACKWARD_OP:
+        if isinstance(grad_loss, (int, float, np.floating, np.integer)) and not isinstance(grad_loss, bool):
+            arrays["grad_loss"] = np.float32(grad_loss)
+        else:
+            gl = frame.convert(grad_loss, "grad_loss")
+            if gl.size != 1:
+                raise ValueError(f"grad_loss must hold one value, got shape {tuple(gl.shape)}")
+            arrays["grad_loss"] = gl
+    problem = AuxProblem(op, frame.backend, _r._bucket_tokens(int(p.shape[0])), E, dtype_name(p.dtype))
+    c = np.float32(E * coeff / (topk * float(T) ** 2))
+    if not allocate:
+        return AuxArgs({}, {}, None, problem, frame), None
+    out = frame.empty(() if op == AUX_LOSS_OP else tuple(p.shape), np.float32 if op == AUX_LOSS_OP else p.dtype)
+    return AuxArgs(arrays, {"c": c}, out, problem, frame), out
+
+
+def router_aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_tokens: Optional[int] = None,
+                    variant: Optional[str] = None):
+    """Load-balancing loss: sum_e (sum_t probs[t, e]) * tokens_per_expert[e] * E * coeff / (k * T^2).
+
+    ``probs`` ``[T, E]``; ``tokens_per_expert`` ``[E]``; ``num_tokens`` (T) defaults to the rows of
+    probs.  Returns a float32 array of shape ``()``.  The sums run in a fixed order
+    (deterministic: no atomics).
+    """
+    args, out = _aux_loss_prepare(AUX_LOSS_OP, probs, tokens_per_expert, topk, coeff, num_tokens, None)
+    _run_aux(AUX_LOSS_OP, args, variant)
+    return args.frame.give_back(out)
+
+
+def _reference_aux_loss(a: AuxArgs) -> None:
+    col = np.asarray(a.arrays["probs"]).astype(np.float32).sum(axis=0, dtype=np.float32)
+    tpe = np.asarray(a.arrays["tpe"]).astype(np.float32)
+    a.out[...] = np.float32((col * tpe).sum(dtype=np.float32) * a.params["c"])
+
+
+def router_aux_loss_backward(grad_loss, probs_like, tokens_per_expert, *, topk: int, coeff: float,
+                             num_tokens: Optional[int] = None, variant: Optional[str] = None):
+    """grad[t, e] = E * coeff / (k * T^2) * tokens_per_expert[e] * grad_loss, shaped and typed like
+    ``probs_like`` ``[T, E]`` (only its shape and dtype are used).  ``grad_loss``: a number or a
+    one-element array."""
+    args, out = _aux_loss_prepare(AUX_LOSS_BACKWARD_OP, probs_like, tokens_per_expert, topk, coeff, num_tokens,
+                                  grad_loss)
+    _run_aux(AUX_LOSS_BACKWARD_OP, args, variant)
+    return args.frame.give_back(out)
+
+
+def _reference_aux_loss_backward(a: AuxArgs) -> None:
+    g = np.float32(np.asarray(a.arrays["grad_loss"]).reshape(()))
+    row = np.asarray(a.arrays["tpe"]).astype(np.float32) * a.params["c"] * g
+    a.out[...] = np.broadcast_to(row, a.out.shape).astype(a.out.dtype)
+
+
+def explain_aux_scores(logits, topk, *, score_function="softmax", variant=None):
+    return dispatch.decide(AUX_SCORES_OP, _aux_scores_prepare(logits, topk, score_function, False)[0].problem, variant)
+
+
+def explain_aux_scores_backward(grad_scores, intermediate, *, score_function="softmax", variant=None):
+    args, _ = _aux_scores_backward_prepare(grad_scores, intermediate, score_function, False)
+    return dispatch.decide(AUX_SCORES_BACKWARD_OP, args.problem, variant)
+
+
+def explain_aux_loss(probs, tokens_per_expert, *, topk, coeff, num_tokens=None, variant=None):
+    args, _ = _aux_loss_prepare(AUX_LOSS_OP, probs, tokens_per_expert, topk, coeff, num_tokens, None, False)
+    return dispatch.decide(AUX_LOSS_OP, args.problem, variant)
+
+
+def explain_aux_loss_backward(grad_loss, probs_like, tokens_per_expert, *, topk, coeff, num_tokens=None,
+                              variant=None):
+    args, _ = _aux_loss_prepare(AUX_LOSS_BACKWARD_OP, probs_like, tokens_per_expert, topk, coeff, num_tokens,
+                                grad_loss, False)
+    return dispatch.decide(AUX_LOSS_BACKWARD_OP, args.problem, variant)
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(DENSE_OP, "reference", "numpy", _reference_dense,
                      description="numpy; dense probs, routing map or indices, intermediate"))
     register(Variant(BACKWARD_OP, "reference", "numpy", _reference_backward,
                      description="numpy; from a bytemap, bitmap or dense indices"))
+    register(Variant(AUX_SCORES_OP, "reference", "numpy", _reference_aux_scores, description="numpy"))
+    register(Variant(AUX_SCORES_BACKWARD_OP, "reference", "numpy", _reference_aux_scores_backward,
+                     description="numpy"))
+    register(Variant(AUX_LOSS_OP, "reference", "numpy", _reference_aux_loss,
+                     description="numpy, fixed summation order"))
+    register(Variant(AUX_LOSS_BACKWARD_OP, "reference", "numpy", _reference_aux_loss_backward,
+                     description="numpy"))

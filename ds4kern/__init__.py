@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import autotune
 from .dispatch import use_variant
 from .hookspecs import hookimpl
 from .ops import OPS as _OPS
@@ -29,6 +30,7 @@ __all__ = [
     "router_aux_loss_backward",
     "explain",
     "use_variant",
+    "autotune",
     "variants",
     "register_plugin",
     "unregister_plugin",

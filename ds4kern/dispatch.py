@@ -7,7 +7,8 @@ Order of precedence for each call:
 2. An override: :func:`use_variant` (innermost context first), then the environment variable
    ``DS4KERN_VARIANT`` (``"router_topk=naive,compress_decode=grouped"``).  An override that
    cannot run this problem is skipped, and :func:`ds4kern.explain` says so.
-3. The autotune cache, when enabled (reserved; see the autotune issue).
+3. Autotune, when enabled (:mod:`ds4kern.autotune`): the cached winner of the bucket, or, on
+   the first call of a bucket, the fastest supported variant timed on the call's own arguments.
 4. The static heuristic: the lowest ``cost`` among the variants that support the problem
    (ties: registration order).
 
@@ -23,8 +24,9 @@ import contextvars
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
+from . import autotune
 from .registry import Variant, registry
 
 __all__ = ["use_variant", "select", "Decision", "Candidate", "ENV_VARIANT"]
@@ -150,8 +152,12 @@ def _evaluate(op: str, problem) -> list[Candidate]:
     return out
 
 
-def decide(op: str, problem, variant: Optional[str] = None) -> Decision:
-    """Full decision with every candidate (what :func:`ds4kern.explain` prints)."""
+def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None) -> Decision:
+    """Full decision with every candidate (what :func:`ds4kern.explain` prints).
+
+    ``run(variant)`` runs the op's current call with a given variant; with it, autotune can time
+    the candidates.  :func:`ds4kern.explain` passes none, so it never runs anything.
+    """
     cands = _evaluate(op, problem)
     if not cands:
         raise ValueError(f"no variants registered for op {op!r}")
@@ -176,6 +182,20 @@ def decide(op: str, problem, variant: Optional[str] = None) -> Decision:
         else:
             return Decision(op, problem, c.variant, "override", f"forced by {source}", cands, notes)
     ok = [c for c in cands if c.rejected is None]
+    if ok and autotune.enabled():
+        names = {c.variant.name for c in ok}
+        entry = autotune.lookup(op, problem, names)
+        how = "cached winner"
+        if entry is None and run is not None and len(ok) > 1:
+            entry = autotune.tune(op, problem, [c.variant for c in ok], run)
+            how = "timed now"
+        if entry is not None:
+            times = ", ".join(f"{k} {v:g} us" for k, v in sorted(entry["times_us"].items(), key=lambda kv: kv[1]))
+            return Decision(op, problem, by_name[entry["variant"]].variant, "autotune",
+                            f"{how} ({times}; {entry.get('when', '?')}) in {autotune.cache_path()}", cands, notes)
+        if len(ok) > 1:
+            notes.append("autotune is on but this bucket is not tuned yet; the next call of the op times "
+                         "the candidates")
     if not ok:
         reasons = "; ".join(f"{c.variant.name}: {c.rejected}" for c in cands)
         return Decision(op, problem, None, "none", f"no variant can run this problem ({reasons})", cands, notes)
@@ -189,12 +209,18 @@ _cache: dict = {}
 _CACHE_MAX = 4096
 
 
-def select(op: str, problem, variant: Optional[str] = None) -> Variant:
+def clear_cache() -> None:
+    """Forget memoised decisions (e.g. after :func:`ds4kern.autotune.clear`)."""
+    _cache.clear()
+
+
+def select(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None) -> Variant:
     """The variant to run (memoised); raises ``ValueError`` if none can run the problem."""
-    key = (op, problem, variant, _override.get(), os.environ.get(ENV_VARIANT), registry.generation)
+    key = (op, problem, variant, _override.get(), os.environ.get(ENV_VARIANT), registry.generation,
+           autotune.enabled())
     v = _cache.get(key)
     if v is None:
-        d = decide(op, problem, variant)
+        d = decide(op, problem, variant, run)
         if d.chosen is None:
             raise ValueError(f"{op}: {d.why}")
         if len(_cache) >= _CACHE_MAX:

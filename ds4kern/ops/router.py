@@ -315,9 +315,11 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
     """
     args, (w_full, i_full) = _prepare(logits, topk, score_function, use_pre_softmax, expert_bias,
                                       scaling_factor, index_dtype, out, num_groups, group_topk)
-    v = dispatch.select(OP, args.problem, variant)
     if args.logits.shape[0] > 0:
+        v = dispatch.select(OP, args.problem, variant, run=lambda var: args.frame.run(var.fn, args))
         args.frame.run(v.fn, args)
+    else:
+        dispatch.select(OP, args.problem, variant)  # still validates variant=
     return args.frame.give_back(w_full), args.frame.give_back(i_full)
 
 

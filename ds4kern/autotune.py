@@ -169,12 +169,27 @@ TIMERS: dict = {"cuda": _time_cuda, "numpy": _time_host}
 
 
 def _capturing(backend: str) -> bool:
+    """Is the current CuPy stream capturing a CUDA graph?  (True when it cannot be told.)"""
     if backend != "cuda":
         return False
     import cupy as cp
 
     s = cp.cuda.get_current_stream()
-    return bool(getattr(s, "is_capturing", lambda: False)())
+    probe = getattr(s, "is_capturing", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except Exception:
+            pass
+    try:  # the driver's answer: CU_STREAM_CAPTURE_STATUS_NONE == 0
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        status = ctypes.c_int(0)
+        rc = lib.cuStreamIsCapturing(ctypes.c_void_p(s.ptr), ctypes.byref(status))
+        return rc != 0 or status.value != 0
+    except Exception:
+        return True
 
 
 def lookup(op: str, problem, names: set) -> Optional[dict]:

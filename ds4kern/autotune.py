@@ -43,11 +43,11 @@ def enabled() -> bool:
 
 def enable(on: bool = True, repeat: Optional[int] = None) -> None:
     """Switch autotuning on or off for this process (overrides ``DS4KERN_AUTOTUNE``)."""
+    if repeat is not None and (not isinstance(repeat, int) or repeat < 1):
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
     _state["enabled"] = bool(on)
     if repeat is not None:
-        if int(repeat) < 1:
-            raise ValueError(f"repeat must be >= 1, got {repeat!r}")
-        _state["repeat"] = int(repeat)
+        _state["repeat"] = repeat
 
 
 @contextlib.contextmanager

@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def isolated_autotune(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's autotune cache, and none leaves autotune switched on."""
+    from ds4kern import autotune
+
+    monkeypatch.setenv("DS4KERN_CACHE_DIR", str(tmp_path_factory.mktemp("ds4kern-cache")))
+    monkeypatch.delenv("DS4KERN_AUTOTUNE", raising=False)
+    yield
+    autotune._state["enabled"] = None
+    autotune.clear()
+
+
 @pytest.fixture
 def rng():
     """Fresh inputs every run; the seed is printed on failure to reproduce."""

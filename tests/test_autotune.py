@@ -115,6 +115,7 @@ def test_switches():
     autotune._state["enabled"] = None
     with pytest.raises(ValueError):
         autotune.enable(True, repeat=0)
+    assert not autotune.enabled()  # a refused call changes nothing
 
 
 @pytest.mark.gpu

@@ -1,0 +1,257 @@
+"""Expert locality statistics, offline (vectorised numpy over whole captures).
+
+Answers: does expert choice have temporal locality worth exploiting (caching, prefetch,
+grouping)?  Input: selections ``[records, layers, k]`` (a routing capture or decoded replay
+payload; invalid ids ``< 0`` or ``>= E`` are skipped), optional weights of the same shape, record
+positions and sequence ids (default: one sequence, positions ``start, start+1, ...``).
+
+Definitions (per layer; also written into every report under ``definitions``):
+
+- ``records``: token records; ``selections``: valid ids among ``records * k``.
+- ``hist[e]``: selections of expert e; ``weight[e]``: sum of its weights (None without weights).
+- ``top_experts``: by count desc, weight desc, id asc: id, count, pct = 100 count/selections,
+  weight, weight_pct, cum_pct (coverage curve).
+- ``entropy`` H = -sum p ln p with p = hist/selections; ``entropy_ratio`` = H / ln(E).
+- adjacent pairs: records of one sequence at positions p and p+1 (no pair across a gap);
+  ``overlap`` = |A & B| / k and ``jaccard`` = |A & B| / |A | B|, averaged over pairs;
+  ``position_stability``: fraction of slots j with the same expert in both records.
+- LRU cache of n experts per layer, accesses in record order and slot order: ``hits``,
+  ``hit_rate`` = hits / selections, ``weighted_hit_rate`` = weight of hits / total weight.
+
+The LRU simulation is exact and vectorised: an access hits a cache of n experts iff fewer than
+n distinct experts were touched since the same expert's previous access (its stack distance).
+Those distinct counts come from per-record expert bitsets and a sparse table of ORs, one level at
+a time, so a 1,000,000 x 43 x 6 capture takes seconds, not a Python loop per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["SCHEMA_VERSION", "DEFINITIONS", "layer_stats", "stack_distances", "analyze", "summary_text"]
+
+SCHEMA_VERSION = 1
+DEFINITIONS = {
+    "selections": "valid expert ids (0 <= id < E) among records * k",
+    "pct": "100 * count / selections",
+    "entropy": "H = -sum p ln p, p = hist / selections; entropy_ratio = H / ln(E)",
+    "adjacent_pair": "two records of one sequence at positions p and p + 1",
+    "overlap": "|A & B| / k averaged over adjacent pairs",
+    "jaccard": "|A & B| / |A | B| averaged over adjacent pairs",
+    "position_stability": "fraction of slots holding the same expert in both records of a pair",
+    "lru": "per layer, LRU cache of n experts; accesses in record order then slot order; "
+           "hit_rate = hits / selections; weighted_hit_rate = weight of hits / total weight",
+}
+
+
+def _popcount(a: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(a).sum(axis=-1, dtype=np.int64)
+    b = a.view(np.uint8)
+    table = np.array([bin(i).count("1") for i in range(256)], np.int64)
+    return table[b].reshape(a.shape[:-1] + (-1,)).sum(axis=-1)
+
+
+def stack_distances(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """LRU stack distance of every valid access of one layer.
+
+    ``ids`` ``[R, k]``.  Returns ``(distance, valid)``: ``valid`` [R, k] marks valid ids;
+    ``distance`` [R, k] holds, for each valid access, the number of distinct experts touched
+    since the previous access of the same expert (-1 for a first access or an invalid id).
+    An access hits an LRU cache of n experts iff 0 <= distance < n.
+    """
+    ids = np.asarray(ids)
+    R, k = ids.shape
+    E = int(num_experts)
+    valid = (ids >= 0) & (ids < E)
+    dist = np.full((R, k), -1, np.int64)
+    n = int(valid.sum())
+    if n == 0:
+        return dist, valid
+    W = (E + 63) // 64
+    e = np.where(valid, ids, 0).astype(np.int64)
+    # one-hot bitsets per slot [R, k, W], and their per-record prefix / suffix ORs
+    onehot = np.zeros((R, k, W), np.uint64)
+    rr, ss = np.nonzero(valid)
+    onehot[rr, ss, e[rr, ss] >> 6] = np.left_shift(np.uint64(1), (e[rr, ss] & 63).astype(np.uint64))
+    before = np.zeros_like(onehot)  # slots < s
+    after = np.zeros_like(onehot)   # slots > s
+    for s in range(1, k):
+        before[:, s] = before[:, s - 1] | onehot[:, s - 1]
+        after[:, k - 1 - s] = after[:, k - s] | onehot[:, k - s]
+    rec = before[:, k - 1] | onehot[:, k - 1]  # whole record [R, W]
+
+    # previous access of the same expert, in access order (record, then slot)
+    order = np.flatnonzero(valid.ravel())  # access positions a = r*k + s
+    ev = e.ravel()[order]
+    srt = np.argsort(ev, kind="stable")
+    same = np.zeros(n, bool)
+    same[1:] = ev[srt[1:]] == ev[srt[:-1]]
+    cur = order[srt[same]]
+    prev = order[srt[np.flatnonzero(same) - 1]]
+    rc, sc = cur // k, cur % k
+    rp, sp = prev // k, prev % k
+
+    # partial records at both ends; within one record, the slots strictly between the two
+    acc = after.reshape(R * k, W)[prev] | before.reshape(R * k, W)[cur]
+    same_rec = np.flatnonzero(rp == rc)
+    if same_rec.size:
+        between = np.zeros((same_rec.size, W), np.uint64)
+        for s in range(k):
+            inside = (sp[same_rec] < s) & (s < sc[same_rec])
+            between |= np.where(inside[:, None], onehot[rc[same_rec], s], np.uint64(0))
+        acc[same_rec] = between
+    # whole records strictly between: OR over [rp + 1, rc - 1] from a sparse table, level by level
+    lo, hi = rp + 1, rc - 1
+    length = hi - lo + 1
+    q_all = np.flatnonzero(length > 0)
+    if q_all.size:
+        lvl = np.floor(np.log2(length[q_all])).astype(np.int64)
+        by_level = np.argsort(lvl, kind="stable")
+        q_sorted, l_sorted = q_all[by_level], lvl[by_level]
+        bounds = np.searchsorted(l_sorted, np.arange(int(l_sorted[-1]) + 2))
+        table = rec
+        for lv in range(int(l_sorted[-1]) + 1):
+            if lv:
+                step = 1 << (lv - 1)
+                table = table[:-step] | table[step:]
+            q = q_sorted[bounds[lv]:bounds[lv + 1]]
+            if q.size:
+                acc[q] |= table[lo[q]] | table[hi[q] - (1 << lv) + 1]
+    dist.ravel()[cur] = _popcount(acc)
+    return dist, valid
+
+
+def _adjacent_pairs(positions: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((positions, seq))
+    a, b = order[:-1], order[1:]
+    ok = (seq[a] == seq[b]) & (positions[b] == positions[a] + 1)
+    return a[ok], b[ok]
+
+
+def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarray] = None,
+                positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None,
+                hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16) -> dict:
+    """Statistics of one layer (see the module docstring); ``ids`` and ``weights`` ``[R, k]``."""
+    ids = np.asarray(ids)
+    R, k = ids.shape
+    E = int(num_experts)
+    valid = (ids >= 0) & (ids < E)
+    sel = int(valid.sum())
+    e = ids[valid].astype(np.int64)
+    hist = np.bincount(e, minlength=E)[:E]
+    w = None if weights is None else np.asarray(weights, np.float64)
+    wsum = None if w is None else np.bincount(e, weights=w[valid], minlength=E)[:E]
+    total_w = None if w is None else float(w[valid].sum())
+    # top experts
+    key_w = np.zeros(E) if wsum is None else wsum
+    order = np.lexsort((np.arange(E), -key_w, -hist))
+    order = order[hist[order] > 0]
+    if top_n != "all":
+        order = order[: int(top_n)]
+    cum = np.cumsum(hist[order]) * (100.0 / sel) if sel else np.zeros(len(order))
+    top = []
+    for j, x in enumerate(order.tolist()):
+        top.append({"id": x, "count": int(hist[x]), "pct": 100.0 * hist[x] / sel,
+                    "weight": None if wsum is None else float(wsum[x]),
+                    "weight_pct": None if wsum is None or not total_w else 100.0 * wsum[x] / total_w,
+                    "cum_pct": float(cum[j])})
+    p = hist[hist > 0] / sel if sel else np.zeros(0)
+    H = float(-(p * np.log(p)).sum()) if sel else 0.0
+    # adjacency
+    pos = np.arange(R) if positions is None else np.asarray(positions).astype(np.int64)
+    sq = np.zeros(R, np.int64) if seq_ids is None else np.asarray(seq_ids).astype(np.int64)
+    a, b = _adjacent_pairs(pos, sq)
+    if len(a):
+        A, B = ids[a], ids[b]
+        va, vb = valid[a], valid[b]
+        eq = (A[:, :, None] == B[:, None, :]) & va[:, :, None] & vb[:, None, :]
+        # distinct valid ids per record (duplicates inside a record count once)
+        dupA = np.triu((A[:, :, None] == A[:, None, :]) & va[:, :, None] & va[:, None, :], 1).any(1)
+        dupB = np.triu((B[:, :, None] == B[:, None, :]) & vb[:, :, None] & vb[:, None, :], 1).any(1)
+        firstA = va & ~dupA
+        inter = (eq.any(2) & firstA).sum(1)
+        na, nb = firstA.sum(1), (vb & ~dupB).sum(1)
+        union = na + nb - inter
+        overlap = float((inter / k).mean())
+        jac = float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
+        stab = float(((A == B) & va & vb).mean())
+    else:
+        overlap = jac = stab = None
+    # LRU
+    sizes = sorted({1 << i for i in range(int(math.log2(E)) + 1) if (1 << i) <= E} | set(int(c) for c in cache_sizes))
+    dist, _ = stack_distances(ids, E)
+    d = dist[valid]
+    wv = None if w is None else w[valid]
+    cache = []
+    for n in sizes:
+        hit = (d >= 0) & (d < n)
+        h = int(hit.sum())
+        cache.append({"size": n, "hits": h, "hit_rate": h / sel if sel else None,
+                      "weighted_hit_rate": None if wv is None or not total_w else float(wv[hit].sum() / total_w)})
+    return {"records": R, "selections": sel, "hash_router": bool(hash_router),
+            "unique_experts": int((hist > 0).sum()), "entropy": H,
+            "entropy_ratio": H / math.log(E) if E > 1 else None,
+            "hist": hist.tolist(), "weight": None if wsum is None else wsum.tolist(),
+            "top_experts": top, "adjacent_pairs": int(len(a)), "overlap": overlap, "jaccard": jac,
+            "position_stability": stab, "cache": cache}
+
+
+def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_ids=None, hash_layers=(),
+            cache_sizes: Sequence[int] = (), top_n=16, source: str = "", model: str = "",
+            progress=None) -> dict:
+    """The JSON report of a ``[records, layers, k]`` selection array (numpy or CuPy)."""
+    if hasattr(selections, "get") and not isinstance(selections, np.ndarray):
+        selections = selections.get()
+    arr = np.asarray(selections)
+    if arr.ndim != 3:
+        raise ValueError(f"selections must have shape [records, layers, k], got {arr.shape}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    R, L, k = arr.shape
+    if weights is not None and np.shape(weights) != arr.shape:
+        raise ValueError(f"weights must have the shape of selections {arr.shape}, got {np.shape(weights)}")
+    for name, v in (("positions", positions), ("seq_ids", seq_ids)):
+        if v is not None and np.shape(v) != (R,):
+            raise ValueError(f"{name} must have shape ({R},), got {np.shape(v)}")
+    layers = []
+    for layer in range(L):
+        layers.append({"layer": layer, **layer_stats(
+            arr[:, layer, :], num_experts, weights=None if weights is None else np.asarray(weights)[:, layer, :],
+            positions=positions, seq_ids=seq_ids, hash_router=layer in set(hash_layers),
+            cache_sizes=cache_sizes, top_n=top_n)})
+        if progress is not None:
+            progress(layer + 1, L)
+    sizes = [c["size"] for c in layers[0]["cache"]] if layers else []
+    total_sel = sum(x["selections"] for x in layers)
+    summary = []
+    for j, n in enumerate(sizes):
+        hits = sum(x["cache"][j]["hits"] for x in layers)
+        summary.append({"size": n, "hits": hits, "hit_rate": hits / total_sel if total_sel else None})
+    return {"schema_version": SCHEMA_VERSION, "source": source, "model": model, "layers": L,
+            "experts": num_experts, "k": k, "records": R, "selections": total_sel, "cache_sizes": sizes,
+            "cache_summary": summary, "definitions": DEFINITIONS, "layers_detail": layers}
+
+
+def summary_text(report: dict, top: int = 3) -> str:
+    """A plain-text table for the terminal."""
+    lines = [f"{report.get('model') or 'model'}: {report['layers']} layers, E={report['experts']}, "
+             f"k={report['k']}, {report['records']} records, {report['selections']} selections",
+             f"{'layer':>5} {'hash':>4} {'uniq':>5} {'H/lnE':>6} {'overlap':>7} {'jaccard':>7} {'stab':>6}  "
+             f"hit@{{{','.join(str(s) for s in report['cache_sizes'][:6])}}}  top experts (pct)"]
+
+    def f(v, w=7, p=3):
+        return f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
+
+    for x in report["layers_detail"]:
+        hits = ",".join(f"{c['hit_rate']:.2f}" if c["hit_rate"] is not None else "-" for c in x["cache"][:6])
+        tops = " ".join(f"{t['id']}({t['pct']:.1f})" for t in x["top_experts"][:top])
+        lines.append(f"{x['layer']:>5} {'yes' if x['hash_router'] else 'no':>4} {x['unique_experts']:>5} "
+                     f"{f(x['entropy_ratio'], 6)} {f(x['overlap'])} {f(x['jaccard'])} {f(x['position_stability'], 6)}  "
+                     f"{hits}  {tops}")
+    lines.append("cache summary: " + ", ".join(
+        f"{c['size']}: {c['hit_rate']:.3f}" for c in report["cache_summary"] if c["hit_rate"] is not None))
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Offline locality statistics against slow per-definition references."""
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from ds4kern.locality import analyze, layer_stats, stack_distances, summary_text
+
+
+def slow_lru_hits(ids, E, n, weights=None):
+    cache, hits, whits = OrderedDict(), 0, 0.0
+    for r in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[r, s])
+            if not 0 <= e < E:
+                continue
+            if e in cache:
+                hits += 1
+                whits += 0.0 if weights is None else float(weights[r, s])
+                cache.move_to_end(e)
+            else:
+                cache[e] = True
+                if len(cache) > n:
+                    cache.popitem(last=False)
+    return hits, whits
+
+
+def slow_adjacency(ids, E, positions, seq):
+    k = ids.shape[1]
+    ov, jac, stab, pairs = [], [], [], 0
+    R = ids.shape[0]
+    for i in range(R):
+        for j in range(R):
+            if seq[i] == seq[j] and positions[j] == positions[i] + 1:
+                A = {int(x) for x in ids[i] if 0 <= x < E}
+                B = {int(x) for x in ids[j] if 0 <= x < E}
+                pairs += 1
+                ov.append(len(A & B) / k)
+                jac.append(len(A & B) / len(A | B) if A | B else 1.0)
+                stab.append(np.mean([ids[i, s] == ids[j, s] and 0 <= ids[i, s] < E for s in range(k)]))
+    return pairs, (np.mean(ov) if ov else None), (np.mean(jac) if jac else None), (np.mean(stab) if stab else None)
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (16, 3), (64, 6), (130, 4)])
+def test_stack_distances_equal_lru_simulation(rng, E, k):
+    R = 120
+    ids = rng.integers(0, min(E, 3 * k + 2), (R, k))  # a small working set: many hits
+    for r in range(R):  # routers give distinct experts per record
+        ids[r] = rng.choice(min(E, 3 * k + 2), k, replace=False) if k <= min(E, 3 * k + 2) else ids[r]
+    ids[rng.random((R, k)) < 0.05] = E + 3  # invalid ids are skipped
+    dist, valid = stack_distances(ids, E)
+    for n in (1, 2, 3, 5, 8, E):
+        assert int(((dist >= 0) & (dist < n)).sum()) == slow_lru_hits(ids, E, n)[0], n
+
+
+def test_stack_distance_with_duplicates_in_a_record():
+    ids = np.array([[1, 1, 2], [2, 3, 1], [1, 1, 1]])
+    dist, _ = stack_distances(ids, 4)
+    for n in (1, 2, 3):
+        assert int(((dist >= 0) & (dist < n)).sum()) == slow_lru_hits(ids, 4, n)[0]
+
+
+def test_layer_stats_against_definitions(rng):
+    E, k, R = 32, 4, 200
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(R)])
+    ids[5, 2] = -1
+    ids[9, 0] = E
+    w = rng.random((R, k))
+    # two interleaved sequences with a gap
+    seq = np.arange(R) % 2
+    pos = np.arange(R) // 2
+    pos[seq == 1] += 10
+    pos[150:] += 1  # a gap: no pair across it
+    st = layer_stats(ids, E, weights=w, positions=pos, seq_ids=seq, cache_sizes=[3, 5], top_n="all")
+    valid = (ids >= 0) & (ids < E)
+    assert st["records"] == R and st["selections"] == int(valid.sum())
+    hist = np.array([(ids[valid] == e).sum() for e in range(E)])
+    assert st["hist"] == hist.tolist()
+    wsum = np.array([w[valid][ids[valid] == e].sum() for e in range(E)])
+    np.testing.assert_allclose(st["weight"], wsum)
+    p = hist[hist > 0] / hist.sum()
+    assert math.isclose(st["entropy"], -(p * np.log(p)).sum(), rel_tol=1e-12)
+    assert math.isclose(st["entropy_ratio"], st["entropy"] / math.log(E))
+    # top experts: count desc, weight desc, id asc; cumulative coverage
+    ref = sorted([e for e in range(E) if hist[e]], key=lambda e: (-hist[e], -wsum[e], e))
+    assert [t["id"] for t in st["top_experts"]] == ref
+    assert math.isclose(st["top_experts"][-1]["cum_pct"], 100.0)
+    pairs, ov, jac, stab = slow_adjacency(ids, E, pos, seq)
+    assert st["adjacent_pairs"] == pairs
+    assert math.isclose(st["overlap"], ov) and math.isclose(st["jaccard"], jac)
+    assert math.isclose(st["position_stability"], stab)
+    sizes = [c["size"] for c in st["cache"]]
+    assert sizes == [1, 2, 3, 4, 5, 8, 16, 32]
+    for c in st["cache"]:
+        h, wh = slow_lru_hits(ids, E, c["size"], w)
+        assert c["hits"] == h and math.isclose(c["hit_rate"], h / st["selections"])
+        assert math.isclose(c["weighted_hit_rate"], wh / w[valid].sum())
+
+
+def test_k1_no_weights_and_report(rng):
+    E = 16
+    arr = rng.integers(0, E, (50, 3, 1)).astype(np.uint8)
+    rep = analyze(arr, E, hash_layers=[0], source="test", model="tiny")
+    assert rep["schema_version"] == 1 and rep["layers"] == 3 and rep["k"] == 1 and rep["records"] == 50
+    assert rep["layers_detail"][0]["hash_router"] and not rep["layers_detail"][1]["hash_router"]
+    assert rep["layers_detail"][1]["weight"] is None
+    assert rep["cache_summary"][-1]["hit_rate"] == pytest.approx(
+        sum(x["cache"][-1]["hits"] for x in rep["layers_detail"]) / rep["selections"])
+    text = summary_text(rep)
+    assert "tiny" in text and "cache summary" in text and len(text.splitlines()) == 2 + 3 + 1
+    import json
+
+    json.dumps(rep)  # JSON-able
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="selections"):
+        analyze(np.zeros((3, 4)), 8)
+    with pytest.raises(ValueError, match="num_experts"):
+        analyze(np.zeros((3, 1, 2)), 0)
+    with pytest.raises(ValueError, match="positions"):
+        analyze(np.zeros((3, 1, 2)), 8, positions=np.arange(4))

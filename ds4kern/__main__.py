@@ -149,7 +149,12 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("compile-check", help="compile every kernel with NVRTC (no GPU needed)", add_help=False)
     p.set_defaults(fn=None)
+    p = sub.add_parser("profile", help="expert locality report of a routing payload or capture", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "profile":
+        from ds4kern.locality import main as profile_main
+
+        return profile_main(argv[1:])
     if argv and argv[0] == "compile-check":
         from ds4kern.compile_check import main as cc_main
 

@@ -255,3 +255,104 @@ def summary_text(report: dict, top: int = 3) -> str:
     lines.append("cache summary: " + ", ".join(
         f"{c['size']}: {c['hit_rate']:.3f}" for c in report["cache_summary"] if c["hit_rate"] is not None))
     return "\n".join(lines)
+
+
+def render_png(report: dict, path) -> None:
+    """A PNG: expert frequency heat map per layer, and LRU hit rate against cache size.
+
+    Needs matplotlib (``pip install 'ds4kern[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - exercised where matplotlib is missing
+        raise ImportError("the PNG needs matplotlib: pip install 'ds4kern[plot]'") from e
+    layers = report["layers_detail"]
+    heat = np.array([np.asarray(x["hist"], np.float64) / max(1, x["selections"]) * 100 for x in layers])
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    im = ax0.imshow(heat, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax0.set_xlabel("expert id")
+    ax0.set_ylabel("layer")
+    ax0.set_title("expert frequency (% of the layer's selections)")
+    fig.colorbar(im, ax=ax0, fraction=0.04)
+    sizes = report["cache_sizes"]
+    for x in layers:
+        ax1.plot(sizes, [c["hit_rate"] or 0 for c in x["cache"]], color="0.75", lw=0.8)
+    ax1.plot(sizes, [c["hit_rate"] or 0 for c in report["cache_summary"]], color="C3", lw=2.5, label="all layers")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("LRU cache size (experts)")
+    ax1.set_ylabel("hit rate")
+    ax1.set_ylim(0, 1)
+    ax1.set_title("hit rate against cache size (grey: each layer)")
+    ax1.legend(loc="lower right")
+    fig.suptitle(f"{report.get('model') or report.get('source') or 'routing'}: {report['records']} records, "
+                 f"E={report['experts']}, k={report['k']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_selections(path):
+    """``(array [records, layers, k], start)`` from a routing-replay payload (.json) or a
+    capture saved with ``numpy.save`` (.npy)."""
+    import json
+    from pathlib import Path
+
+    from .replay import decode_payload
+
+    p = Path(path)
+    if p.suffix == ".npy":
+        arr = np.load(p, allow_pickle=False)
+        if arr.ndim != 3:
+            raise ValueError(f"{p}: a capture must have shape [records, layers, k], got {arr.shape}")
+        return arr, 0
+    with open(p) as f:
+        payload = json.load(f)
+    return decode_payload(payload)
+
+
+def main(argv=None) -> int:
+    """``python -m ds4kern profile FILE --out report.json [--png report.png]``."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m ds4kern profile",
+                                 description="expert locality report of a routing payload (.json) or capture (.npy)")
+    ap.add_argument("file")
+    ap.add_argument("--out", required=True, help="JSON report to write")
+    ap.add_argument("--png", help="picture to write (needs matplotlib)")
+    ap.add_argument("--experts", type=int, help="number of experts E (default 256 for uint8 data)")
+    ap.add_argument("--hash-layers", default="", help="comma-separated hash-routed layers, e.g. 0,1,2")
+    ap.add_argument("--cache-sizes", default="", help="extra LRU sizes besides the powers of two")
+    ap.add_argument("--top", default="16", help="top experts per layer, or 'all'")
+    ap.add_argument("--model", default="")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    args = ap.parse_args(argv)
+    arr, start = load_selections(args.file)
+    E = args.experts
+    if E is None:
+        if arr.dtype != np.uint8:
+            ap.error(f"--experts is required for {arr.dtype} data")
+        E = 256
+    ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    positions = start + np.arange(arr.shape[0])
+    show = not args.quiet and arr.shape[0] * arr.shape[1] >= 100_000
+
+    def progress(done, total):
+        if show:
+            bar = "#" * int(30 * done / total)
+            print(f"\r[{bar:<30}] layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    report = analyze(arr, E, positions=positions, hash_layers=ints(args.hash_layers),
+                     cache_sizes=ints(args.cache_sizes), top_n=args.top if args.top == "all" else int(args.top),
+                     source=str(args.file), model=args.model, progress=progress)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    if args.png:
+        render_png(report, args.png)
+    if not args.quiet:
+        print(summary_text(report))
+    return 0

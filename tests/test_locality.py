@@ -122,3 +122,30 @@ def test_validation():
         analyze(np.zeros((3, 1, 2)), 0)
     with pytest.raises(ValueError, match="positions"):
         analyze(np.zeros((3, 1, 2)), 8, positions=np.arange(4))
+
+
+def test_command_line_on_a_payload_and_a_capture(tmp_path, rng):
+    import json
+    import subprocess
+    import sys
+
+    from ds4kern.replay import encode_payload
+
+    arr = np.stack([np.stack([rng.choice(64, 6, replace=False) for _ in range(3)]) for _ in range(500)]).astype(np.uint8)
+    (tmp_path / "p.json").write_text(json.dumps(encode_payload(arr, start=7)))
+    np.save(tmp_path / "c.npy", arr)
+    for src in ("p.json", "c.npy"):
+        out, png = tmp_path / f"{src}.report.json", tmp_path / f"{src}.png"
+        r = subprocess.run([sys.executable, "-m", "ds4kern", "profile", str(tmp_path / src), "--out", str(out),
+                            "--png", str(png), "--experts", "64", "--hash-layers", "0", "--cache-sizes", "6",
+                            "--model", "tiny"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["records"] == 500 and rep["layers"] == 3 and rep["experts"] == 64 and rep["k"] == 6
+        assert rep["layers_detail"][0]["hash_router"] and 6 in rep["cache_sizes"]
+        assert rep["layers_detail"][1]["adjacent_pairs"] == 499
+        assert "cache summary" in r.stdout
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    r = subprocess.run([sys.executable, "-m", "ds4kern", "profile", str(tmp_path / "c.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--out" in r.stderr

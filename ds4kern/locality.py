@@ -27,6 +27,8 @@ a time, so a 1,000,000 x 43 x 6 capture takes seconds, not a Python loop per tok
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Optional, Sequence
 
 import numpy as np
@@ -74,9 +76,11 @@ def stack_distances(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     W = (E + 63) // 64
     e = np.where(valid, ids, 0).astype(np.int64)
     # one-hot bitsets per slot [R, k, W], and their per-record prefix / suffix ORs
-    onehot = np.zeros((R, k, W), np.uint64)
-    rr, ss = np.nonzero(valid)
-    onehot[rr, ss, e[rr, ss] >> 6] = np.left_shift(np.uint64(1), (e[rr, ss] & 63).astype(np.uint64))
+    onehot = np.empty((R, k, W), np.uint64)
+    bit = np.where(valid, np.left_shift(np.uint64(1), (e & 63).astype(np.uint64)), np.uint64(0))
+    word = e >> 6
+    for w in range(W):
+        onehot[:, :, w] = np.where(word == w, bit, np.uint64(0))
     before = np.zeros_like(onehot)  # slots < s
     after = np.zeros_like(onehot)   # slots > s
     for s in range(1, k):
@@ -84,14 +88,16 @@ def stack_distances(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
         after[:, k - 1 - s] = after[:, k - s] | onehot[:, k - s]
     rec = before[:, k - 1] | onehot[:, k - 1]  # whole record [R, W]
 
-    # previous access of the same expert, in access order (record, then slot)
-    order = np.flatnonzero(valid.ravel())  # access positions a = r*k + s
-    ev = e.ravel()[order]
+    # previous access of the same expert, in access order (record, then slot): a stable sort by
+    # expert id (radix sort for these small integer keys), then scatter back into time order
+    order = np.flatnonzero(valid.ravel())  # access positions a = r*k + s, in time order
+    ev = e.ravel()[order].astype(np.uint8 if E <= 256 else np.uint16 if E <= 65536 else np.int64)
     srt = np.argsort(ev, kind="stable")
-    same = np.zeros(n, bool)
-    same[1:] = ev[srt[1:]] == ev[srt[:-1]]
-    cur = order[srt[same]]
-    prev = order[srt[np.flatnonzero(same) - 1]]
+    same = ev[srt[1:]] == ev[srt[:-1]]
+    prev_of = np.full(n, -1, np.int64)
+    prev_of[srt[1:][same]] = srt[:-1][same]
+    q_time = np.flatnonzero(prev_of >= 0)  # accesses with a previous one, in time order
+    cur, prev = order[q_time], order[prev_of[q_time]]
     rc, sc = cur // k, cur % k
     rp, sp = prev // k, prev % k
 
@@ -109,16 +115,13 @@ def stack_distances(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     length = hi - lo + 1
     q_all = np.flatnonzero(length > 0)
     if q_all.size:
-        lvl = np.floor(np.log2(length[q_all])).astype(np.int64)
-        by_level = np.argsort(lvl, kind="stable")
-        q_sorted, l_sorted = q_all[by_level], lvl[by_level]
-        bounds = np.searchsorted(l_sorted, np.arange(int(l_sorted[-1]) + 2))
+        lvl = np.frexp(length[q_all].astype(np.float64))[1] - 1  # floor(log2(length)), exact
         table = rec
-        for lv in range(int(l_sorted[-1]) + 1):
+        for lv in range(int(lvl.max()) + 1):
             if lv:
                 step = 1 << (lv - 1)
                 table = table[:-step] | table[step:]
-            q = q_sorted[bounds[lv]:bounds[lv + 1]]
+            q = q_all[lvl == lv]  # stays in time order: the gathers below run nearly sequentially
             if q.size:
                 acc[q] |= table[lo[q]] | table[hi[q] - (1 << lv) + 1]
     dist.ravel()[cur] = _popcount(acc)
@@ -202,7 +205,7 @@ def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarr
 
 def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_ids=None, hash_layers=(),
             cache_sizes: Sequence[int] = (), top_n=16, source: str = "", model: str = "",
-            progress=None) -> dict:
+            progress=None, workers: Optional[int] = None) -> dict:
     """The JSON report of a ``[records, layers, k]`` selection array (numpy or CuPy)."""
     if hasattr(selections, "get") and not isinstance(selections, np.ndarray):
         selections = selections.get()
@@ -217,14 +220,24 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
     for name, v in (("positions", positions), ("seq_ids", seq_ids)):
         if v is not None and np.shape(v) != (R,):
             raise ValueError(f"{name} must have shape ({R},), got {np.shape(v)}")
-    layers = []
-    for layer in range(L):
-        layers.append({"layer": layer, **layer_stats(
-            arr[:, layer, :], num_experts, weights=None if weights is None else np.asarray(weights)[:, layer, :],
-            positions=positions, seq_ids=seq_ids, hash_router=layer in set(hash_layers),
-            cache_sizes=cache_sizes, top_n=top_n)})
-        if progress is not None:
-            progress(layer + 1, L)
+    hashed = set(hash_layers)
+    w_all = None if weights is None else np.asarray(weights)
+
+    def one(layer):
+        return {"layer": layer, **layer_stats(
+            arr[:, layer, :], num_experts, weights=None if w_all is None else w_all[:, layer, :],
+            positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
+            top_n=top_n)}
+
+    # layers are independent and numpy releases the GIL in its loops: a few threads overlap them
+    n_workers = max(1, min(L, workers if workers is not None else min(4, os.cpu_count() or 1)))
+    layers = [None] * L
+    with ThreadPoolExecutor(max_workers=n_workers) as ex:
+        futures = {ex.submit(one, layer): layer for layer in range(L)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            layers[futures[fut]] = fut.result()
+            if progress is not None:
+                progress(done, L)
     sizes = [c["size"] for c in layers[0]["cache"]] if layers else []
     total_sel = sum(x["selections"] for x in layers)
     summary = []

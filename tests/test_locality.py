@@ -149,3 +149,12 @@ def test_command_line_on_a_payload_and_a_capture(tmp_path, rng):
     r = subprocess.run([sys.executable, "-m", "ds4kern", "profile", str(tmp_path / "c.npy")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--out" in r.stderr
+
+
+def test_empty_and_single_expert():
+    rep = analyze(np.zeros((0, 2, 3), np.uint8), 8)
+    assert rep["records"] == 0 and rep["selections"] == 0
+    assert all(c["hit_rate"] is None for c in rep["cache_summary"])
+    st = layer_stats(np.zeros((5, 1), np.int64), 1)
+    assert st["selections"] == 5 and st["entropy"] == 0.0 and st["entropy_ratio"] is None
+    assert st["cache"][0]["hits"] == 4 and st["adjacent_pairs"] == 4 and st["overlap"] == 1.0

@@ -231,6 +231,12 @@ def test_capture_equals_hand_collected_router_outputs(cp, rng):
     arr2, start2 = decode_payload(cap.payload(total, start=prompt))
     np.testing.assert_array_equal(arr2, by_hand[prompt:])
     assert start2 == prompt
+    # the capture feeds the locality profiler directly
+    from ds4kern.locality import analyze
+
+    rep = analyze(cap.rows(total), E, hash_layers=hash_layers)
+    ref = analyze(by_hand.astype(np.uint8), E, hash_layers=hash_layers)
+    assert rep["layers_detail"] == ref["layers_detail"]
 
 
 @pytest.mark.gpu

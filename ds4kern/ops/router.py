@@ -184,6 +184,13 @@ def _logits(logits, name: str = "logits"):
     return frame, x, E
 
 
+def _score_function(score_function, allowed=tuple(SCORE_FUNCTIONS), what: str = "") -> str:
+    """The lower-cased score function name, or ValueError naming the argument."""
+    if not isinstance(score_function, str) or score_function.lower() not in allowed:
+        raise ValueError(f"score_function must be one of {tuple(allowed)}{what}, got {score_function!r}")
+    return score_function.lower()
+
+
 def _scaling(scaling_factor) -> float:
     if scaling_factor is None:
         return 1.0
@@ -240,9 +247,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     k = int(topk)
     if not 1 <= k <= E:
         raise ValueError(f"topk must satisfy 1 <= topk <= E={E}, got {k}")
-    if not isinstance(score_function, str) or score_function.lower() not in SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {score_function!r}")
-    sf = score_function.lower()
+    sf = _score_function(score_function)
     if not isinstance(use_pre_softmax, (bool, np.bool_)):
         raise TypeError(f"use_pre_softmax must be a bool, got {use_pre_softmax!r}")
     pre = bool(use_pre_softmax)
@@ -486,20 +491,25 @@ def _threshold(a: RouterArgs) -> None:
     _launch_rounds(a, THRESHOLD_VPL, _threshold_name, ())
 
 
+def _output_args(a) -> tuple:
+    """Kernel arguments of the (possibly strided) outputs: weights, their row and column strides,
+    indices, their strides (all in elements) and the index kind."""
+    w, i = a.weights, a.indices
+    return (w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
+            i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
+            np.int32(IDX_KIND[a.problem.index_dtype]))
+
+
 def _launch_rounds(a: RouterArgs, vpls, name_of, extra: tuple) -> None:
     T, E = a.logits.shape
     vpl = next(v for v in vpls if 32 * v >= E)
     kern = ROUTER_KERNELS.kernel(name_of(a.problem.dtype, vpl))
     grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
-    w, i = a.weights, a.indices
     kern((grid,), (32 * NAIVE_WARPS_PER_BLOCK,),
          (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk),
           np.int32(SCORE_FUNCTIONS[a.score_function]), np.int32(a.use_pre_softmax),
-          np.float32(a.scaling_factor),
-          w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
-          i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
-          np.int32(IDX_KIND[a.problem.index_dtype])) + extra)
+          np.float32(a.scaling_factor)) + _output_args(a) + extra)
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,9 +575,7 @@ def _prepare_hash(logits, tid2eid, token_ids, score_function, scaling_factor, in
         raise TypeError(f"token_ids must be int32 or int64, got {dtype_name(ids.dtype)}")
     if tuple(ids.shape) != lead:
         raise ValueError(f"token_ids must have shape {lead} (the leading dims of logits), got {tuple(ids.shape)}")
-    if not isinstance(score_function, str) or score_function.lower() not in HASH_SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {HASH_SCORE_FUNCTIONS} for hash routing, got {score_function!r}")
-    sf = score_function.lower()
+    sf = _score_function(score_function, HASH_SCORE_FUNCTIONS, " for hash routing")
     scale = _scaling(scaling_factor)
     if frame.backend == "numpy":
         # the reference validates the table and ids (the GPU path reports them without a host sync)
@@ -657,14 +665,11 @@ def _naive_hash(a: RouterHashArgs) -> None:
     T, E = a.logits.shape
     kern = ROUTER_HASH_KERNELS.kernel(f"router_hash_naive<{_CTYPE[a.problem.dtype]}>")
     grid = (T + NAIVE_WARPS_PER_BLOCK - 1) // NAIVE_WARPS_PER_BLOCK
-    w, i = a.weights, a.indices
     kern((grid,), (32 * NAIVE_WARPS_PER_BLOCK,),
          (a.logits, a.tid2eid, np.int64(a.tid2eid.shape[0]), a.token_ids, np.int32(a.token_ids.dtype == np.int64),
           np.int64(T), np.int32(E), np.int32(a.problem.topk), np.int32(SCORE_FUNCTIONS[a.score_function]),
-          np.float32(a.scaling_factor),
-          w, np.int64(w.strides[0] // 4), np.int64(w.strides[1] // 4),
-          i, np.int64(i.strides[0] // i.itemsize), np.int64(i.strides[1] // i.itemsize),
-          np.int32(IDX_KIND[a.problem.index_dtype]), a.errors if a.errors is not None else np.uint64(0)))
+          np.float32(a.scaling_factor)) + _output_args(a)
+         + (a.errors if a.errors is not None else np.uint64(0),))
 
 
 @hookimpl

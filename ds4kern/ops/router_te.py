@@ -37,6 +37,11 @@ __all__ = ["router_topk_dense", "router_topk_backward", "router_aux_scores", "ro
            "router_aux_loss", "router_aux_loss_backward", "pack_bitmap", "unpack_bitmap"]
 
 
+def _check_topk(topk, E: int) -> None:
+    if type(topk) is not int or not 1 <= topk <= E:
+        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
+
+
 def pack_bitmap(mask: np.ndarray) -> np.ndarray:
     """bool ``[..., E]`` -> uint8 ``[..., ceil(E/8)]``, bit e % 8 of byte e // 8 (LSB first)."""
     return np.packbits(np.asarray(mask, bool), axis=-1, bitorder="little")
@@ -249,11 +254,8 @@ def _prepare_backward(grad_probs, intermediate, topk, routing_map, topk_indices,
         raise ValueError(f"intermediate must have the shape of grad_probs {tuple(g.shape)}, got {tuple(inter.shape)}")
     if inter.dtype != np.float32:
         raise TypeError(f"intermediate must be float32 (as the forward returns it), got {dtype_name(inter.dtype)}")
-    if type(topk) is not int or not 1 <= topk <= E:
-        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
-    if not isinstance(score_function, str) or score_function.lower() not in _r.SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {tuple(_r.SCORE_FUNCTIONS)}, got {score_function!r}")
-    sf = score_function.lower()
+    _check_topk(topk, E)
+    sf = _r._score_function(score_function)
     if use_pre_softmax and sf != "softmax":
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
     scale = _r._scaling(scaling_factor)
@@ -385,11 +387,8 @@ def _run_aux(op, args, variant):
 
 def _aux_scores_prepare(logits, topk, score_function, allocate=True):
     frame, x, E = _r._logits(logits)
-    if type(topk) is not int or not 1 <= topk <= E:
-        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
-    if not isinstance(score_function, str) or score_function.lower() not in _r.SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {tuple(_r.SCORE_FUNCTIONS)}, got {score_function!r}")
-    sf = score_function.lower()
+    _check_topk(topk, E)
+    sf = _r._score_function(score_function)
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
     problem = AuxProblem(AUX_SCORES_OP, frame.backend, _r._bucket_tokens(T), E, dtype_name(x.dtype), (topk, sf))
@@ -445,9 +444,7 @@ def _aux_scores_backward_prepare(grad_scores, intermediate, score_function, allo
     if tuple(inter.shape) != tuple(g.shape) or inter.dtype != np.float32:
         raise ValueError(f"intermediate must be float32 of shape {tuple(g.shape)}, got {dtype_name(inter.dtype)} "
                          f"{tuple(inter.shape)}")
-    if not isinstance(score_function, str) or score_function.lower() not in _r.SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {tuple(_r.SCORE_FUNCTIONS)}, got {score_function!r}")
-    sf = score_function.lower()
+    sf = _r._score_function(score_function)
     T = math.prod(g.shape[:-1])
     problem = AuxProblem(AUX_SCORES_BACKWARD_OP, frame.backend, _r._bucket_tokens(T), E, dtype_name(g.dtype), (sf,))
     if not allocate:
@@ -496,8 +493,7 @@ def _aux_loss_prepare(op, probs_like, tokens_per_expert, topk, coeff, num_tokens
     if tuple(tpe.shape) != (E,) or tpe.dtype.kind not in "iuf":
         raise ValueError(f"tokens_per_expert must be a numeric array of shape ({E},), got "
                          f"{dtype_name(tpe.dtype)} {tuple(tpe.shape)}")
-    if type(topk) is not int or not 1 <= topk <= E:
-        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
+    _check_topk(topk, E)
     if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(coeff):
         raise ValueError(f"coeff must be a finite number, got {coeff!r}")
     T = int(p.shape[0]) if num_tokens is None else num_tokens

@@ -8,8 +8,11 @@ own arguments, keeps the fastest, and records it in memory and in a JSON file:
 - file: ``$DS4KERN_CACHE_DIR/autotune.json`` (default ``$XDG_CACHE_HOME/ds4kern`` or
   ``~/.cache/ds4kern``), written atomically (temporary file + rename);
 - key: device name, compute capability, ds4kern version, op and bucket (which holds the dtypes);
-- GPU variants are timed with CUDA events on the current stream (median of ``repeat`` runs
-  after one warm-up), host variants with a wall clock.
+- GPU variants are timed on the device: ``repeat`` replays of a CUDA graph of 10 calls after one
+  warm-up, median (CUDA events around single calls when the calls cannot be captured); host
+  variants with a wall clock.
+- A variant with settings (``Variant.configs``) is timed once per setting; the entry records the
+  winning variant and its setting.
 
 Tuning never happens while a CUDA graph is being captured (the heuristic decides instead), and
 a cached winner that can no longer run the problem (a plugin was removed) is ignored.
@@ -139,9 +142,17 @@ def _save(key: str, entry: dict) -> None:
 
 
 def _time_cuda(fn: Callable[[], None], repeat: int) -> float:
+    """Device time: replays of a captured graph of the calls (host launch cost excluded); CUDA
+    events around each call when the calls cannot be captured."""
     import cupy as cp
 
+    from .timing import graph_device_time
+
     fn()  # warm-up: compiles
+    try:
+        return graph_device_time(fn, repeat)
+    except Exception:
+        pass
     s = cp.cuda.get_current_stream()
     a, b = cp.cuda.Event(), cp.cuda.Event()
     times = []
@@ -192,17 +203,27 @@ def _capturing(backend: str) -> bool:
         return True
 
 
-def lookup(op: str, problem, names: set) -> Optional[dict]:
-    """The cached entry for this op and bucket if its winner is among ``names``."""
+def entry_label(entry: dict) -> str:
+    """``variant`` or ``variant[key=value,...]`` of a cache entry (see ``Variant.label``)."""
+    cfg = entry.get("config") or {}
+    if not cfg:
+        return entry["variant"]
+    return f"{entry['variant']}[{','.join(f'{k}={v}' for k, v in sorted(cfg.items()))}]"
+
+
+def lookup(op: str, problem, labels) -> Optional[dict]:
+    """The cached entry for this op and bucket if its winner (variant and setting) is among
+    ``labels``."""
     with _lock:
         entry = _load().get(_key(op, problem))
-    if entry and entry.get("variant") in names:
+    if entry and isinstance(entry.get("variant"), str) and entry_label(entry) in labels:
         return entry
     return None
 
 
 def tune(op: str, problem, candidates: list, run: Callable) -> Optional[dict]:
-    """Time ``run(variant)`` for each candidate; store and return the winning entry.
+    """Time ``run(variant)`` for each candidate (a variant with its setting bound); store and
+    return the winning entry.
 
     Returns None (and stores nothing) when tuning is impossible right now (graph capture).
     """
@@ -211,9 +232,11 @@ def tune(op: str, problem, candidates: list, run: Callable) -> Optional[dict]:
     timer = TIMERS[problem.backend]
     times = {}
     for v in candidates:
-        times[v.name] = timer(lambda v=v: run(v), _state["repeat"])
-    best = min(times, key=times.get)
-    entry = {"variant": best, "times_us": {k: round(t * 1e6, 3) for k, t in times.items()},
+        times[v.label] = timer(lambda v=v: run(v), _state["repeat"])
+    best_label = min(times, key=times.get)
+    best = next(v for v in candidates if v.label == best_label)
+    entry = {"variant": best.name, "config": dict(best.config),
+             "times_us": {k: round(t * 1e6, 3) for k, t in times.items()},
              "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "repeat": _state["repeat"]}
     key = _key(op, problem)
     with _lock:

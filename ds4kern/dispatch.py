@@ -12,6 +12,10 @@ Order of precedence for each call:
 4. The static heuristic: the lowest ``cost`` among the variants that support the problem
    (ties: registration order).
 
+A variant may have tunable settings (``Variant.configs``, e.g. the compressor's ``pool_group``):
+the heuristic and the overrides bind its default (first) setting, an op may pass an explicit
+one, and autotune times every (variant, setting) pair.
+
 Decisions are memoised per (problem, overrides, registry generation); a problem's fields are
 exactly what the variants' ``supports``/``cost`` may look at, with token counts already
 rounded to their bucket.
@@ -23,7 +27,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
 from . import autotune
@@ -116,12 +120,15 @@ class Decision:
             if c.rejected is not None:
                 lines.append(f"    - {v.name:16s} {tag}: rejected: {c.rejected}")
             else:
-                mark = "  <- chosen" if self.chosen is v else ""
-                lines.append(f"    - {v.name:16s} {tag}: supported, cost {c.cost:g}{mark}")
+                mark = "  <- chosen" if self.chosen is not None and self.chosen.name == v.name else ""
+                cfgs = v.configs_for(self.problem)
+                settings = (", settings " + " | ".join(",".join(f"{k}={x}" for k, x in cf.items()) for cf in cfgs)
+                            if cfgs else "")
+                lines.append(f"    - {v.name:16s} {tag}: supported, cost {c.cost:g}{settings}{mark}")
         for n in self.notes:
             lines.append(f"  note: {n}")
         if self.chosen is not None:
-            lines.append(f"  chosen: {self.chosen.name} ({self.how}): {self.why}")
+            lines.append(f"  chosen: {self.chosen.label} ({self.how}): {self.why}")
         else:
             lines.append(f"  chosen: none: {self.why}")
         return "\n".join(lines)
@@ -152,11 +159,25 @@ def _evaluate(op: str, problem) -> list[Candidate]:
     return out
 
 
-def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None) -> Decision:
+def bind(v: Variant, config: Optional[dict]) -> Variant:
+    """``v`` with ``config`` bound as keyword arguments of its ``fn`` (``v`` itself if none)."""
+    if not config:
+        return v
+    return replace(v, fn=functools.partial(v.fn, **config), config=tuple(sorted(config.items())))
+
+
+def _default(v: Variant, problem) -> Variant:
+    cfgs = v.configs_for(problem)
+    return bind(v, cfgs[0]) if cfgs else v
+
+
+def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None,
+           config: Optional[dict] = None) -> Decision:
     """Full decision with every candidate (what :func:`ds4kern.explain` prints).
 
     ``run(variant)`` runs the op's current call with a given variant; with it, autotune can time
     the candidates.  :func:`ds4kern.explain` passes none, so it never runs anything.
+    ``config``: an explicit setting for ``variant`` (one of its ``configs``).
     """
     cands = _evaluate(op, problem)
     if not cands:
@@ -170,7 +191,15 @@ def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callab
             raise ValueError(f"variant={variant!r} is not a registered variant of {op}; registered: {list(by_name)}")
         if c.rejected is not None:
             raise ValueError(f"variant={variant!r} cannot run this {op} problem: {c.rejected}")
-        return Decision(op, problem, c.variant, "explicit", "variant= argument", cands)
+        if config:
+            allowed = c.variant.configs_for(problem)
+            if dict(config) not in allowed:
+                raise ValueError(f"{op}: variant {variant!r} has no setting {dict(config)} for this problem; "
+                                 f"settings: {allowed or 'none'}")
+            return Decision(op, problem, bind(c.variant, dict(config)), "explicit", "variant= and setting given", cands)
+        return Decision(op, problem, _default(c.variant, problem), "explicit", "variant= argument", cands)
+    if config:
+        raise ValueError(f"{op}: a setting {dict(config)} needs an explicit variant")
     notes = []
     name, source = _override_for(op)
     if name is not None:
@@ -180,20 +209,24 @@ def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callab
         elif c.rejected is not None:
             notes.append(f"override {name!r} from {source} cannot run this problem ({c.rejected}); ignored")
         else:
-            return Decision(op, problem, c.variant, "override", f"forced by {source}", cands, notes)
+            return Decision(op, problem, _default(c.variant, problem), "override", f"forced by {source}", cands, notes)
     ok = [c for c in cands if c.rejected is None]
     if ok and autotune.enabled():
-        names = {c.variant.name for c in ok}
-        entry = autotune.lookup(op, problem, names)
+        tunable = []  # every (variant, setting) pair
+        for c in ok:
+            cfgs = c.variant.configs_for(problem)
+            tunable += [bind(c.variant, cf) for cf in cfgs] if cfgs else [c.variant]
+        entry = autotune.lookup(op, problem, {v.label: v for v in tunable})
         how = "cached winner"
-        if entry is None and run is not None and len(ok) > 1:
-            entry = autotune.tune(op, problem, [c.variant for c in ok], run)
+        if entry is None and run is not None and len(tunable) > 1:
+            entry = autotune.tune(op, problem, tunable, run)
             how = "timed now"
         if entry is not None:
+            chosen = next(v for v in tunable if v.label == autotune.entry_label(entry))
             times = ", ".join(f"{k} {v:g} us" for k, v in sorted(entry["times_us"].items(), key=lambda kv: kv[1]))
-            return Decision(op, problem, by_name[entry["variant"]].variant, "autotune",
+            return Decision(op, problem, chosen, "autotune",
                             f"{how} ({times}; {entry.get('when', '?')}) in {autotune.cache_path()}", cands, notes)
-        if len(ok) > 1:
+        if len(tunable) > 1:
             notes.append("autotune is on but this bucket is not tuned yet; the next call of the op times "
                          "the candidates")
     if not ok:
@@ -202,7 +235,10 @@ def decide(op: str, problem, variant: Optional[str] = None, run: Optional[Callab
     best = min(ok, key=lambda c: c.cost)  # min keeps the first of equal costs
     others = ", ".join(f"{c.variant.name} {c.cost:g}" for c in ok if c is not best)
     why = f"lowest cost hint {best.cost:g}" + (f" (others: {others})" if others else " (only candidate)")
-    return Decision(op, problem, best.variant, "heuristic", why, cands, notes)
+    chosen = _default(best.variant, problem)
+    if chosen.config:
+        why += f"; its default setting for this problem: {chosen.label}"
+    return Decision(op, problem, chosen, "heuristic", why, cands, notes)
 
 
 _cache: dict = {}
@@ -214,13 +250,15 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def select(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None) -> Variant:
-    """The variant to run (memoised); raises ``ValueError`` if none can run the problem."""
-    key = (op, problem, variant, _override.get(), os.environ.get(ENV_VARIANT), registry.generation,
-           autotune.enabled())
+def select(op: str, problem, variant: Optional[str] = None, run: Optional[Callable] = None,
+           config: Optional[dict] = None) -> Variant:
+    """The variant to run (memoised; its setting bound); raises ``ValueError`` if none can run
+    the problem."""
+    key = (op, problem, variant, tuple(sorted(config.items())) if config else None, _override.get(),
+           os.environ.get(ENV_VARIANT), registry.generation, autotune.enabled())
     v = _cache.get(key)
     if v is None:
-        d = decide(op, problem, variant, run)
+        d = decide(op, problem, variant, run, config)
         if d.chosen is None:
             raise ValueError(f"{op}: {d.why}")
         if len(_cache) >= _CACHE_MAX:

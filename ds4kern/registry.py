@@ -29,7 +29,7 @@ __all__ = ["Variant", "PluginWarning", "registry", "BUILTIN_PLUGINS"]
 BACKENDS = ("cuda", "numpy")
 
 # Modules whose hookimpls provide the built-in variants (registered first, in this order).
-BUILTIN_PLUGINS = ("ds4kern.ops.router", "ds4kern.ops.router_te")
+BUILTIN_PLUGINS = ("ds4kern.ops.router", "ds4kern.ops.router_te", "ds4kern.ops.compressor")
 
 
 class PluginWarning(UserWarning):
@@ -50,7 +50,11 @@ class Variant:
     supports:  ``supports(problem) -> None | str``: ``None`` if it can run the problem, else a
                human-readable reason shown by :func:`ds4kern.explain`.
     cost:      a number or ``cost(problem) -> float``; the static heuristic picks the lowest.
+    configs:   optional ``configs(problem) -> [dict, ...]``: tunable settings of this variant for
+               a problem (e.g. ``[{"pool_group": 2}, {"pool_group": 4}]``), the static default
+               first.  The dispatcher binds one as keyword arguments of ``fn``; autotune times each.
     plugin:    filled in by the registry: the plugin that registered the variant.
+    config:    filled in by the dispatcher: the bound setting, as sorted ``(key, value)`` pairs.
     """
 
     op: str
@@ -60,7 +64,19 @@ class Variant:
     supports: Callable[[Any], Optional[str]] = _always
     cost: Union[float, Callable[[Any], float]] = 1.0
     description: str = ""
+    configs: Optional[Callable[[Any], Any]] = None
     plugin: str = ""
+    config: tuple = ()
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name[key=value,...]`` when a setting is bound."""
+        if not self.config:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in self.config)}]"
+
+    def configs_for(self, problem) -> list:
+        return [dict(c) for c in self.configs(problem)] if self.configs is not None else []
 
     def cost_of(self, problem) -> float:
         return float(self.cost(problem) if callable(self.cost) else self.cost)
@@ -76,6 +92,8 @@ class Variant:
             raise TypeError(f"Variant.fn must be callable, got {type(self.fn).__name__}")
         if not callable(self.supports):
             raise TypeError("Variant.supports must be callable")
+        if self.configs is not None and not callable(self.configs):
+            raise TypeError("Variant.configs must be None or callable")
 
 
 def _env_list(name: str) -> Optional[set]:

@@ -106,6 +106,56 @@ def test_corrupt_file_and_vanished_winner(tuned):
         ds4kern.register_plugin(TwoSpeeds(), name="two_speeds")
 
 
+class Knobs:
+    """One variant with two settings: its default (first) is slow, timing must pick the other."""
+
+    @ds4kern.hookimpl
+    def ds4kern_register_variants(self, register):
+        def fn(a, delay=0.0):
+            if delay:
+                time.sleep(delay)
+            a.weights[...] = 4.0 if delay else 3.0
+            a.indices[...] = 0
+
+        register(Variant("router_topk", "knobs", "numpy", fn, cost=0.05,
+                         configs=lambda p: [{"delay": 0.004}, {"delay": 0.0}]))
+
+
+@pytest.fixture
+def knobs(tmp_path, monkeypatch, clean_overrides):
+    monkeypatch.setenv("DS4KERN_CACHE_DIR", str(tmp_path))
+    name = ds4kern.register_plugin(Knobs(), name="knobs")
+    autotune.clear()
+    yield tmp_path
+    autotune._state["enabled"] = None
+    autotune.clear()
+    ds4kern.unregister_plugin(name)
+
+
+def test_settings_default_explicit_and_tuned(knobs):
+    from ds4kern import dispatch
+
+    d = ds4kern.explain("router_topk", X, 2)
+    assert d.how == "heuristic" and d.chosen.label == "knobs[delay=0.004]"
+    assert "settings delay=0.004 | delay=0.0" in str(d) and "knobs[delay=0.004]" in str(d)
+    assert weight() == 4.0  # the default setting ran
+    problem = d.problem
+    v = dispatch.select("router_topk", problem, "knobs", config={"delay": 0.0})
+    assert v.label == "knobs[delay=0.0]" and v.config == (("delay", 0.0),)
+    with pytest.raises(ValueError, match="no setting"):
+        dispatch.decide("router_topk", problem, "knobs", config={"delay": 1.0})
+    with pytest.raises(ValueError, match="explicit variant"):
+        dispatch.decide("router_topk", problem, config={"delay": 0.0})
+    autotune.enable(True, repeat=3)
+    assert weight() == 3.0  # tuned: the fast setting wins
+    entry = next(iter(json.loads((knobs / "autotune.json").read_text())["entries"].values()))
+    assert entry["variant"] == "knobs" and entry["config"] == {"delay": 0.0}
+    assert {"knobs[delay=0.004]", "knobs[delay=0.0]", "reference"} <= set(entry["times_us"])
+    d = ds4kern.explain("router_topk", X, 2)
+    assert d.how == "autotune" and "cached winner" in d.why and d.chosen.label == "knobs[delay=0.0]"
+    assert weight() == 3.0
+
+
 def test_switches():
     autotune.enable(False)
     assert not autotune.enabled()

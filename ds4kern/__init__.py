@@ -13,10 +13,12 @@ from . import autotune
 from .dispatch import use_variant
 from .hookspecs import hookimpl
 from .ops import OPS as _OPS
+from .ops.compressor import compress_decode, compress_prefill
 from .ops.router import router_hash, router_topk
 from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
                              router_aux_scores_backward, router_topk_backward, router_topk_dense)
 from .registry import PluginWarning, Variant, registry
+from .rope import rope_table
 
 __all__ = [
     "__version__",
@@ -28,6 +30,9 @@ __all__ = [
     "router_aux_scores_backward",
     "router_aux_loss",
     "router_aux_loss_backward",
+    "compress_decode",
+    "compress_prefill",
+    "rope_table",
     "explain",
     "use_variant",
     "autotune",

@@ -1,6 +1,6 @@
 """One module per op family: validation, the public function, its variants' registration."""
 
-from . import router, router_te
+from . import compressor, router, router_te
 
 # op name -> (public function, explain function taking the same arguments)
 OPS = {
@@ -12,4 +12,6 @@ OPS = {
     router_te.AUX_SCORES_BACKWARD_OP: (router_te.router_aux_scores_backward, router_te.explain_aux_scores_backward),
     router_te.AUX_LOSS_OP: (router_te.router_aux_loss, router_te.explain_aux_loss),
     router_te.AUX_LOSS_BACKWARD_OP: (router_te.router_aux_loss_backward, router_te.explain_aux_loss_backward),
+    compressor.DECODE_OP: (compressor.compress_decode, compressor.explain_decode),
+    compressor.PREFILL_OP: (compressor.compress_prefill, compressor.explain_prefill),
 }

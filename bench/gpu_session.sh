@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
 # One device-machine call: install, GPU tests, compute-sanitizer, main job, benchmarks.
-# Logs go to $OUT (or ./gpu_out).  Usage: bash bench/gpu_session.sh [quick]
+# Logs go to $OUT (or ./gpu_out).
+#   bash bench/gpu_session.sh [quick]              everything (quick: no sanitizer)
+#   STAGES="tests compressor" bash bench/gpu_session.sh   only the named stages, of:
+#   tests sanitizer run overhead router compressor
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 py=python3
+STAGES=${STAGES:-"tests cli run sanitizer overhead router compressor"}
+[ "${1:-}" = quick ] && STAGES=${STAGES/sanitizer/}
+want() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 step install
 $py -m pip install -q --no-deps --no-build-isolation -e . -e plugins/ds4kern-cupy-router 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-$py -m ds4kern info 2>&1 | tee "$OUT/info.txt"
-step gpu tests
-$py -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
-step cli tests
-$py -m pytest -q tests/test_cli.py -p no:cacheprovider 2>&1 | tail -3
-step main job
-$py -m ds4kern run --tokens 65536 2>&1 | tee "$OUT/run.txt"
-$py -m ds4kern run --tokens 128 --dtype bfloat16 2>&1 | tee -a "$OUT/run.txt"
-if [ "${1:-}" != quick ]; then
-  step compute-sanitizer
-  timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_router_gpu.py \
-     -k "not largest and not torch" -p no:cacheprovider > "$OUT/sanitizer.txt" 2>&1
-  echo "sanitizer exit $?"; tail -5 "$OUT/sanitizer.txt"
+$py -m ds4kern info 2>&1 | tee "$OUT/info.txt" | head -3
+if want tests; then
+  step gpu tests
+  $py -m pytest -q -m gpu tests/ -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 fi
-step overhead
-$py bench/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
-step bench
-$py bench/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+if want cli; then
+  step cli tests
+  $py -m pytest -q tests/test_cli.py -p no:cacheprovider 2>&1 | tail -3
+fi
+if want run; then
+  step main job
+  $py -m ds4kern run --tokens 65536 2>&1 | tee "$OUT/run.txt"
+  $py -m ds4kern run --tokens 128 --dtype bfloat16 2>&1 | tee -a "$OUT/run.txt"
+fi
+if want sanitizer; then
+  step compute-sanitizer
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_router_gpu.py \
+     -k "not largest and not torch" -p no:cacheprovider > "$OUT/sanitizer.txt" 2>&1
+  echo "sanitizer (router) exit $?"; tail -3 "$OUT/sanitizer.txt"
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_compressor_gpu.py \
+     -k "not largest and not torch and not autotune" -p no:cacheprovider > "$OUT/sanitizer_compressor.txt" 2>&1
+  echo "sanitizer (compressor) exit $?"; tail -3 "$OUT/sanitizer_compressor.txt"
+fi
+if want overhead; then
+  step overhead
+  $py bench/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
+fi
+if want router; then
+  step router bench
+  $py bench/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+fi
+if want compressor; then
+  step compressor bench
+  $py bench/compressor_bench.py ${COMPRESSOR_ARGS:-} --json "$OUT/compressor.json" 2>&1 | tee "$OUT/compressor.txt"
+fi

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import numpy as np
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
 from ds4kern.ops.compressor import coff_of, init_state, pool_groups
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, torch_graph_time
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, host_time, torch_graph_time
 
 ROTATE_BYTES = 200 << 20  # a few times the 50 MB L2 of an H100
 EPS = 1e-6
@@ -132,7 +131,7 @@ def bench(ratios, dims, batches, dtype_name, use_compile, repeat):
                 # buffers like the state so it also comes from HBM
                 row["times_us"]["copy_same_bytes"] = _copy_floor(cp, nbytes, inner, repeat) * 1e6
                 # host cost of one call (validation + dispatch + launch), no sync
-                row["py_us"] = _host_us(cp, lambda: call(0, None, None))
+                row["py_us"] = host_time(lambda: call(0, None, None)) * 1e6
                 if torch is not None:
                     _torch_peers(torch, cp, R, d, inp, sets, nsets, inner, repeat, row, use_compile)
                 best = min((v, k) for k, v in row["times_us"].items() if k.startswith("pool_group"))
@@ -145,7 +144,6 @@ def bench(ratios, dims, batches, dtype_name, use_compile, repeat):
                 print(f"R={R:3d} d={d} B={B:3d} {nbytes / 1e6:8.2f} MB  {ts}  best {best[1]} "
                       f"{row['best_pct_copy']:.0f}% copy  autotune {row['autotune']}  host {row['py_us']:.0f} us",
                       flush=True)
-                del inp, sets
                 cp.get_default_memory_pool().free_all_blocks()
     return results
 
@@ -155,19 +153,7 @@ def _copy_floor(cp, nbytes, inner, repeat):
     k = max(1, min(inner, math.ceil(ROTATE_BYTES / (8 * n))))
     bufs = [(cp.ones(n, cp.float32), cp.empty(n, cp.float32)) for _ in range(k)]
     t = cuda_graph_time(lambda j: cp.copyto(bufs[j % k][1], bufs[j % k][0]), inner=inner, repeat=repeat)
-    del bufs
     return t
-
-
-def _host_us(cp, fn, n=200):
-    fn()
-    cp.cuda.get_current_stream().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n
-    cp.cuda.get_current_stream().synchronize()
-    return t * 1e6
 
 
 def _autotune_pick(cp, call):

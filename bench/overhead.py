@@ -9,24 +9,17 @@ Prints µs per call for: a bare RawKernel launch with prepared arguments, the fu
 import argparse
 import cProfile
 import pstats
-import time
 
 import cupy as cp
 import numpy as np
 
 import ds4kern
 from ds4kern.ops import router as r
+from ds4kern.timing import host_time
 
 
 def per_call(fn, n=3000):
-    fn()
-    cp.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n
-    cp.cuda.Device().synchronize()
-    return t * 1e6
+    return host_time(fn, n) * 1e6
 
 
 def main():

@@ -22,7 +22,7 @@ import numpy as np
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, torch_graph_time
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, host_time, torch_graph_time
 
 CONFIGS = {
     "flash": dict(E=256, k=6, score_function="sqrtsoftplus", scaling_factor=1.5, groups=None),
@@ -126,13 +126,7 @@ def bench(tokens, dtypes, repeat=200, config="flash"):
                     print(f"{v} graph capture failed at T={T} {dtype}: {e}", file=sys.stderr)
                     tg = float("nan")
                 # host cost of one call: many back-to-back launches, no sync inside
-                n = 2000 if T <= 4096 else 200
-                cp.cuda.Device().synchronize()
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    call()
-                host = (time.perf_counter() - t0) / n
-                cp.cuda.Device().synchronize()
+                host = host_time(call, 2000 if T <= 4096 else 200)
                 best = tg if tg == tg else t
                 rows.append(dict(device=name, config=config, dtype=dtype, T=T, impl=v, us=t * 1e6, graph_us=tg * 1e6,
                                  py_us=host * 1e6, gbs=nbytes / best / 1e9, pct_copy=100 * nbytes / best / bw))

@@ -30,6 +30,23 @@ def cuda_time(fn, warmup: int = 10, repeat: int = 100, setup=None) -> float:
     return statistics.median(times)
 
 
+def host_time(fn, n: int = 200) -> float:
+    """Seconds of host time per ``fn()`` over ``n`` back-to-back calls with no synchronisation
+    inside (validation, dispatch and launch cost; the GPU is synchronised before and after)."""
+    import time
+
+    import cupy as cp
+
+    fn()
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n
+    cp.cuda.Device().synchronize()
+    return t
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     import cupy as cp

@@ -345,3 +345,251 @@ __global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __re
     approx[i] = ds4_sqrtsoftplus_approx(x[i]);
     exact[i] = ds4_score_fn(x[i], DS4_SCORE_SQRTSOFTPLUS);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TE dense form and its backward.
+
+template <typename T>
+__device__ __forceinline__ T ds4_from_float(float v);
+template <>
+__device__ __forceinline__ float ds4_from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half ds4_from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 ds4_from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+#define DS4_MAP_NONE 0
+#define DS4_MAP_BYTES 1
+#define DS4_MAP_BITS 2
+#define DS4_MAP_INDICES 3
+#define DS4_DENSE_WARPS 4
+#define DS4_BITMAP_WORDS 96  // E <= 3072
+
+// router_topk_dense_naive<T, VPL>: TE's dense form in one launch.  One warp per token: the naive
+// selection (as router_topk_naive) writes the compact weights to a float32 [T, k] scratch and the
+// indices to the caller's dense index buffer (int16/32/64) or an int32 [T, k] scratch; then the
+// warp writes the dense rows: probs (0 except the selected weights), the float32 intermediate for
+// backward (softmax pre: the full softmax; post: -inf except the softmax over the selected;
+// sigmoid: s; sqrtsoftplus: the logits) and the routing map (bytemap or LSB-first bitmap; none
+// with dense indices).  Owner lanes fill each dense row, __syncwarp orders those stores before
+// the k selected entries are scattered over them.
+// Bytes: T*E*sizeof(T) read; T*E*(sizeof(T) + 4 + map) written (+ T*k*8 scratch, cached).
+template <typename T, int VPL>
+__global__ void router_topk_dense_naive(const T* __restrict__ logits, const float* __restrict__ bias,
+                                        long long num_tokens, int E, int k, int score_fn, int pre_softmax,
+                                        float scaling, float* __restrict__ cw, void* __restrict__ indices,
+                                        int idx_kind, long long i_rs, long long i_cs, T* __restrict__ probs, float* __restrict__ inter,
+                                        unsigned char* __restrict__ map, int map_kind, int num_groups,
+                                        int group_topk) {
+    __shared__ unsigned bits[DS4_DENSE_WARPS][DS4_BITMAP_WORDS];
+    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+    const long long token = (long long)blockIdx.x * DS4_DENSE_WARPS + wib;
+    if (token >= num_tokens) return;  // whole warps leave together
+    const T* row = logits + token * (long long)E;
+    const bool pre = score_fn == DS4_SCORE_SOFTMAX && pre_softmax;
+    float x[VPL], mx, denom;
+    ds4_load_row<T, VPL>(row, lane, E, pre, x, mx, denom);
+    float* wrow = cw + token * (long long)k;
+    ds4_topk_rounds<T, VPL>(row, bias, x, lane, E, k, score_fn, pre, mx, denom, scaling, wrow, 1, indices,
+                            token * i_rs, i_cs, idx_kind, num_groups, group_topk);
+    T* prow = probs + token * (long long)E;
+    float* irow = inter + token * (long long)E;
+    const int nb = (E + 7) >> 3;
+    unsigned char* mrow = map + token * (long long)(map_kind == DS4_MAP_BITS ? nb : E);
+    // (the logits are re-read from cache: keeping x[] alive through the rounds costs registers)
+    for (int e = lane; e < E; e += 32) {
+        prow[e] = ds4_from_float<T>(0.0f);
+        const float xe = ds4_to_float(row[e]);
+        float v;
+        if (score_fn == DS4_SCORE_SOFTMAX) v = pre ? expf(xe - mx) / denom : DS4_NEG_INF;
+        else v = score_fn == DS4_SCORE_SIGMOID ? ds4_score_fn(xe, DS4_SCORE_SIGMOID) : xe;
+        irow[e] = v;
+        if (map_kind == DS4_MAP_BYTES) mrow[e] = 0;
+    }
+    if (map_kind == DS4_MAP_BITS)
+        for (int w = lane; w < DS4_BITMAP_WORDS; w += 32) bits[wib][w] = 0u;
+    __syncwarp();  // the compact outputs of every lane and the fills above, before the scatter
+    const bool post = score_fn == DS4_SCORE_SOFTMAX && !pre;
+    const float x0 = post ? ds4_to_float(row[ds4_load_index(indices, idx_kind, token * i_rs)]) : 0.0f;
+    float part = 0.0f;
+    for (int j = lane; j < k; j += 32) {
+        const int e = ds4_load_index(indices, idx_kind, token * i_rs + j * i_cs);
+        prow[e] = ds4_from_float<T>(wrow[j]);
+        if (map_kind == DS4_MAP_BYTES) mrow[e] = 1;
+        if (map_kind == DS4_MAP_BITS) atomicOr(&bits[wib][e >> 5], 1u << (e & 31));
+        if (post) part += expf(ds4_to_float(row[e]) - x0);
+    }
+    if (post) {
+        const float total = ds4_warp_sum(part);
+        for (int j = lane; j < k; j += 32) {
+            const int e = ds4_load_index(indices, idx_kind, token * i_rs + j * i_cs);
+            irow[e] = expf(ds4_to_float(row[e]) - x0) / total;
+        }
+    }
+    if (map_kind == DS4_MAP_BITS) {
+        __syncwarp();
+        for (int b = lane; b < nb; b += 32) mrow[b] = (unsigned char)(bits[wib][b >> 2] >> (8 * (b & 3)));
+    }
+}
+
+// router_topk_backward_naive<T, V>: grad_logits of the dense form.  One warp per token; each lane
+// takes V consecutive experts at a time (V = 4: vector loads/stores, needs E % 4 == 0 and aligned
+// rows; V = 1 otherwise) and strides over the row twice (sums over the selected set, then the
+// gradient; the second pass re-reads from cache).  routing: bytemap, bitmap, or dense indices
+// (map_kind 3: only the k selected entries are gathered and the rest of the row is zero-filled,
+// except for softmax pre, whose gradient reaches every expert).  g = grad * scaling; act = the
+// forward's intermediate:
+//   softmax:  dot = sum_R g*act; pre: act*(g_R - dot) on every e; post: act*(g - dot) on R.
+//   sigmoid / sqrtsoftplus: s = act or sqrt(softplus(act)); k > 1: S = sum_R s + eps,
+//     D = sum_R g*s, gs = g/S - D/S^2 on R; k = 1: gs = g on R; then * s(1-s), or
+//     * sigmoid(x)/(2s + eps) (x > 20: 1/(2s + eps)) for sqrtsoftplus.
+// Bytes: map: T*E*(2*sizeof(T) + 4 + map); indices: T*k*(sizeof(T) + 4 + idx) + T*E*sizeof(T).
+struct BwdCtx {
+    int score_fn, k;
+    bool softmax, pre;
+    float scaling, s1, s2;  // s1: dot (softmax) or S - eps; s2: D
+};
+
+__device__ __forceinline__ void bwd_accumulate(const BwdCtx& c, float g, float a, float& s1, float& s2) {
+    if (c.softmax) {
+        s1 += g * a;
+    } else {
+        const float s = c.score_fn == DS4_SCORE_SIGMOID ? a : ds4_score_fn(a, DS4_SCORE_SQRTSOFTPLUS);
+        s1 += s;
+        s2 += g * s;
+    }
+}
+
+// gradient of one expert; g is already scaled and zero when not selected
+__device__ __forceinline__ float bwd_value(const BwdCtx& c, float g, float a, bool sel) {
+    const float eps = 1e-20f;
+    if (c.softmax) return (c.pre || sel) ? a * (g - c.s1) : 0.0f;
+    if (!sel) return 0.0f;
+    const float s = c.score_fn == DS4_SCORE_SIGMOID ? a : ds4_score_fn(a, DS4_SCORE_SQRTSOFTPLUS);
+    const float S = c.s1 + eps;
+    const float gs = c.k > 1 ? g / S - c.s2 / (S * S) : g;
+    if (c.score_fn == DS4_SCORE_SIGMOID) return gs * s * (1.0f - s);
+    return gs * ((a > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-a))) / (2.0f * s + eps));
+}
+
+template <typename T, int V>
+struct BwdVec;
+template <typename T>
+struct BwdVec<T, 1> {
+    static __device__ __forceinline__ void load(const T* g, const float* a, float (&gv)[1], float (&av)[1]) {
+        gv[0] = ds4_to_float(*g);
+        av[0] = *a;
+    }
+    static __device__ __forceinline__ void store(T* o, const float (&v)[1]) { *o = ds4_from_float<T>(v[0]); }
+};
+template <typename T>
+struct BwdVec<T, 4> {
+    static __device__ __forceinline__ void load(const T* g, const float* a, float (&gv)[4], float (&av)[4]) {
+        if constexpr (sizeof(T) == 4) {
+            const float4 x = *reinterpret_cast<const float4*>(g);
+            gv[0] = x.x; gv[1] = x.y; gv[2] = x.z; gv[3] = x.w;
+        } else {
+            const uint2 u = *reinterpret_cast<const uint2*>(g);
+            const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) gv[i] = ds4_to_float(h[i]);
+        }
+        const float4 y = *reinterpret_cast<const float4*>(a);
+        av[0] = y.x; av[1] = y.y; av[2] = y.z; av[3] = y.w;
+    }
+    static __device__ __forceinline__ void store(T* o, const float (&v)[4]) {
+        if constexpr (sizeof(T) == 4) {
+            *reinterpret_cast<float4*>(o) = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+            uint2 u;
+            T* h = reinterpret_cast<T*>(&u);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) h[i] = ds4_from_float<T>(v[i]);
+            *reinterpret_cast<uint2*>(o) = u;
+        }
+    }
+};
+
+// selection bits of experts e .. e + V - 1 (bit i: expert e + i)
+template <int V>
+__device__ __forceinline__ unsigned bwd_sel(const unsigned char* __restrict__ m, int map_kind, int e) {
+    if (map_kind == DS4_MAP_BITS) return (m[e >> 3] >> (e & 7)) & ((1u << V) - 1u);
+    if (V == 4) {
+        const uchar4 b = *reinterpret_cast<const uchar4*>(m + e);
+        return (b.x != 0) | ((b.y != 0) << 1) | ((b.z != 0) << 2) | ((b.w != 0) << 3);
+    }
+    return m[e] != 0;
+}
+
+template <typename T, int V>
+__global__ void router_topk_backward_naive(const T* __restrict__ grad, const float* __restrict__ inter,
+                                           const void* __restrict__ routing, int map_kind, int idx_kind,
+                                           long long i_rs, long long i_cs, long long num_tokens, int E, int k,
+                                           int score_fn, int pre_softmax, float scaling, T* __restrict__ grad_logits) {
+    const int lane = threadIdx.x & 31;
+    const long long token = (long long)blockIdx.x * DS4_DENSE_WARPS + (threadIdx.x >> 5);
+    if (token >= num_tokens) return;
+    const T* grow = grad + token * (long long)E;
+    const float* arow = inter + token * (long long)E;
+    T* orow = grad_logits + token * (long long)E;
+    BwdCtx c;
+    c.score_fn = score_fn;
+    c.k = k;
+    c.softmax = score_fn == DS4_SCORE_SOFTMAX;
+    c.pre = c.softmax && pre_softmax;
+    c.scaling = scaling;
+    float s1 = 0.0f, s2 = 0.0f;
+    if (map_kind == DS4_MAP_INDICES) {
+        const long long irow = token * i_rs;
+        // the unselected entries: zero (written first, overlapping the gathers' latency), or
+        // -act*dot for softmax pre (after the sums)
+        if (!c.pre) {
+            const float zero[V] = {};
+            for (int e = V * lane; e < E; e += 32 * V) BwdVec<T, V>::store(orow + e, zero);
+        }
+        for (int j = lane; j < k; j += 32) {
+            const int e = ds4_load_index(routing, idx_kind, irow + j * i_cs);
+            bwd_accumulate(c, ds4_to_float(grow[e]) * scaling, arow[e], s1, s2);
+        }
+        c.s1 = ds4_warp_sum(s1);
+        c.s2 = ds4_warp_sum(s2);
+        if (c.pre) {
+            for (int e = V * lane; e < E; e += 32 * V) {
+                float gv[V], av[V], out[V];
+                BwdVec<T, V>::load(grow + e, arow + e, gv, av);
+#pragma unroll
+                for (int i = 0; i < V; ++i) out[i] = av[i] * (0.0f - c.s1);
+                BwdVec<T, V>::store(orow + e, out);
+            }
+        }
+        __syncwarp();
+        for (int j = lane; j < k; j += 32) {
+            const int e = ds4_load_index(routing, idx_kind, irow + j * i_cs);
+            orow[e] = ds4_from_float<T>(bwd_value(c, ds4_to_float(grow[e]) * scaling, arow[e], true));
+        }
+        return;
+    }
+    const unsigned char* m = static_cast<const unsigned char*>(routing) +
+                             token * (long long)(map_kind == DS4_MAP_BITS ? (E + 7) >> 3 : E);
+    for (int e = V * lane; e < E; e += 32 * V) {
+        float gv[V], av[V];
+        BwdVec<T, V>::load(grow + e, arow + e, gv, av);
+        const unsigned sel = bwd_sel<V>(m, map_kind, e);
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+            if ((sel >> i) & 1u) bwd_accumulate(c, gv[i] * scaling, av[i], s1, s2);
+    }
+    c.s1 = ds4_warp_sum(s1);
+    c.s2 = ds4_warp_sum(s2);
+    for (int e = V * lane; e < E; e += 32 * V) {
+        float gv[V], av[V], out[V];
+        BwdVec<T, V>::load(grow + e, arow + e, gv, av);
+        const unsigned sel = bwd_sel<V>(m, map_kind, e);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const bool on = (sel >> i) & 1u;
+            out[i] = bwd_value(c, on ? gv[i] * scaling : 0.0f, av[i], on);
+        }
+        BwdVec<T, V>::store(orow + e, out);
+    }
+}

@@ -459,11 +459,23 @@ def _threshold_name(dtype: str, vpl: int) -> str:
 
 SSP_PROBE = "router_ssp_approx_probe<0>"
 
+
+def dense_name(dtype: str, vpl: int) -> str:
+    """TE dense form (ds4kern.ops.router_te), same source."""
+    return f"router_topk_dense_naive<{_CTYPE[dtype]}, {vpl}>"
+
+
+def backward_name(dtype: str, vec: int) -> str:
+    return f"router_topk_backward_naive<{_CTYPE[dtype]}, {vec}>"
+
+
 ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router.cu",
     tuple(_naive_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
     + tuple(_threshold_name(d, v) for d in _CTYPE for v in THRESHOLD_VPL)
-    + (SSP_PROBE,),
+    + (SSP_PROBE,)
+    + tuple(dense_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
+    + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4)),
 ))
 
 

@@ -573,12 +573,69 @@ def explain_aux_loss_backward(grad_loss, probs_like, tokens_per_expert, *, topk,
     return dispatch.decide(AUX_LOSS_BACKWARD_OP, args.problem, variant)
 
 
+# ---------------------------------------------------------------------------------------
+# CUDA variants (kernels in router.cu)
+
+MAP_KIND = {"bytemap": 1, "bitmap": 2, "indices": 3}
+TE_WARPS = 4  # warps (tokens) per block, DS4_DENSE_WARPS in router.cu
+
+
+def _dense_supports(p: DenseProblem) -> Optional[str]:
+    if p.num_experts > _r.NAIVE_MAX_E:
+        return f"E={p.num_experts} exceeds {_r.NAIVE_MAX_E}, the most one warp holds in registers"
+    if p.num_groups and (p.num_experts > 1024 or p.num_groups > 32):
+        return "group-limited routing needs E <= 1024 and num_groups <= 32 in this kernel"
+    return None
+
+
+def _dense_naive(a: DenseArgs) -> None:
+    T, E = a.logits.shape
+    k, p = a.topk, a.problem
+    vpl = next(v for v in _r.NAIVE_VPL if 32 * v >= E)
+    cw = a.frame.empty((T, k), np.float32)
+    if p.output.startswith("indices"):
+        idx, kind, out_map = a.routing, _r.IDX_KIND[dtype_name(a.routing.dtype)], np.uint64(0)
+        map_kind = 0
+    else:
+        idx, kind = a.frame.empty((T, k), np.int32), _r.IDX_KIND["int32"]
+        out_map, map_kind = a.routing, MAP_KIND[p.output]
+    bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)
+    kern = _r.ROUTER_KERNELS.kernel(_r.dense_name(p.dtype, vpl))
+    kern(((T + TE_WARPS - 1) // TE_WARPS,), (32 * TE_WARPS,),
+         (a.logits, bias, np.int64(T), np.int32(E), np.int32(k), np.int32(_r.SCORE_FUNCTIONS[a.score_function]),
+          np.int32(a.use_pre_softmax), np.float32(a.scaling_factor), cw, idx, np.int32(kind),
+          np.int64(idx.strides[0] // idx.itemsize), np.int64(idx.strides[1] // idx.itemsize),
+          a.probs, a.intermediate, out_map, np.int32(map_kind), np.int32(p.num_groups), np.int32(p.group_topk)))
+
+
+def _backward_naive(a: BackwardArgs) -> None:
+    T, E = a.grad_probs.shape
+    p = a.problem
+    r = a.routing
+    if p.source == "indices":
+        kind, i_rs, i_cs = _r.IDX_KIND[dtype_name(r.dtype)], r.strides[0] // r.itemsize, r.strides[1] // r.itemsize
+    else:
+        kind, i_rs, i_cs = 0, 0, 0
+    # 4 experts per lane access when every row starts 16-byte aligned (E % 4 == 0, aligned bases)
+    vec = 4 if E % 4 == 0 and all(x.data.ptr % 16 == 0 for x in (a.grad_probs, a.intermediate, a.grad_logits)) \
+        and (p.source == "indices" or r.data.ptr % 4 == 0) else 1
+    kern = _r.ROUTER_KERNELS.kernel(_r.backward_name(p.dtype, vec))
+    kern(((T + TE_WARPS - 1) // TE_WARPS,), (32 * TE_WARPS,),
+         (a.grad_probs, a.intermediate, r, np.int32(MAP_KIND[p.source]), np.int32(kind), np.int64(i_rs),
+          np.int64(i_cs), np.int64(T), np.int32(E), np.int32(a.topk), np.int32(_r.SCORE_FUNCTIONS[a.score_function]),
+          np.int32(a.use_pre_softmax), np.float32(a.scaling_factor), a.grad_logits))
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(DENSE_OP, "reference", "numpy", _reference_dense,
                      description="numpy; dense probs, routing map or indices, intermediate"))
+    register(Variant(DENSE_OP, "naive", "cuda", _dense_naive, supports=_dense_supports, cost=1.0,
+                     description="one warp per token: the naive selection, then the dense rows (one launch)"))
     register(Variant(BACKWARD_OP, "reference", "numpy", _reference_backward,
                      description="numpy; from a bytemap, bitmap or dense indices"))
+    register(Variant(BACKWARD_OP, "naive", "cuda", _backward_naive, cost=1.0,
+                     description="one warp per token, two passes over the row (dense indices: k gathers)"))
     register(Variant(AUX_SCORES_OP, "reference", "numpy", _reference_aux_scores, description="numpy"))
     register(Variant(AUX_SCORES_BACKWARD_OP, "reference", "numpy", _reference_aux_scores_backward,
                      description="numpy"))

@@ -1,0 +1,129 @@
+"""TE dense form and backward, CUDA `naive` against the reference backend, over the spec's TE
+sweep (T in {2048, 7168, 8992, 14234}, E in {32, 128, 1024}, k in {4, 8, 16, 32}, groups,
+scaling, bias, index dtypes, bitmap shapes, leading dims) plus odd sizes.  Outputs are poisoned
+before each run (the kernels allocate their own, so the poison goes into caller-given index
+buffers; dense rows must be written everywhere, which the comparison with the reference checks).
+"""
+
+import numpy as np
+import pytest
+
+import ds4kern
+from ds4kern._arrays import BFLOAT16
+from ds4kern.checks import router_tolerances
+from ds4kern.ops.router_te import unpack_bitmap
+
+pytestmark = pytest.mark.gpu
+
+MODES = [("softmax", False), ("softmax", True), ("sigmoid", False), ("sqrtsoftplus", False)]
+
+
+def check_dense(cp, x, k, rng, out="bytemap", idx_dtype=None, **kw):
+    """GPU naive vs reference; returns (gpu outputs, reference outputs) as numpy."""
+    E = x.shape[-1]
+    x_d = cp.asarray(x)
+    dkw = dict(kw)
+    if kw.get("expert_bias") is not None:
+        dkw["expert_bias"] = cp.asarray(kw["expert_bias"])
+    if idx_dtype is not None:
+        buf_h = np.full(x.shape[:-1] + (k,), -1, idx_dtype)
+        buf_d = cp.asarray(buf_h)
+        ref = ds4kern.router_topk_dense(x, k, topk_indices=buf_h, **kw)
+        got = ds4kern.router_topk_dense(x_d, k, topk_indices=buf_d, variant="naive", **dkw)
+        assert got[1] is buf_d
+    else:
+        ref = ds4kern.router_topk_dense(x, k, routing_map=out, **kw)
+        got = ds4kern.router_topk_dense(x_d, k, routing_map=out, variant="naive", **dkw)
+    p_r, i_r, in_r = ref
+    p_d, i_d, in_d = (cp.asnumpy(a) for a in got)
+    atol, rtol = router_tolerances(E)
+    if x.dtype != np.float32:
+        atol, rtol = max(atol, 8e-3), max(rtol, 8e-3)
+    # selections (map or index rows) exact except where scores tie within float32 rounding
+    lead = p_r.shape[:-1]
+    same = (i_d == i_r).reshape(lead + (-1,)).all(-1)
+    assert same.mean() > 0.995, f"{(~same).sum()} rows select other experts"
+    np.testing.assert_allclose(p_d[same].astype(np.float32), p_r[same].astype(np.float32), atol=atol, rtol=rtol)
+    fin = np.isfinite(in_r[same])
+    assert (np.isfinite(in_d[same]) == fin).all()
+    np.testing.assert_allclose(in_d[same][fin], in_r[same][fin], atol=atol, rtol=max(rtol, 2e-6))
+    return (p_d, i_d, in_d), ref
+
+
+SWEEP_EK = [(32, 4), (128, 8), (128, 16), (1024, 32), (1024, 4)]
+
+
+@pytest.mark.parametrize("T", [2048, 7168, 8992, 14234])
+@pytest.mark.parametrize("E,k", SWEEP_EK)
+def test_te_sweep_forward_and_backward(cp, rng, T, E, k):
+    sf, pre = MODES[([2048, 7168, 8992, 14234].index(T) + SWEEP_EK.index((E, k))) % 4]  # every mode, every T
+    x = (2 * rng.standard_normal((T, E))).astype(np.float32)
+    kw = dict(score_function=sf, use_pre_softmax=pre, scaling_factor=1.2 if T % 2 else None)
+    if sf != "softmax" and T != 7168:
+        kw["expert_bias"] = (0.2 * rng.standard_normal(E)).astype(np.float32)
+    if T in (8992, 14234) and E >= 128 and not pre:
+        kw.update(num_groups=8, group_topk=4)
+    out = ("bytemap", "bitmap")[T % 3 == 0]
+    _, (p_r, m_r, in_r) = check_dense(cp, x, k, rng, out=out, **kw)
+    # backward from the map and from dense indices: both equal the reference
+    G = rng.standard_normal((T, E)).astype(np.float32)
+    bkw = dict(topk=k, score_function=sf, use_pre_softmax=pre, scaling_factor=kw["scaling_factor"])
+    g_r = ds4kern.router_topk_backward(G, in_r, routing_map=m_r, **bkw)
+    g_map = cp.asnumpy(ds4kern.router_topk_backward(cp.asarray(G), cp.asarray(in_r), routing_map=cp.asarray(m_r),
+                                                    variant="naive", **bkw))
+    idx = np.argsort(~(m_r if out == "bytemap" else unpack_bitmap(m_r, E)), axis=-1, kind="stable")[:, :k]
+    g_idx = cp.asnumpy(ds4kern.router_topk_backward(cp.asarray(G), cp.asarray(in_r),
+                                                    topk_indices=cp.asarray(idx.astype(np.int32)), variant="naive",
+                                                    **bkw))
+    scale = np.abs(g_r).max() + 1e-30
+    np.testing.assert_allclose(g_map, g_r, atol=2e-6 * scale, rtol=2e-5)
+    np.testing.assert_allclose(g_idx, g_r, atol=2e-6 * scale, rtol=2e-5)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int16, np.int32, np.int64])
+def test_dense_indices_and_leading_dims(cp, rng, idx_dtype):
+    x = (2 * rng.standard_normal((128, 2, 32, 128))).astype(np.float32)
+    check_dense(cp, x, 8, rng, idx_dtype=idx_dtype, score_function="sigmoid",
+                expert_bias=(0.1 * rng.standard_normal(128)).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,k", [((128, 32), 4), ((256, 128), 8), ((256, 130), 8), ((128, 1024), 16)])
+def test_bitmap_shapes(cp, rng, shape, k):
+    x = rng.standard_normal(shape).astype(np.float32)
+    (_, bits, _), _ = check_dense(cp, x, k, rng, out="bitmap", score_function="softmax")
+    assert bits.shape == shape[:-1] + ((shape[-1] + 7) // 8,) and bits.dtype == np.uint8
+    assert (unpack_bitmap(bits, shape[-1]).sum(-1) == k).all()
+
+
+@pytest.mark.parametrize("E,k", [(130, 1), (130, 130), (2304, 16), (7, 7)])
+@pytest.mark.parametrize("T", [1, 33])
+def test_odd_sizes(cp, rng, E, k, T):
+    x = rng.standard_normal((T, E)).astype(np.float32)
+    check_dense(cp, x, k, rng, score_function="sqrtsoftplus")
+    check_dense(cp, x, k, rng, out="bitmap", score_function="softmax", use_pre_softmax=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+def test_narrow_logits_and_grads(cp, rng, dtype):
+    x = rng.standard_normal((512, 256)).astype(dtype)
+    check_dense(cp, x, 6, rng, score_function="sqrtsoftplus", scaling_factor=1.5,
+                expert_bias=(0.1 * rng.standard_normal(256)).astype(np.float32))
+    p, m, inter = ds4kern.router_topk_dense(x, 6, score_function="sigmoid")
+    G = rng.standard_normal((512, 256)).astype(dtype)
+    g_r = ds4kern.router_topk_backward(G, inter, topk=6, routing_map=m, score_function="sigmoid")
+    g_d = ds4kern.router_topk_backward(cp.asarray(G), cp.asarray(inter), topk=6, routing_map=cp.asarray(m),
+                                       score_function="sigmoid", variant="naive")
+    assert g_d.dtype == dtype
+    np.testing.assert_allclose(cp.asnumpy(g_d).astype(np.float32), g_r.astype(np.float32), atol=1e-2, rtol=1e-2)
+
+
+def test_empty_and_dispatch(cp, rng):
+    x = cp.zeros((0, 64), cp.float32)
+    p, m, inter = ds4kern.router_topk_dense(x, 4)
+    assert p.shape == (0, 64) and m.shape == (0, 64)
+    y = cp.asarray(rng.standard_normal((8, 64)).astype(np.float32))
+    d = ds4kern.explain("router_topk_dense", y, 4)
+    assert d.chosen.name == "naive"
+    _, m, inter = ds4kern.router_topk_dense(y, 4)
+    d = ds4kern.explain("router_topk_backward", y, inter, topk=4, routing_map=m)
+    assert d.chosen.name == "naive"

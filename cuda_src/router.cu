@@ -362,6 +362,7 @@ __device__ __forceinline__ __nv_bfloat16 ds4_from_float<__nv_bfloat16>(float v) 
 #define DS4_MAP_BYTES 1
 #define DS4_MAP_BITS 2
 #define DS4_MAP_INDICES 3
+#define DS4_MAP_ALL 4  // every expert counts as selected (the aux-loss scores' backward)
 #define DS4_DENSE_WARPS 4
 #define DS4_BITMAP_WORDS 96  // E <= 3072
 
@@ -513,6 +514,7 @@ struct BwdVec<T, 4> {
 // selection bits of experts e .. e + V - 1 (bit i: expert e + i)
 template <int V>
 __device__ __forceinline__ unsigned bwd_sel(const unsigned char* __restrict__ m, int map_kind, int e) {
+    if (map_kind == DS4_MAP_ALL) return (1u << V) - 1u;
     if (map_kind == DS4_MAP_BITS) return (m[e >> 3] >> (e & 7)) & ((1u << V) - 1u);
     if (V == 4) {
         const uchar4 b = *reinterpret_cast<const uchar4*>(m + e);
@@ -569,8 +571,9 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
         }
         return;
     }
-    const unsigned char* m = static_cast<const unsigned char*>(routing) +
-                             token * (long long)(map_kind == DS4_MAP_BITS ? (E + 7) >> 3 : E);
+    const unsigned char* m = map_kind == DS4_MAP_ALL ? nullptr
+                             : static_cast<const unsigned char*>(routing) +
+                                   token * (long long)(map_kind == DS4_MAP_BITS ? (E + 7) >> 3 : E);
     for (int e = V * lane; e < E; e += 32 * V) {
         float gv[V], av[V];
         BwdVec<T, V>::load(grow + e, arow + e, gv, av);
@@ -591,5 +594,64 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
             out[i] = bwd_value(c, on ? gv[i] * scaling : 0.0f, av[i], on);
         }
         BwdVec<T, V>::store(orow + e, out);
+    }
+}
+
+// router_aux_scores_naive<T, VPL>: scores for the load-balancing loss.  One warp per token, lane l
+// holds experts l + 32 i: p = softmax(x) over E, or s / (sum_E s + 1e-20) for sigmoid /
+// sqrtsoftplus; the routing map marks the top-k of p (k rounds of warp arg-max on order keys:
+// larger first, lower index on ties); the intermediate is p (softmax), s (sigmoid) or x.
+// Bytes: T*E*sizeof(T) read, T*E*(4 + 1 + 4) written.
+template <typename T, int VPL>
+__global__ void router_aux_scores_naive(const T* __restrict__ logits, long long num_tokens, int E, int k,
+                                        int score_fn, float* __restrict__ scores, unsigned char* __restrict__ map,
+                                        float* __restrict__ inter) {
+    const int lane = threadIdx.x & 31;
+    const long long token = (long long)blockIdx.x * DS4_DENSE_WARPS + (threadIdx.x >> 5);
+    if (token >= num_tokens) return;
+    const T* row = logits + token * (long long)E;
+    const bool softmax = score_fn == DS4_SCORE_SOFTMAX;
+    float x[VPL], mx, denom;
+    ds4_load_row<T, VPL>(row, lane, E, softmax, x, mx, denom);
+    float p[VPL];
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const bool in = lane + 32 * i < E;
+        p[i] = !in ? 0.0f : softmax ? expf(x[i] - mx) / denom : ds4_score_fn(x[i], score_fn);
+        part += p[i];
+    }
+    if (!softmax) {
+        const float S = ds4_warp_sum(part) + 1e-20f;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+            const int e = lane + 32 * i;
+            if (e < E) inter[token * (long long)E + e] = score_fn == DS4_SCORE_SIGMOID ? p[i] : x[i];
+            p[i] = p[i] / S;
+        }
+    }
+    unsigned key[VPL];
+    unsigned sel = 0u;  // bit i: expert lane + 32 i is selected (VPL <= 32 here)
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) key[i] = lane + 32 * i < E ? ds4_order_key(p[i]) : 0u;
+    for (int r = 0; r < k; ++r) {
+        unsigned bk = 0u;
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (key[i] > bk) { bk = key[i]; be = lane + 32 * i; }
+        const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
+        const int e = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (lane + 32 * i == e) { key[i] = 0u; sel |= 1u << i; }
+    }
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e >= E) continue;
+        scores[token * (long long)E + e] = p[i];
+        map[token * (long long)E + e] = (sel >> i) & 1u;
+        if (softmax) inter[token * (long long)E + e] = p[i];
     }
 }

@@ -127,3 +127,39 @@ def test_empty_and_dispatch(cp, rng):
     _, m, inter = ds4kern.router_topk_dense(y, 4)
     d = ds4kern.explain("router_topk_backward", y, inter, topk=4, routing_map=m)
     assert d.chosen.name == "naive"
+
+
+@pytest.mark.parametrize("sf", ["softmax", "sigmoid", "sqrtsoftplus"])
+@pytest.mark.parametrize("T,E,k", [(2048, 32, 4), (2048, 128, 8), (7168, 1024, 32), (33, 130, 5), (1, 7, 7)])
+def test_aux_scores_and_backward(cp, rng, sf, T, E, k):
+    x = (2 * rng.standard_normal((T, E))).astype(np.float32)
+    p_r, m_r, in_r = ds4kern.router_aux_scores(x, k, score_function=sf)
+    p_d, m_d, in_d = (cp.asnumpy(a) for a in ds4kern.router_aux_scores(cp.asarray(x), k, score_function=sf,
+                                                                        variant="naive"))
+    atol, rtol = router_tolerances(E)
+    np.testing.assert_allclose(p_d, p_r, atol=atol, rtol=rtol)
+    np.testing.assert_allclose(in_d, in_r, atol=atol, rtol=max(rtol, 2e-6))
+    same = (m_d == m_r).all(-1)
+    assert same.mean() > 0.995 and (m_d.sum(-1) == k).all()
+    G = rng.standard_normal((T, E)).astype(np.float32)
+    g_r = ds4kern.router_aux_scores_backward(G, in_r, score_function=sf)
+    g_d = cp.asnumpy(ds4kern.router_aux_scores_backward(cp.asarray(G), cp.asarray(in_r), score_function=sf,
+                                                        variant="naive"))
+    np.testing.assert_allclose(g_d, g_r, atol=2e-6 * (np.abs(g_r).max() + 1e-30), rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BFLOAT16])
+def test_aux_loss_and_backward_deterministic(cp, rng, dtype):
+    T, E, k = 14234, 256, 6
+    probs = rng.random((T, E)).astype(dtype)
+    tpe = rng.integers(0, 400, E).astype(np.int64)
+    l_r = ds4kern.router_aux_loss(probs, tpe, topk=k, coeff=1e-2)
+    p_d, t_d = cp.asarray(probs), cp.asarray(tpe)
+    l_d = [float(ds4kern.router_aux_loss(p_d, t_d, topk=k, coeff=1e-2, variant="naive")) for _ in range(3)]
+    assert l_d[0] == l_d[1] == l_d[2]  # same bits every run
+    assert l_d[0] == pytest.approx(float(l_r), rel=1e-5)
+    for gl in (0.5, cp.asarray(np.float32(0.5))):
+        g_d = ds4kern.router_aux_loss_backward(gl, p_d, t_d, topk=k, coeff=1e-2, variant="naive")
+        g_r = ds4kern.router_aux_loss_backward(0.5, probs, tpe, topk=k, coeff=1e-2)
+        assert g_d.dtype == dtype and g_d.shape == (T, E)
+        np.testing.assert_allclose(cp.asnumpy(g_d).astype(np.float32), g_r.astype(np.float32), rtol=1e-6)

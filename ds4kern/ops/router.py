@@ -469,13 +469,21 @@ def backward_name(dtype: str, vec: int) -> str:
     return f"router_topk_backward_naive<{_CTYPE[dtype]}, {vec}>"
 
 
+AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
+
+
+def aux_scores_name(dtype: str, vpl: int) -> str:
+    return f"router_aux_scores_naive<{_CTYPE[dtype]}, {vpl}>"
+
+
 ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router.cu",
     tuple(_naive_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
     + tuple(_threshold_name(d, v) for d in _CTYPE for v in THRESHOLD_VPL)
     + (SSP_PROBE,)
     + tuple(dense_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
-    + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4)),
+    + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4))
+    + tuple(aux_scores_name(d, v) for d in _CTYPE for v in AUX_VPL),
 ))
 
 

@@ -626,6 +626,49 @@ def _backward_naive(a: BackwardArgs) -> None:
           np.int32(a.use_pre_softmax), np.float32(a.scaling_factor), a.grad_logits))
 
 
+def _aux_scores_supports(p: AuxProblem) -> Optional[str]:
+    if p.num_experts > 32 * _r.AUX_VPL[-1]:
+        return f"E={p.num_experts} exceeds {32 * _r.AUX_VPL[-1]} in this kernel"
+    return None
+
+
+def _aux_scores_naive(a: AuxArgs) -> None:
+    x = a.arrays["logits"]
+    T, E = x.shape
+    vpl = next(v for v in _r.AUX_VPL if 32 * v >= E)
+    kern = _r.ROUTER_KERNELS.kernel(_r.aux_scores_name(a.problem.dtype, vpl))
+    scores, mask, inter = a.out
+    kern(((T + TE_WARPS - 1) // TE_WARPS,), (32 * TE_WARPS,),
+         (x, np.int64(T), np.int32(E), np.int32(a.params["topk"]), np.int32(_r.SCORE_FUNCTIONS[a.params["score_function"]]),
+          scores, mask, inter))
+
+
+def _aux_scores_backward_naive(a: AuxArgs) -> None:
+    g, inter = a.arrays["grad"], a.arrays["inter"]
+    T, E = g.shape
+    vec = 4 if E % 4 == 0 and all(v.data.ptr % 16 == 0 for v in (g, inter, a.out)) else 1
+    kern = _r.ROUTER_KERNELS.kernel(_r.backward_name(a.problem.dtype, vec))
+    # the dense backward with every expert selected; k = 2 keeps the normalisation on (E = 1 too)
+    kern(((T + TE_WARPS - 1) // TE_WARPS,), (32 * TE_WARPS,),
+         (g, inter, np.uint64(0), np.int32(4), np.int32(0), np.int64(0), np.int64(0), np.int64(T), np.int32(E),
+          np.int32(2), np.int32(_r.SCORE_FUNCTIONS[a.params["score_function"]]), np.int32(0), np.float32(1.0), a.out))
+
+
+def _aux_loss_cupy(a: AuxArgs) -> None:
+    cp = a.frame.cp
+    col = a.arrays["probs"].astype(cp.float32, copy=False).sum(axis=0, dtype=cp.float32)
+    total = (col * a.arrays["tpe"].astype(cp.float32, copy=False)).sum(dtype=cp.float32)
+    cp.multiply(total, a.params["c"], out=a.out)
+
+
+def _aux_loss_backward_cupy(a: AuxArgs) -> None:
+    cp = a.frame.cp
+    gl = a.arrays["grad_loss"]
+    g = gl.reshape(()).astype(cp.float32) if isinstance(gl, cp.ndarray) else cp.float32(gl)
+    row = a.arrays["tpe"].astype(cp.float32) * a.params["c"] * g
+    a.out[...] = cp.broadcast_to(row, a.out.shape).astype(a.out.dtype)
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(DENSE_OP, "reference", "numpy", _reference_dense,
@@ -637,9 +680,17 @@ def ds4kern_register_variants(register):
     register(Variant(BACKWARD_OP, "naive", "cuda", _backward_naive, cost=1.0,
                      description="one warp per token, two passes over the row (dense indices: k gathers)"))
     register(Variant(AUX_SCORES_OP, "reference", "numpy", _reference_aux_scores, description="numpy"))
+    register(Variant(AUX_SCORES_OP, "naive", "cuda", _aux_scores_naive, supports=_aux_scores_supports,
+                     description="one warp per token: normalised scores, top-k map by warp arg-max rounds"))
     register(Variant(AUX_SCORES_BACKWARD_OP, "reference", "numpy", _reference_aux_scores_backward,
                      description="numpy"))
+    register(Variant(AUX_SCORES_BACKWARD_OP, "naive", "cuda", _aux_scores_backward_naive,
+                     description="the dense backward kernel with every expert selected"))
     register(Variant(AUX_LOSS_OP, "reference", "numpy", _reference_aux_loss,
                      description="numpy, fixed summation order"))
+    register(Variant(AUX_LOSS_OP, "naive", "cuda", _aux_loss_cupy,
+                     description="CuPy reductions: column sums, then the dot product (fixed order, no atomics)"))
     register(Variant(AUX_LOSS_BACKWARD_OP, "reference", "numpy", _reference_aux_loss_backward,
                      description="numpy"))
+    register(Variant(AUX_LOSS_BACKWARD_OP, "naive", "cuda", _aux_loss_backward_cupy,
+                     description="CuPy broadcast of tokens_per_expert * c * grad_loss"))

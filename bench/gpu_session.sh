@@ -3,7 +3,7 @@
 # Logs go to $OUT (or ./gpu_out).
 #   bash bench/gpu_session.sh [quick]              everything (quick: no sanitizer)
 #   STAGES="tests compressor" bash bench/gpu_session.sh   only the named stages, of:
-#   tests sanitizer run overhead router compressor
+#   tests cli run sanitizer overhead router compressor
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -37,6 +37,9 @@ if want sanitizer; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_compressor_gpu.py \
      -k "not largest and not torch and not autotune" -p no:cacheprovider > "$OUT/sanitizer_compressor.txt" 2>&1
   echo "sanitizer (compressor) exit $?"; tail -3 "$OUT/sanitizer_compressor.txt"
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_router_te_gpu.py \
+     -k "bitmap or odd or indices or narrow or empty or aux" -p no:cacheprovider > "$OUT/sanitizer_te.txt" 2>&1
+  echo "sanitizer (TE forms) exit $?"; tail -3 "$OUT/sanitizer_te.txt"
 fi
 if want overhead; then
   step overhead

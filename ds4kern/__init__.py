@@ -17,6 +17,7 @@ from .ops.compressor import compress_decode, compress_prefill
 from .ops.router import router_hash, router_topk
 from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
                              router_aux_scores_backward, router_topk_backward, router_topk_dense)
+from .recorder import LocalityRecorder
 from .registry import PluginWarning, Variant, registry
 from .rope import rope_table
 
@@ -33,6 +34,7 @@ __all__ = [
     "compress_decode",
     "compress_prefill",
     "rope_table",
+    "LocalityRecorder",
     "explain",
     "use_variant",
     "autotune",

@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "DEFINITIONS", "layer_stats", "stack_distances", "analyze", "summary_text"]
+__all__ = ["SCHEMA_VERSION", "DEFINITIONS", "layer_stats", "layer_counts", "layer_from_counts", "stack_distances",
+           "analyze", "assemble_report", "summary_text"]
 
 SCHEMA_VERSION = 1
 DEFINITIONS = {
@@ -139,17 +140,58 @@ def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarr
                 positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None,
                 hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16) -> dict:
     """Statistics of one layer (see the module docstring); ``ids`` and ``weights`` ``[R, k]``."""
+    return layer_from_counts(**layer_counts(ids, num_experts, weights=weights, positions=positions,
+                                            seq_ids=seq_ids), hash_router=hash_router, cache_sizes=cache_sizes,
+                             top_n=top_n)
+
+
+def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarray] = None,
+                 positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None) -> dict:
+    """The counters every statistic comes from (what the GPU recorder accumulates online):
+    ``hist`` / ``wsum`` per expert, ``dist`` / ``wdist`` per LRU stack distance (bin E: first
+    access), adjacent ``pairs``, same-slot matches ``eq``, and ``iu[inter, union]`` counts."""
     ids = np.asarray(ids)
     R, k = ids.shape
     E = int(num_experts)
     valid = (ids >= 0) & (ids < E)
-    sel = int(valid.sum())
     e = ids[valid].astype(np.int64)
     hist = np.bincount(e, minlength=E)[:E]
     w = None if weights is None else np.asarray(weights, np.float64)
     wsum = None if w is None else np.bincount(e, weights=w[valid], minlength=E)[:E]
-    total_w = None if w is None else float(w[valid].sum())
-    # top experts
+    pos = np.arange(R) if positions is None else np.asarray(positions).astype(np.int64)
+    sq = np.zeros(R, np.int64) if seq_ids is None else np.asarray(seq_ids).astype(np.int64)
+    a, b = _adjacent_pairs(pos, sq)
+    iu = np.zeros((k + 1, 2 * k + 1), np.int64)
+    eq_sum = 0
+    if len(a):
+        A, B = ids[a], ids[b]
+        va, vb = valid[a], valid[b]
+        eq = (A[:, :, None] == B[:, None, :]) & va[:, :, None] & vb[:, None, :]
+        # distinct valid ids per record (duplicates inside a record count once)
+        dupA = np.triu((A[:, :, None] == A[:, None, :]) & va[:, :, None] & va[:, None, :], 1).any(1)
+        dupB = np.triu((B[:, :, None] == B[:, None, :]) & vb[:, :, None] & vb[:, None, :], 1).any(1)
+        firstA = va & ~dupA
+        inter = (eq.any(2) & firstA).sum(1)
+        union = firstA.sum(1) + (vb & ~dupB).sum(1) - inter
+        np.add.at(iu, (inter, union), 1)
+        eq_sum = int(((A == B) & va & vb).sum())
+    dist, _ = stack_distances(ids, E)
+    d = np.where(dist[valid] < 0, E, dist[valid])
+    wv = None if w is None else w[valid]
+    return {"num_experts": E, "k": k, "records": R, "hist": hist, "wsum": wsum,
+            "dist": np.bincount(d, minlength=E + 1), "wdist": None if wv is None else np.bincount(d, wv, E + 1),
+            "pairs": int(len(a)), "eq": eq_sum, "iu": iu}
+
+
+def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dist, wdist, pairs: int, eq: int, iu,
+                      hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16) -> dict:
+    """One layer's report from its counters (offline analysis and the GPU recorder share this,
+    so equal counters give equal reports)."""
+    E = int(num_experts)
+    hist = np.asarray(hist, np.int64)
+    sel = int(hist.sum())
+    wsum = None if wsum is None else np.asarray(wsum, np.float64)
+    total_w = None if wsum is None else float(wsum.sum())
     key_w = np.zeros(E) if wsum is None else wsum
     order = np.lexsort((np.arange(E), -key_w, -hist))
     order = order[hist[order] > 0]
@@ -164,42 +206,30 @@ def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarr
                     "cum_pct": float(cum[j])})
     p = hist[hist > 0] / sel if sel else np.zeros(0)
     H = float(-(p * np.log(p)).sum()) if sel else 0.0
-    # adjacency
-    pos = np.arange(R) if positions is None else np.asarray(positions).astype(np.int64)
-    sq = np.zeros(R, np.int64) if seq_ids is None else np.asarray(seq_ids).astype(np.int64)
-    a, b = _adjacent_pairs(pos, sq)
-    if len(a):
-        A, B = ids[a], ids[b]
-        va, vb = valid[a], valid[b]
-        eq = (A[:, :, None] == B[:, None, :]) & va[:, :, None] & vb[:, None, :]
-        # distinct valid ids per record (duplicates inside a record count once)
-        dupA = np.triu((A[:, :, None] == A[:, None, :]) & va[:, :, None] & va[:, None, :], 1).any(1)
-        dupB = np.triu((B[:, :, None] == B[:, None, :]) & vb[:, :, None] & vb[:, None, :], 1).any(1)
-        firstA = va & ~dupA
-        inter = (eq.any(2) & firstA).sum(1)
-        na, nb = firstA.sum(1), (vb & ~dupB).sum(1)
-        union = na + nb - inter
-        overlap = float((inter / k).mean())
-        jac = float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
-        stab = float(((A == B) & va & vb).mean())
+    iu = np.asarray(iu, np.int64)
+    if pairs:
+        inter_v = np.arange(iu.shape[0])[:, None]
+        union_v = np.arange(iu.shape[1])[None, :]
+        jac_each = np.where(union_v > 0, inter_v / np.maximum(union_v, 1), 1.0)
+        overlap = float((iu * inter_v).sum()) / (pairs * k)
+        jac = float((iu * jac_each).sum()) / pairs
+        stab = eq / (pairs * k)
     else:
         overlap = jac = stab = None
-    # LRU
     sizes = sorted({1 << i for i in range(int(math.log2(E)) + 1) if (1 << i) <= E} | set(int(c) for c in cache_sizes))
-    dist, _ = stack_distances(ids, E)
-    d = dist[valid]
-    wv = None if w is None else w[valid]
+    dist = np.asarray(dist, np.int64)
+    hits_upto = np.concatenate([[0], np.cumsum(dist[:E])])  # hits_upto[n] = accesses with distance < n
+    wd = None if wdist is None else np.concatenate([[0.0], np.cumsum(np.asarray(wdist, np.float64)[:E])])
     cache = []
     for n in sizes:
-        hit = (d >= 0) & (d < n)
-        h = int(hit.sum())
+        h = int(hits_upto[min(n, E)])
         cache.append({"size": n, "hits": h, "hit_rate": h / sel if sel else None,
-                      "weighted_hit_rate": None if wv is None or not total_w else float(wv[hit].sum() / total_w)})
-    return {"records": R, "selections": sel, "hash_router": bool(hash_router),
+                      "weighted_hit_rate": None if wd is None or not total_w else float(wd[min(n, E)] / total_w)})
+    return {"records": int(records), "selections": sel, "hash_router": bool(hash_router),
             "unique_experts": int((hist > 0).sum()), "entropy": H,
             "entropy_ratio": H / math.log(E) if E > 1 else None,
             "hist": hist.tolist(), "weight": None if wsum is None else wsum.tolist(),
-            "top_experts": top, "adjacent_pairs": int(len(a)), "overlap": overlap, "jaccard": jac,
+            "top_experts": top, "adjacent_pairs": int(pairs), "overlap": overlap, "jaccard": jac,
             "position_stability": stab, "cache": cache}
 
 
@@ -238,14 +268,19 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
             layers[futures[fut]] = fut.result()
             if progress is not None:
                 progress(done, L)
+    return assemble_report(layers, num_experts, k, R, source=source, model=model)
+
+
+def assemble_report(layers: list, num_experts: int, k: int, records: int, *, source: str = "", model: str = "") -> dict:
+    """The JSON document around per-layer results (shared with the GPU recorder)."""
     sizes = [c["size"] for c in layers[0]["cache"]] if layers else []
     total_sel = sum(x["selections"] for x in layers)
     summary = []
     for j, n in enumerate(sizes):
         hits = sum(x["cache"][j]["hits"] for x in layers)
         summary.append({"size": n, "hits": hits, "hit_rate": hits / total_sel if total_sel else None})
-    return {"schema_version": SCHEMA_VERSION, "source": source, "model": model, "layers": L,
-            "experts": num_experts, "k": k, "records": R, "selections": total_sel, "cache_sizes": sizes,
+    return {"schema_version": SCHEMA_VERSION, "source": source, "model": model, "layers": len(layers),
+            "experts": num_experts, "k": k, "records": records, "selections": total_sel, "cache_sizes": sizes,
             "cache_summary": summary, "definitions": DEFINITIONS, "layers_detail": layers}
 
 

@@ -1,0 +1,64 @@
+"""Overhead of online locality recording next to the router that feeds it.
+
+    python bench/recorder_bench.py [--tokens 4096] [--json out.json]
+
+DeepSeek-V4-Flash router (E=256, k=6, sqrtsoftplus + bias, float32 logits, T tokens of T/4
+sequences... here one decode-like batch: T sequences, one token each) timed from CUDA-graph
+replays: the router alone, the router followed by LocalityRecorder.record (2 launches) on the
+same stream, and record alone.  Overhead = (router + record) / router - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import ds4kern
+from ds4kern.timing import cuda_graph_time
+
+
+def main(argv=None):
+    import cupy as cp
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    E, k = 256, 6
+    rows = []
+    for T in a.tokens:
+        n = 8
+        xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(n)]
+        bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+        w, i = cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)
+        seq = cp.arange(T, dtype=cp.int32)
+        pos = cp.zeros(T, cp.int32)
+        rec = ds4kern.LocalityRecorder(1, E, k, max_sequences=T)
+
+        def router(j):
+            ds4kern.router_topk(xs[j % n], k, score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5,
+                                out=(w, i))
+
+        def both(j):
+            router(j)
+            rec.record(0, i, weights=w, positions=pos, seq_ids=seq)
+
+        t_r = cuda_graph_time(router, inner=16)
+        t_b = cuda_graph_time(both, inner=16)
+        t_rec = cuda_graph_time(lambda j: rec.record(0, i, weights=w, positions=pos, seq_ids=seq), inner=16)
+        row = dict(device=name, T=T, router_us=t_r * 1e6, router_plus_record_us=t_b * 1e6, record_us=t_rec * 1e6,
+                   overhead_pct=100 * (t_b / t_r - 1))
+        rows.append(row)
+        print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in row.items()), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

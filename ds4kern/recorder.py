@@ -1,0 +1,185 @@
+"""Online expert-locality recording on the GPU: feed router outputs as they are made, read a
+report when you want one.
+
+    rec = ds4kern.LocalityRecorder(num_layers=43, num_experts=256, topk=6, hash_layers=(0, 1, 2))
+    for step ...:
+        for layer ...:
+            w, i = ds4kern.router_topk(h, 6, ...)
+            rec.record(layer, i, weights=w, positions=pos, seq_ids=seq)   # 2 launches, no sync
+    report = rec.report(model="DeepSeek-V4-Flash")      # the same JSON as ds4kern.locality.analyze
+
+Per layer the device keeps: expert histogram and weight sums, the LRU stack-distance histogram
+(and its weight sums), adjacent-pair counters (intersection/union histogram, same-slot matches),
+the last access time of every expert, and each sequence's previous record.  ``record`` launches
+two kernels (``cuda_src/locality.cu``) on the current stream and never synchronises; ``report``
+copies the counters to the host.  Every count equals what :func:`ds4kern.locality.analyze` finds
+in the same selections (weight sums are float64 atomics: equal up to rounding order).
+
+Semantics as offline, with one condition: within one ``record`` call the records of a sequence
+are contiguous and in increasing position order (true for decode batches and prefill chunks),
+and a sequence's positions keep increasing across calls.  Records without ``positions`` get
+consecutive positions per layer; without ``seq_ids`` they all belong to sequence 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import kernels
+from ._arrays import Frame, dtype_name
+from .locality import assemble_report, layer_from_counts
+
+__all__ = ["LocalityRecorder"]
+
+_IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
+_WORDS = (1, 2, 4, 8, 16)  # bitset words: E <= 32 * W
+
+LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
+    "locality.cu",
+    tuple(f"locality_prepare<{w}>" for w in _WORDS) + tuple(f"locality_accumulate<{w}>" for w in _WORDS),
+))
+
+
+class LocalityRecorder:
+    """Accumulates locality statistics of router outputs on the current CUDA device.
+
+    Args:
+        num_layers, num_experts (E <= 512), topk (k <= 32).
+        cache_sizes: LRU sizes besides the powers of two up to E.
+        hash_layers: hash-routed layers (flagged in the report).
+        max_sequences: sequence ids must lie in ``[0, max_sequences)`` (others are skipped for
+            adjacency).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, topk: int, *, cache_sizes: Sequence[int] = (),
+                 hash_layers: Sequence[int] = (), max_sequences: int = 4096):
+        import cupy as cp
+
+        for name, v, lo, hi in (("num_layers", num_layers, 1, None), ("num_experts", num_experts, 1, 512),
+                                ("topk", topk, 1, 32), ("max_sequences", max_sequences, 1, None)):
+            if type(v) is not int or v < lo or (hi is not None and v > hi):
+                raise ValueError(f"{name} must be an int in [{lo}, {hi or 'inf'}], got {v!r}")
+        if topk > num_experts:
+            raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
+        self.cp = cp
+        self.L, self.E, self.k, self.S = num_layers, num_experts, topk, max_sequences
+        self.W = next(w for w in _WORDS if 32 * w >= num_experts)
+        self.cache_sizes = tuple(int(c) for c in cache_sizes)
+        self.hash_layers = set(int(x) for x in hash_layers)
+        self.device = cp.cuda.runtime.getDevice()
+        L, E, k = self.L, self.E, self.k
+        self.hist = cp.zeros((L, E), cp.uint64)
+        self.wsum = cp.zeros((L, E), cp.float64)
+        self.dist = cp.zeros((L, E + 1), cp.uint64)
+        self.wdist = cp.zeros((L, E + 1), cp.float64)
+        self.adj = cp.zeros((L, 2 + (k + 1) * (2 * k + 1)), cp.uint64)
+        self.last = cp.full((L, 2, E), -1, cp.int64)
+        self.prev_pos = cp.full((L, max_sequences), -(1 << 62), cp.int64)
+        self.prev_ids = cp.full((L, max_sequences, k), -1, cp.int32)
+        self.rb = cp.zeros((L, E + 1, self.W), cp.uint32)
+        self.rank = cp.zeros((L, E), cp.int32)
+        self.records = [0] * L
+        self.clock = [0] * L
+        self.parity = [0] * L
+        self.has_weights = [False] * L
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        for a in (self.hist, self.wsum, self.dist, self.wdist, self.adj):
+            a.fill(0)
+        self.last.fill(-1)
+        self.prev_pos.fill(-(1 << 62))
+        self.prev_ids.fill(-1)
+        self.records = [0] * self.L
+        self.clock = [0] * self.L
+        self.parity = [0] * self.L
+        self.has_weights = [False] * self.L
+
+    def record(self, layer: int, indices, *, weights=None, positions=None, seq_ids=None) -> None:
+        """Add one router output of ``layer``: ``indices`` ``[T, k]`` (any integer dtype, may be a
+        strided view such as a routing-capture slice), optional float32 ``weights`` ``[T, k]``,
+        ``positions`` and ``seq_ids`` int32/int64 ``[T]``.  Two launches on the current stream."""
+        cp = self.cp
+        if type(layer) is not int or not 0 <= layer < self.L:
+            raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
+        frame = Frame(indices, "indices")
+        if frame.backend != "cuda":
+            raise TypeError("indices must be a GPU array (the recorder runs on the device); use "
+                            "ds4kern.locality.analyze for host arrays")
+        ids = frame.array
+        if ids.ndim != 2 or ids.shape[1] != self.k or dtype_name(ids.dtype) not in _IDX_KIND:
+            raise ValueError(f"indices must be an integer array of shape [T, {self.k}], got "
+                             f"{dtype_name(ids.dtype)} {tuple(ids.shape)}")
+        T = int(ids.shape[0])
+        if T == 0:
+            return
+        w = None
+        if weights is not None:
+            w = frame.convert(weights, "weights")
+            if w.dtype != np.float32 or tuple(w.shape) != (T, self.k):
+                raise ValueError(f"weights must be float32 of shape ({T}, {self.k}), got {dtype_name(w.dtype)} "
+                                 f"{tuple(w.shape)}")
+            self.has_weights[layer] = True
+        elif self.has_weights[layer]:
+            raise ValueError(f"layer {layer} was recorded with weights before; give weights every time")
+
+        def vec(x, name):
+            if x is None:
+                return None
+            v = frame.convert(x, name)
+            if v.dtype not in (np.int32, np.int64) or tuple(v.shape) != (T,):
+                raise ValueError(f"{name} must be int32/int64 of shape ({T},), got {dtype_name(v.dtype)} {tuple(v.shape)}")
+            return cp.ascontiguousarray(v)
+
+        pos, seq = vec(positions, "positions"), vec(seq_ids, "seq_ids")
+        null = np.uint64(0)
+        E, k, W = self.E, self.k, self.W
+        item = ids.itemsize
+        i_rs, i_cs = ids.strides[0] // item, ids.strides[1] // item
+        chunks = (T + 31) // 32
+        recbits = cp.empty((T, W), cp.uint32)
+        chunkbits = cp.empty((chunks, W), cp.uint32)
+        snap_pos = cp.empty(T, cp.int64)
+        snap_ids = cp.empty((T, k), cp.int32)
+        cur, nxt = self.last[layer, self.parity[layer]], self.last[layer, 1 - self.parity[layer]]
+        chunk_blocks = (chunks + 7) // 8
+        with frame.running():
+            prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
+            prep((chunk_blocks + 1,), (256,),
+                 (ids, np.int32(_IDX_KIND[dtype_name(ids.dtype)]), np.int64(i_rs), np.int64(i_cs), np.int64(T),
+                  np.int32(k), np.int32(E), seq if seq is not None else null,
+                  np.int32(seq is not None and seq.dtype == np.int64), np.int64(self.S), self.prev_pos[layer],
+                  self.prev_ids[layer], cur, nxt, recbits, chunkbits, self.rb[layer], self.rank[layer], snap_pos,
+                  snap_ids, np.int32(chunk_blocks)))
+            acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
+            w_rs, w_cs = (w.strides[0] // 4, w.strides[1] // 4) if w is not None else (0, 0)
+            acc(((T + 7) // 8,), (256,),
+                (ids, np.int32(_IDX_KIND[dtype_name(ids.dtype)]), np.int64(i_rs), np.int64(i_cs),
+                 w if w is not None else null, np.int64(w_rs), np.int64(w_cs), np.int64(T), np.int32(k), np.int32(E),
+                 pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
+                 np.int64(self.records[layer]), seq if seq is not None else null,
+                 np.int32(seq is not None and seq.dtype == np.int64), np.int64(self.S), np.int64(self.clock[layer]),
+                 cur, nxt, recbits, chunkbits, self.rb[layer], self.rank[layer], snap_pos, snap_ids,
+                 self.prev_pos[layer], self.prev_ids[layer], self.hist[layer], self.wsum[layer], self.dist[layer],
+                 self.wdist[layer], self.adj[layer]))
+        self.parity[layer] ^= 1
+        self.records[layer] += T
+        self.clock[layer] += T * k
+
+    def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
+        """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""
+        cp = self.cp
+        hist, wsum, dist, wdist, adj = (cp.asnumpy(a) for a in (self.hist, self.wsum, self.dist, self.wdist, self.adj))
+        k = self.k
+        layers = []
+        for layer in range(self.L):
+            a = adj[layer]
+            hw = self.has_weights[layer]
+            layers.append({"layer": layer, **layer_from_counts(
+                num_experts=self.E, k=k, records=self.records[layer], hist=hist[layer].astype(np.int64),
+                wsum=wsum[layer] if hw else None, dist=dist[layer].astype(np.int64), wdist=wdist[layer] if hw else None,
+                pairs=int(a[0]), eq=int(a[1]), iu=a[2:].astype(np.int64).reshape(k + 1, 2 * k + 1),
+                hash_router=layer in self.hash_layers, cache_sizes=self.cache_sizes, top_n=top_n)})
+        return assemble_report(layers, self.E, k, max(self.records) if self.records else 0, source=source, model=model)

@@ -121,3 +121,23 @@ def test_router_static_rule_threshold_vs_naive():
 
     assert _threshold_cost(p(4096)) < 1.0 < _threshold_cost(p(2048))
     assert _threshold_cost(p(65536)) < 1.0 < _threshold_cost(p(1))
+
+
+def test_router_static_rule_between_cuda_variants():
+    """The measured rule (bench/NOTES.md): naive at small k, threshold from 4096 tokens (E <= 1024),
+    radix from k = 32 (or k >= 16 above E = 1024) and beyond E = 3072.  Decided without a GPU."""
+    from ds4kern import dispatch
+    from ds4kern.ops.router import OP, RouterProblem
+
+    def chosen(T, E, k, groups=0):
+        p = RouterProblem("cuda", T, E, k, "float32", "int32", "sigmoid", False, True, groups, 4 if groups else 0)
+        return dispatch.decide(OP, p).chosen.name
+
+    assert chosen(128, 256, 6) == "naive"
+    assert chosen(4096, 256, 6) == "threshold"
+    assert chosen(4096, 256, 32) == "radix"
+    assert chosen(128, 1024, 64) == "radix"
+    assert chosen(16384, 3072, 16) == "radix"
+    assert chosen(16384, 3072, 8) == "naive"
+    assert chosen(16, 8192, 6) == "radix"  # the only kernel there
+    assert chosen(4096, 256, 32, groups=8) == "naive"  # radix and threshold decline groups

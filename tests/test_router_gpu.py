@@ -67,7 +67,7 @@ def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32"
     return w, i
 
 
-KERNEL_VARIANTS = ["naive", "threshold"]
+KERNEL_VARIANTS = ["naive", "threshold", "radix"]
 
 
 def skip_unsupported(variant, E):
@@ -159,7 +159,7 @@ def test_index_dtypes_and_leading_dims(cp, rng, variant, index_dtype):
     run_and_check(cp, x, 40, MODES["sigmoid-bias"], rng, variant=variant, index_dtype=index_dtype)  # k > 32
 
 
-@pytest.mark.parametrize("variant", ["naive", "threshold", "cupy_composite"])
+@pytest.mark.parametrize("variant", ["naive", "threshold", "radix", "cupy_composite"])
 def test_strided_narrow_index_output(cp, rng, variant):
     if variant not in cuda_variants():
         pytest.skip(f"{variant} not installed")
@@ -288,8 +288,18 @@ def test_explain_on_gpu_arrays(cp):
     assert "reference" in str(d) and "backend 'numpy'" in str(d)
     d = ds4kern.explain("router_topk", cp.ones((2, 4000), cp.float32), 6)
     assert any(c.variant.name == "naive" and "exceeds" in c.rejected for c in d.candidates if c.rejected)
+    assert d.chosen.name == "radix", str(d)  # the only kernel for E > 3072
     with pytest.raises(ValueError, match="exceeds"):
         ds4kern.router_topk(cp.ones((2, 4000), cp.float32), 6, variant="naive")
+
+
+@pytest.mark.parametrize("E,k", [(4000, 6), (5000, 37), (8000, 64), (3333, 3333 // 8)])
+@pytest.mark.parametrize("mode", ["softmax-pre", "sigmoid-bias", "sqrtsoftplus"])
+def test_radix_beyond_register_limits(cp, rng, E, k, mode):
+    x = (rng.standard_normal((int(rng.integers(1, 200)), E)) * 2).astype(np.float32)
+    run_and_check(cp, x, k, MODES[mode], rng, variant="radix")
+    x = rng.integers(-3, 4, size=(64, E)).astype(np.float32)  # ties everywhere: identical to the reference
+    run_and_check(cp, x, k, MODES[mode], rng, variant="radix", exact=True)
 
 
 def test_host_bias_with_device_logits_is_refused(cp):

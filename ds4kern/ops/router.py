@@ -469,6 +469,17 @@ def backward_name(dtype: str, vec: int) -> str:
     return f"router_topk_backward_naive<{_CTYPE[dtype]}, {vec}>"
 
 
+RADIX_MAX_SMEM = 48 * 1024  # dynamic shared memory without an opt-in
+
+
+def _radix_smem(E: int, k: int) -> int:
+    return 4 * (E + 256 + 2 * k)
+
+
+def radix_name(dtype: str) -> str:
+    return f"router_topk_radix<{_CTYPE[dtype]}>"
+
+
 AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
 
 
@@ -483,7 +494,8 @@ ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     + (SSP_PROBE,)
     + tuple(dense_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
     + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4))
-    + tuple(aux_scores_name(d, v) for d in _CTYPE for v in AUX_VPL),
+    + tuple(aux_scores_name(d, v) for d in _CTYPE for v in AUX_VPL)
+    + tuple(radix_name(d) for d in _CTYPE),
 ))
 
 
@@ -501,6 +513,37 @@ def _threshold_supports(p: RouterProblem) -> Optional[str]:
     if p.num_groups:
         return "group-limited routing is not implemented in this variant"
     return None
+
+
+def _radix_supports(p: RouterProblem) -> Optional[str]:
+    if p.num_groups:
+        return "group-limited routing is not implemented in this variant"
+    if _radix_smem(p.num_experts, p.topk) > RADIX_MAX_SMEM:
+        return (f"E={p.num_experts}, k={p.topk} need {_radix_smem(p.num_experts, p.topk)} bytes of shared memory "
+                f"(keys, histogram, selection); at most {RADIX_MAX_SMEM}")
+    return None
+
+
+# Static rule, from bench/NOTES.md (H100, 2026-11-25, T=16384, sigmoid + bias): radix beats naive
+# and threshold from k = 32 at every E measured (256, 1024, 3072) and from k = 16 at E = 3072; it
+# loses at small k (E=256 k=6: 57.5 vs 25.4 us; E=1024 k=8: 146 vs 116 us).  Above E = 3072 it is
+# the only kernel.  Override with DS4KERN_ROUTER_RADIX_MIN_K (a k) or DS4KERN_VARIANT.
+RADIX_MIN_K = int(os.environ.get("DS4KERN_ROUTER_RADIX_MIN_K", "32"))
+
+
+def _radix_cost(p: RouterProblem) -> float:
+    wins = p.topk >= RADIX_MIN_K or (p.num_experts > 1024 and p.topk >= 16)
+    return 0.8 if wins else 1.2
+
+
+def _radix(a: RouterArgs) -> None:
+    T, E = a.logits.shape
+    kern = ROUTER_KERNELS.kernel(radix_name(a.problem.dtype))
+    bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)
+    kern((T,), (32,),
+         (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.int32(SCORE_FUNCTIONS[a.score_function]),
+          np.int32(a.use_pre_softmax), np.float32(a.scaling_factor)) + _output_args(a),
+         shared_mem=_radix_smem(E, a.topk))
 
 
 def _naive(a: RouterArgs) -> None:
@@ -698,6 +741,9 @@ def ds4kern_register_variants(register):
                      description="numpy, float32 arithmetic; the oracle of the GPU tests"))
     register(Variant(OP, "naive", "cuda", _naive, supports=_naive_supports, cost=1.0,
                      description="one warp per token, k rounds of warp arg-max over register-held keys"))
+    register(Variant(OP, "radix", "cuda", _radix, supports=_radix_supports, cost=_radix_cost,
+                     description="one warp per token, keys in shared memory: radix select of the k-th key "
+                                 "(4 passes of 8 bits), ties by index; E up to ~8k"))
     register(Variant(OP, "threshold", "cuda", _threshold, supports=_threshold_supports, cost=_threshold_cost,
                      description="one warp per token; lane-max threshold, candidates selected exactly "
                                  "(fast screening for sqrtsoftplus)"))

@@ -321,3 +321,19 @@ def test_autotune_picks_a_setting_and_leaves_the_callers_buffers_alone(cp, rng, 
     np.testing.assert_array_equal(ks, ref["kv_state"])
     np.testing.assert_array_equal(ss, ref["score_state"])
     np.testing.assert_allclose(cache, ref["cache"], equal_nan=True, **tols(np.float32))
+
+
+def test_launch_counts(cp, rng):
+    """One kernel per decode step (every batch row, emitting or not); two for a prefill."""
+    from graph_nodes import count_kernel_nodes
+
+    R, d, B = 4, 512, 8
+    host = one_step_problem(rng, B, R, d, "f32")
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    names = ("kv", "score", "ape", "norm_w", "positions", "rope_cos", "rope_sin", "kv_state", "score_state", "cache")
+    assert count_kernel_nodes(cp, lambda: ds4kern.compress_decode(*(dev[k] for k in names), ratio=R)) == 1
+    kv = cp.asarray(rng.standard_normal((B, 9, 2 * d)).astype(np.float32))
+    args = [dev[k] for k in ("ape", "norm_w")]
+    assert count_kernel_nodes(cp, lambda: ds4kern.compress_prefill(
+        kv, kv, *args, 0, dev["rope_cos"], dev["rope_sin"], dev["kv_state"], dev["score_state"], dev["cache"],
+        ratio=R)) == 2

@@ -24,7 +24,7 @@ import numpy as np
 import ds4kern
 from ds4kern._arrays import BFLOAT16
 from ds4kern.ops.compressor import coff_of, init_state, pool_groups
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, host_time, torch_graph_time
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name, host_time, torch_graph_time
 
 ROTATE_BYTES = 200 << 20  # a few times the 50 MB L2 of an H100
 EPS = 1e-6
@@ -95,8 +95,7 @@ def bench(ratios, dims, batches, dtype_name, use_compile, repeat):
     dtype = {"float32": np.float32, "bfloat16": BFLOAT16}[dtype_name]
     in_size = np.dtype(dtype).itemsize
     bw = copy_bandwidth()
-    dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
-    dev = dev.decode() if isinstance(dev, bytes) else dev
+    dev = device_name()
     print(f"device: {dev}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write, 1 GiB D2D)")
     try:
         import torch

@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 import ds4kern
-from ds4kern.timing import cuda_graph_time
+from ds4kern.timing import cuda_graph_time, device_name
 
 
 def main(argv=None):
@@ -27,8 +27,7 @@ def main(argv=None):
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
-    name = name.decode() if isinstance(name, bytes) else name
+    name = device_name()
     E, k = 256, 6
     rows = []
     for T in a.tokens:

@@ -22,7 +22,7 @@ import numpy as np
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, host_time, torch_graph_time
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name, host_time, torch_graph_time
 
 CONFIGS = {
     "flash": dict(E=256, k=6, score_function="sqrtsoftplus", scaling_factor=1.5, groups=None),
@@ -79,8 +79,7 @@ def torch_peers(cfg=None):
 def bench(tokens, dtypes, repeat=200, config="flash"):
     import cupy as cp
 
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    name = device_name()
     bw = copy_bandwidth()
     rows = []
     rng = np.random.default_rng()

@@ -19,7 +19,7 @@ import numpy as np
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, torch_graph_time
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name, torch_graph_time
 
 E, K, SCALE = 256, 6, 1.5
 ROTATE = 256 << 20
@@ -34,8 +34,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     bw = copy_bandwidth()
-    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
-    name = name.decode() if isinstance(name, bytes) else name
+    name = device_name()
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s")
     try:
         import torch

@@ -94,10 +94,9 @@ def cmd_run(args) -> int:
               f"{'ok' if cmp.ok else 'FAILED'} ({cmp})")
         return 0 if cmp.ok else 1
 
-    from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time
+    from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name
 
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    name = device_name()
     bw = copy_bandwidth()
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     w_ref, i_ref = reference_router_topk(logits, k, FLASH["score_function"], False, bias, FLASH["scaling_factor"])

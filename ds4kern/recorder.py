@@ -108,6 +108,8 @@ class LocalityRecorder:
         if frame.backend != "cuda":
             raise TypeError("indices must be a GPU array (the recorder runs on the device); use "
                             "ds4kern.locality.analyze for host arrays")
+        if frame.device_id != self.device:
+            raise ValueError(f"indices are on device {frame.device_id}, the recorder's counters on device {self.device}")
         ids = frame.array
         if ids.ndim != 2 or ids.shape[1] != self.k or dtype_name(ids.dtype) not in _IDX_KIND:
             raise ValueError(f"indices must be an integer array of shape [T, {self.k}], got "
@@ -182,4 +184,4 @@ class LocalityRecorder:
                 wsum=wsum[layer] if hw else None, dist=dist[layer].astype(np.int64), wdist=wdist[layer] if hw else None,
                 pairs=int(a[0]), eq=int(a[1]), iu=a[2:].astype(np.int64).reshape(k + 1, 2 * k + 1),
                 hash_router=layer in self.hash_layers, cache_sizes=self.cache_sizes, top_n=top_n)})
-        return assemble_report(layers, self.E, k, max(self.records) if self.records else 0, source=source, model=model)
+        return assemble_report(layers, self.E, k, max(self.records), source=source, model=model)

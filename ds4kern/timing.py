@@ -30,6 +30,14 @@ def cuda_time(fn, warmup: int = 10, repeat: int = 100, setup=None) -> float:
     return statistics.median(times)
 
 
+def device_name() -> str:
+    """Name of the current CUDA device (what every benchmark prints next to its numbers)."""
+    import cupy as cp
+
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def host_time(fn, n: int = 200) -> float:
     """Seconds of host time per ``fn()`` over ``n`` back-to-back calls with no synchronisation
     inside (validation, dispatch and launch cost; the GPU is synchronised before and after)."""

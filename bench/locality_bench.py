@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -16,18 +17,18 @@ def main():
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--layers", type=int, default=43)
     ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=None, help="threads (default: min(8, cores))")
     args = ap.parse_args()
     rng = np.random.default_rng()
     # each record: 6 distinct experts drawn with a skewed popularity (some locality)
     T, L, E, k = args.tokens, args.layers, args.experts, 6
-    pop = rng.zipf(1.3, size=(T, L, 16)) % E
-    arr = np.empty((T, L, k), np.uint8)
-    for j in range(k):  # distinct per record: offset duplicates
-        arr[:, :, j] = (pop[:, :, j] + 37 * j) % E
+    arr = np.empty((T, L, k), np.uint8 if E <= 256 else np.int32)
+    for j in range(k):  # skewed popularity (power law on [0, E)); distinct per record by offsets
+        arr[:, :, j] = ((E * rng.random((T, L), np.float32) ** 3).astype(np.int32) + 37 * j) % E
     t0 = time.perf_counter()
-    rep = analyze(arr, E, hash_layers=(0, 1, 2))
+    rep = analyze(arr, E, hash_layers=(0, 1, 2), workers=args.workers)
     dt = time.perf_counter() - t0
-    print(f"{T} tokens x {L} layers x {k}: {dt:.1f} s ({dt / L:.2f} s per layer); "
+    print(f"{os.cpu_count()} cores; {T} tokens x {L} layers x {k}: {dt:.1f} s ({dt / L:.2f} s per layer); "
           f"LRU hit rate at 16 experts: {rep['cache_summary'][4]['hit_rate']:.3f}")
 
 

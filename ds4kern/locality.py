@@ -20,14 +20,16 @@ Definitions (per layer; also written into every report under ``definitions``):
 
 The LRU simulation is exact and vectorised: an access hits a cache of n experts iff fewer than
 n distinct experts were touched since the same expert's previous access (its stack distance).
-Those distinct counts come from per-record expert bitsets and a sparse table of ORs, one level at
-a time, so a 1,000,000 x 43 x 6 capture takes seconds, not a Python loop per token.
+Those distinct counts are popcounts of ORs of per-record expert bitsets (a sparse table for
+short reuse gaps, per-block prefix / suffix ORs for long ones; see ``stack_distances``), with
+no Python loop per token.  Layers run on a thread pool.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Optional, Sequence
 
@@ -50,82 +52,191 @@ DEFINITIONS = {
 }
 
 
-def _popcount(a: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(a).sum(axis=-1, dtype=np.int64)
-    b = a.view(np.uint8)
-    table = np.array([bin(i).count("1") for i in range(256)], np.int64)
-    return table[b].reshape(a.shape[:-1] + (-1,)).sum(axis=-1)
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
-def stack_distances(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+def _popcount_rows(a: np.ndarray) -> np.ndarray:
+    """Set bits per row of a ``[n, W]`` uint64 array (int32)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        c = np.bitwise_count(a)
+    else:
+        c = _BYTE_BITS[np.ascontiguousarray(a).view(np.uint8)]
+    out = c[:, 0].astype(np.int32)
+    for w in range(1, c.shape[1]):
+        out += c[:, w]
+    return out
+
+
+class Workspace:
+    """Scratch arrays reused from one layer to the next (one per thread)."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name, shape, dtype=np.uint64):
+        a = self.arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            self.arrays.pop(name, None)
+            a = self.arrays[name] = np.empty(shape, dtype)
+        return a
+
+
+_BLOCK_LEVELS = 6           # record ranges shorter than 2**6 come from a sparse table
+_BLOCK = 1 << _BLOCK_LEVELS  # longer ones from per-block suffix / prefix ORs and a block table
+
+
+def _sparse_levels(base, levels, extra_rows=1):
+    """Stacked sparse table: rows [l*n, l*n + n - 2**l] hold the OR of 2**l consecutive rows of
+    base starting there; ``extra_rows`` empty rows follow the last level."""
+    n, W = base.shape
+    t = np.zeros((levels * n + extra_rows, W), np.uint64)
+    t[:n] = base
+    for l in range(1, levels):
+        m = n - (1 << l) + 1
+        if m <= 0:
+            break
+        h = 1 << (l - 1)
+        np.bitwise_or(t[(l - 1) * n:(l - 1) * n + m], t[(l - 1) * n + h:(l - 1) * n + h + m], out=t[l * n:l * n + m])
+    return t
+
+
+def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Workspace] = None,
+                    chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """LRU stack distance of every valid access of one layer.
 
     ``ids`` ``[R, k]``.  Returns ``(distance, valid)``: ``valid`` [R, k] marks valid ids;
     ``distance`` [R, k] holds, for each valid access, the number of distinct experts touched
     since the previous access of the same expert (-1 for a first access or an invalid id).
     An access hits an LRU cache of n experts iff 0 <= distance < n.
+
+    The distinct experts between two accesses are the OR of three bitsets: the slots after the
+    earlier access in its record, the whole records between (a sparse table for ranges shorter
+    than a block of 64 records; per-block suffix / prefix ORs and a small table over whole blocks
+    for longer ones), and the slots before the later access in its record.  Four or six row
+    gathers and a popcount per access, queries in time order.  ``workspace`` reuses the large
+    scratch arrays from one call to the next (fresh pages cost more than the work itself).
     """
+    ws = workspace if workspace is not None else Workspace()
     ids = np.asarray(ids)
     R, k = ids.shape
     E = int(num_experts)
     valid = (ids >= 0) & (ids < E)
     dist = np.full((R, k), -1, np.int64)
-    n = int(valid.sum())
-    if n == 0:
+    if not valid.any():
         return dist, valid
     W = (E + 63) // 64
-    e = np.where(valid, ids, 0).astype(np.int64)
-    # one-hot bitsets per slot [R, k, W], and their per-record prefix / suffix ORs
-    onehot = np.empty((R, k, W), np.uint64)
-    bit = np.where(valid, np.left_shift(np.uint64(1), (e & 63).astype(np.uint64)), np.uint64(0))
-    word = e >> 6
-    for w in range(W):
-        onehot[:, :, w] = np.where(word == w, bit, np.uint64(0))
-    before = np.zeros_like(onehot)  # slots < s
-    after = np.zeros_like(onehot)   # slots > s
-    for s in range(1, k):
-        before[:, s] = before[:, s - 1] | onehot[:, s - 1]
-        after[:, k - 1 - s] = after[:, k - s] | onehot[:, k - s]
-    rec = before[:, k - 1] | onehot[:, k - 1]  # whole record [R, W]
+    N = R * k
+    key_t = np.uint8 if E < 255 else np.uint16 if E < 65535 else np.int64
+    e = np.where(valid, ids, E).astype(key_t).ravel()  # E marks an invalid id
+    unit = np.zeros((E + 1, W), np.uint64)
+    ar = np.arange(E)
+    unit[ar, ar >> 6] = np.left_shift(np.uint64(1), (ar & 63).astype(np.uint64))
+    # inclusive prefix (pin) and suffix (sin) ORs along the slots of each record, flattened to
+    # access order, each followed by one empty row (index N)
+    pin = ws.get("pin", (N + 1, W))
+    sin = ws.get("sin", (N + 1, W))
+    pin[N] = 0
+    sin[N] = 0
+    p3 = pin[:N].reshape(R, k, W)
+    s3 = sin[:N].reshape(R, k, W)
+    e2 = e.reshape(R, k)
+    one = ws.get("one", (R, W))
+    for s in range(k):
+        np.take(unit, e2[:, s], axis=0, out=one)
+        if s == 0:
+            p3[:, 0] = one
+        else:
+            np.bitwise_or(p3[:, s - 1], one, out=p3[:, s])
+    for s in range(k - 1, -1, -1):
+        np.take(unit, e2[:, s], axis=0, out=one)
+        if s == k - 1:
+            s3[:, s] = one
+        else:
+            np.bitwise_or(s3[:, s + 1], one, out=s3[:, s])
 
-    # previous access of the same expert, in access order (record, then slot): a stable sort by
-    # expert id (radix sort for these small integer keys), then scatter back into time order
-    order = np.flatnonzero(valid.ravel())  # access positions a = r*k + s, in time order
-    ev = e.ravel()[order].astype(np.uint8 if E <= 256 else np.uint16 if E <= 65536 else np.int64)
-    srt = np.argsort(ev, kind="stable")
-    same = ev[srt[1:]] == ev[srt[:-1]]
-    prev_of = np.full(n, -1, np.int64)
-    prev_of[srt[1:][same]] = srt[:-1][same]
-    q_time = np.flatnonzero(prev_of >= 0)  # accesses with a previous one, in time order
-    cur, prev = order[q_time], order[prev_of[q_time]]
-    rc, sc = cur // k, cur % k
-    rp, sp = prev // k, prev % k
+    # previous access of the same expert: stable (radix) sort by id, then back to time order
+    srt = np.argsort(e, kind="stable")
+    es = e[srt]
+    same = (es[1:] == es[:-1]) & (es[1:] != E)
+    prev_of = np.full(N, -1, np.int64)
+    prev_of[srt[1:]] = np.where(same, srt[:-1], -1)
+    del srt, es, same
+    cur_all = np.flatnonzero(prev_of >= 0)
+    prev_all = prev_of[cur_all]
+    del prev_of
 
-    # partial records at both ends; within one record, the slots strictly between the two
-    acc = after.reshape(R * k, W)[prev] | before.reshape(R * k, W)[cur]
-    same_rec = np.flatnonzero(rp == rc)
-    if same_rec.size:
-        between = np.zeros((same_rec.size, W), np.uint64)
-        for s in range(k):
-            inside = (sp[same_rec] < s) & (s < sc[same_rec])
-            between |= np.where(inside[:, None], onehot[rc[same_rec], s], np.uint64(0))
-        acc[same_rec] = between
-    # whole records strictly between: OR over [rp + 1, rc - 1] from a sparse table, level by level
-    lo, hi = rp + 1, rc - 1
-    length = hi - lo + 1
-    q_all = np.flatnonzero(length > 0)
-    if q_all.size:
-        lvl = np.frexp(length[q_all].astype(np.float64))[1] - 1  # floor(log2(length)), exact
-        table = rec
-        for lv in range(int(lvl.max()) + 1):
-            if lv:
-                step = 1 << (lv - 1)
-                table = table[:-step] | table[step:]
-            q = q_all[lvl == lv]  # stays in time order: the gathers below run nearly sequentially
-            if q.size:
-                acc[q] |= table[lo[q]] | table[hi[q] - (1 << lv) + 1]
-    dist.ravel()[cur] = _popcount(acc)
+    # record-range ORs, one stacked table of rows: levels 0.._BLOCK_LEVELS-1 of a sparse table
+    # (ranges shorter than a block), then per-block suffix and prefix ORs (longer ranges, with
+    # the whole blocks between them from a small table over block ORs), then one empty row
+    L = _BLOCK_LEVELS
+    nb = (R + _BLOCK - 1) // _BLOCK
+    Rp = nb * _BLOCK
+    T = ws.get("table", ((L + 2) * Rp + 1, W))
+    T[:R] = p3[:, k - 1]
+    T[R:Rp] = 0
+    for l in range(1, L):
+        h = 1 << (l - 1)
+        m = Rp - (1 << l) + 1
+        np.bitwise_or(T[(l - 1) * Rp:(l - 1) * Rp + m], T[(l - 1) * Rp + h:(l - 1) * Rp + h + m],
+                      out=T[l * Rp:l * Rp + m])
+    lvl0 = T[:Rp].reshape(nb, _BLOCK, W)
+    np.bitwise_or.accumulate(lvl0[:, ::-1], axis=1, out=T[L * Rp:(L + 1) * Rp].reshape(nb, _BLOCK, W)[:, ::-1])
+    pb = T[(L + 1) * Rp:(L + 2) * Rp].reshape(nb, _BLOCK, W)
+    np.bitwise_or.accumulate(lvl0, axis=1, out=pb)
+    ZERO = (L + 2) * Rp
+    T[ZERO] = 0
+    blk = pb[:, -1]
+    nbl = max(1, int(nb - 1).bit_length())
+    BT = _sparse_levels(blk, nbl)
+    BZERO = nbl * nb
+    log2 = np.zeros(_BLOCK, np.int64)
+    for l in range(1, L):
+        log2[1 << l:] = l
+
+    out = dist.ravel()
+    for c0 in range(0, len(cur_all), chunk):
+        cur = cur_all[c0:c0 + chunk]
+        prv = prev_all[c0:c0 + chunk]
+        rc, sc = np.divmod(cur, k)
+        rp, sp = np.divmod(prv, k)
+        ia = np.where(sp < k - 1, prv + 1, N)
+        ib = np.where(sc > 0, cur - 1, N)
+        lo = rp + 1
+        hi = rc - 1
+        ln = hi - lo + 1  # >= -1 (-1: same record)
+        short = ln < _BLOCK
+        lv = log2[np.clip(ln, 0, _BLOCK - 1)]
+        i1 = np.where(short, lv * Rp + lo, L * Rp + lo)
+        i2 = np.where(short, lv * Rp + hi - (1 << lv) + 1, (L + 1) * Rp + hi)
+        empty = ln <= 0
+        i1[empty] = ZERO
+        i2[empty] = ZERO
+        acc = np.take(sin, ia, axis=0)
+        acc |= np.take(pin, ib, axis=0)
+        acc |= np.take(T, i1, axis=0)
+        acc |= np.take(T, i2, axis=0)
+        far = np.flatnonzero(~short)
+        if far.size:
+            bl = lo[far] // _BLOCK + 1
+            bh = hi[far] // _BLOCK - 1
+            m = bh - bl + 1
+            has = m > 0
+            mm = np.maximum(m, 1)
+            bv = np.frexp(mm.astype(np.float64))[1] - 1
+            j1 = np.where(has, bv * nb + bl, BZERO)
+            j2 = np.where(has, bv * nb + bh - (1 << bv) + 1, BZERO)
+            acc[far] |= np.take(BT, j1, axis=0) | np.take(BT, j2, axis=0)
+        d = _popcount_rows(acc)
+        # both accesses in one record (a duplicate id): the slots strictly between them
+        samer = np.flatnonzero(ln < 0)
+        if samer.size:
+            between = np.zeros((samer.size, W), np.uint64)
+            r_, a_, b_ = rc[samer], sp[samer], sc[samer]
+            for s in range(k):
+                inside = (a_ < s) & (s < b_)
+                between |= np.where(inside[:, None], np.take(unit, e[r_ * k + s], axis=0), np.uint64(0))
+            d[samer] = _popcount_rows(between)
+        out[cur] = d
     return dist, valid
 
 
@@ -138,15 +249,17 @@ def _adjacent_pairs(positions: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray,
 
 def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarray] = None,
                 positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None,
-                hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16) -> dict:
+                hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16,
+                workspace: Optional[Workspace] = None) -> dict:
     """Statistics of one layer (see the module docstring); ``ids`` and ``weights`` ``[R, k]``."""
     return layer_from_counts(**layer_counts(ids, num_experts, weights=weights, positions=positions,
-                                            seq_ids=seq_ids), hash_router=hash_router, cache_sizes=cache_sizes,
-                             top_n=top_n)
+                                            seq_ids=seq_ids, workspace=workspace),
+                             hash_router=hash_router, cache_sizes=cache_sizes, top_n=top_n)
 
 
 def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarray] = None,
-                 positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None) -> dict:
+                 positions: Optional[np.ndarray] = None, seq_ids: Optional[np.ndarray] = None,
+                 workspace: Optional[Workspace] = None) -> dict:
     """The counters every statistic comes from (what the GPU recorder accumulates online):
     ``hist`` / ``wsum`` per expert, ``dist`` / ``wdist`` per LRU stack distance (bin E: first
     access), adjacent ``pairs``, same-slot matches ``eq``, and ``iu[inter, union]`` counts."""
@@ -164,18 +277,23 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
     iu = np.zeros((k + 1, 2 * k + 1), np.int64)
     eq_sum = 0
     if len(a):
+        # distinct valid ids per record: a slot counts unless an earlier slot holds the same id
+        first = valid.copy()
+        for s in range(1, k):
+            for t in range(s):
+                first[:, s] &= ids[:, s] != ids[:, t]
         A, B = ids[a], ids[b]
-        va, vb = valid[a], valid[b]
-        eq = (A[:, :, None] == B[:, None, :]) & va[:, :, None] & vb[:, None, :]
-        # distinct valid ids per record (duplicates inside a record count once)
-        dupA = np.triu((A[:, :, None] == A[:, None, :]) & va[:, :, None] & va[:, None, :], 1).any(1)
-        dupB = np.triu((B[:, :, None] == B[:, None, :]) & vb[:, :, None] & vb[:, None, :], 1).any(1)
-        firstA = va & ~dupA
-        inter = (eq.any(2) & firstA).sum(1)
-        union = firstA.sum(1) + (vb & ~dupB).sum(1) - inter
+        vb = valid[b]
+        inter = np.zeros(len(a), np.int64)
+        for s in range(k):  # distinct ids of A found among B's valid ids
+            found = np.zeros(len(a), bool)
+            for t in range(k):
+                found |= (A[:, s] == B[:, t]) & vb[:, t]
+            inter += found & first[a, s]
+        union = first[a].sum(1) + first[b].sum(1) - inter
         np.add.at(iu, (inter, union), 1)
-        eq_sum = int(((A == B) & va & vb).sum())
-    dist, _ = stack_distances(ids, E)
+        eq_sum = int(((A == B) & valid[a] & vb).sum())
+    dist, _ = stack_distances(ids, E, workspace=workspace)
     d = np.where(dist[valid] < 0, E, dist[valid])
     wv = None if w is None else w[valid]
     return {"num_experts": E, "k": k, "records": R, "hist": hist, "wsum": wsum,
@@ -253,14 +371,20 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
     hashed = set(hash_layers)
     w_all = None if weights is None else np.asarray(weights)
 
+    local = threading.local()  # one scratch workspace per worker thread, freed with the pool
+
     def one(layer):
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            ws = local.ws = Workspace()
         return {"layer": layer, **layer_stats(
             arr[:, layer, :], num_experts, weights=None if w_all is None else w_all[:, layer, :],
             positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
-            top_n=top_n)}
+            top_n=top_n, workspace=ws)}
 
-    # layers are independent and numpy releases the GIL in its loops: a few threads overlap them
-    n_workers = max(1, min(L, workers if workers is not None else min(4, os.cpu_count() or 1)))
+    # layers are independent and numpy releases the GIL in its loops: threads overlap them (each
+    # holds ~0.65 GB of scratch per million records)
+    n_workers = max(1, min(L, workers if workers is not None else min(8, os.cpu_count() or 1)))
     layers = [None] * L
     with ThreadPoolExecutor(max_workers=n_workers) as ex:
         futures = {ex.submit(one, layer): layer for layer in range(L)}

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from ds4kern.locality import analyze, layer_stats, stack_distances, summary_text
+from ds4kern.locality import Workspace, analyze, layer_stats, stack_distances, summary_text
 
 
 def slow_lru_hits(ids, E, n, weights=None):
@@ -53,6 +53,43 @@ def test_stack_distances_equal_lru_simulation(rng, E, k):
     dist, valid = stack_distances(ids, E)
     for n in (1, 2, 3, 5, 8, E):
         assert int(((dist >= 0) & (dist < n)).sum()) == slow_lru_hits(ids, E, n)[0], n
+
+
+def slow_stack_distances(ids, E):
+    """Per definition: distinct experts touched since the same expert's previous access."""
+    out = np.full(ids.shape, -1, np.int64)
+    stack = []  # most recent first
+    for r in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[r, s])
+            if not 0 <= e < E:
+                continue
+            if e in stack:
+                out[r, s] = stack.index(e)
+                stack.remove(e)
+            stack.insert(0, e)
+    return out
+
+
+@pytest.mark.parametrize("R,k,E", [(700, 2, 300), (1500, 3, 256), (130, 6, 64), (65, 1, 5)])
+def test_stack_distances_per_access_long_gaps(rng, R, k, E):
+    # skewed popularity: hot experts recur within a record or two, cold ones after hundreds of
+    # records (the per-block and whole-block paths), plus duplicates inside records and invalid ids
+    ids = (E * rng.random((R, k)) ** 3).astype(np.int64)
+    ids[rng.random((R, k)) < 0.03] = -1
+    ids[rng.random((R, k)) < 0.03] = E
+    if k > 1:
+        dup = rng.random(R) < 0.05
+        ids[dup, k - 1] = ids[dup, 0]
+    want = slow_stack_distances(ids, E)
+    ws = Workspace()
+    for _ in range(2):  # a reused workspace gives the same answer
+        dist, valid = stack_distances(ids, E, workspace=ws)
+        np.testing.assert_array_equal(dist, want)
+        np.testing.assert_array_equal(valid, (ids >= 0) & (ids < E))
+    gaps = [b - a for e in range(E) for a, b in zip(*(lambda r: (r[:-1], r[1:]))(np.flatnonzero((ids == e).any(1))))]
+    if R >= 700:
+        assert max(gaps) > 2 * 64  # the whole-block path ran
 
 
 def test_stack_distance_with_duplicates_in_a_record():

@@ -16,7 +16,7 @@ import numpy as np
 import ds4kern
 from ds4kern.timing import cuda_graph_time
 
-GRID = [(256, 6), (256, 32), (256, 128), (1024, 8), (1024, 64), (1024, 256), (3072, 16), (3072, 128),
+GRID = [(256, 6), (256, 16), (256, 32), (512, 8), (512, 32), (256, 128), (1024, 8), (1024, 64), (1024, 256), (3072, 16), (3072, 128),
         (3072, 512), (8192, 16), (8192, 256)]
 
 
@@ -26,17 +26,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json")
+    ap.add_argument("--max-e", type=int, default=1 << 30, help="skip E above this")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     T = a.tokens
     rows = []
     for E, k in GRID:
+        if E > a.max_e:
+            continue
         n = max(2, min(8, (256 << 20) // (T * E * 4)))
         xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(n)]
         bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
         w, i = cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)
         row = {"E": E, "k": k, "T": T}
-        for v in ("naive", "threshold", "radix"):
+        for v in ("naive", "threshold", "radix", "screened"):
             d = ds4kern.explain("router_topk", xs[0], k, score_function="sigmoid", expert_bias=bias, variant=None)
             if any(c.variant.name == v and c.rejected for c in d.candidates):
                 continue

@@ -76,7 +76,7 @@ def torch_peers(cfg=None):
     return peers
 
 
-def bench(tokens, dtypes, repeat=200, config="flash"):
+def bench(tokens, dtypes, repeat=200, config="flash", only=None):
     import cupy as cp
 
     name = device_name()
@@ -89,7 +89,9 @@ def bench(tokens, dtypes, repeat=200, config="flash"):
     if cfg["groups"]:
         kw.update(num_groups=cfg["groups"][0], group_topk=cfg["groups"][1])
     peers = torch_peers(cfg)
-    variants = [v.name for v in ds4kern.variants("router_topk") if v.backend == "cuda"]
+    variants = [v.name for v in ds4kern.variants("router_topk") if v.backend == "cuda" and (not only or v.name in only)]
+    if only and "torch" not in only:
+        peers = {}
     for dtype in dtypes:
         dt = {"float32": np.float32, "bfloat16": BFLOAT16}[dtype]
         for T in tokens:
@@ -174,11 +176,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--variants", nargs="+", help="only these variants ('torch' keeps the torch peers)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     res = None
     for c in args.configs:
-        r = bench(args.tokens, args.dtypes, args.repeat, config=c)
+        r = bench(args.tokens, args.dtypes, args.repeat, config=c, only=args.variants)
         if res is None:
             res = r
         else:

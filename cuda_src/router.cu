@@ -42,6 +42,46 @@ __device__ __forceinline__ float ds4_key_to_float(unsigned key) {
     return __uint_as_float(u);
 }
 
+// Value of a key in a group sum (key 1 is NaN).
+__device__ __forceinline__ float ds4_key_value(unsigned key) {
+    return key == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(key);
+}
+
+// The top group_topk groups by key (larger first, lower id on ties; every lane passes its group's
+// key and id, or key 0): bit g is set for each kept group g.
+__device__ __forceinline__ unsigned ds4_keep_groups(unsigned gk, unsigned id, int group_topk) {
+    unsigned kept = 0u;
+    for (int r = 0; r < group_topk; ++r) {
+        const unsigned wk = __reduce_max_sync(0xffffffffu, gk);
+        const unsigned wg = __reduce_min_sync(0xffffffffu, gk == wk ? id : 0xffffffffu);
+        kept |= 1u << wg;
+        if (id == wg) gk = 0u;
+    }
+    return kept;
+}
+
+// One round of warp arg-max over the keys this lane holds, key[i] for expert base + stride * i
+// (larger key first, lower expert on ties); the owner clears the winner's key.  Returns the
+// winner; `slot` is the owner's register slot, -1 on every other lane.
+template <int VPL>
+__device__ __forceinline__ int ds4_select_round(unsigned (&key)[VPL], int base, int stride, int& slot) {
+    unsigned bk = 0u;
+    int be = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i)
+        if (key[i] > bk) { bk = key[i]; be = base + stride * i; }
+    const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
+    const int e = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
+    slot = -1;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i)
+        if (base + stride * i == e) {
+            key[i] = 0u;
+            slot = i;
+        }
+    return e;
+}
+
 // The k rounds over all experts, then the weights: the naive algorithm, also the fallback of
 // the threshold kernel.  x[] holds this lane's logits (experts lane + 32 i).
 // Group-limited routing: group score = sum of the group's top m = k / group_topk selection
@@ -71,19 +111,13 @@ __device__ __forceinline__ void ds4_group_mask(unsigned (&key)[VPL], int lane, i
 #pragma unroll
                 for (int i = 0; i < VPL; ++i)
                     if (lane + 32 * i == we) taken |= 1u << i;
-                const float v = wk == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(wk);
+                const float v = ds4_key_value(wk);
                 sum = r == 0 ? v : sum + v;
             }
             if (lane == g) gscore = sum;
         }
-        unsigned gk = lane < num_groups ? ds4_order_key(gscore) : 0u;
-        unsigned kept = 0u;
-        for (int r = 0; r < group_topk; ++r) {
-            const unsigned wk = __reduce_max_sync(0xffffffffu, gk);
-            const unsigned wl = __reduce_min_sync(0xffffffffu, gk == wk ? (unsigned)lane : 32u);
-            kept |= 1u << wl;
-            if ((unsigned)lane == wl) gk = 0u;
-        }
+        const unsigned kept = ds4_keep_groups(lane < num_groups ? ds4_order_key(gscore) : 0u, (unsigned)lane,
+                                              group_topk);
         const unsigned masked = ds4_order_key(DS4_NEG_INF);
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
@@ -110,16 +144,8 @@ __device__ __forceinline__ void ds4_topk_rounds(const T* __restrict__ row, const
     int mine = 0;   // expert chosen in round (chunk*32 + lane)
     int first = 0;  // expert chosen in round 0 (the largest score)
     for (int r = 0; r < k; ++r) {
-        unsigned bk = 0u;
-        int be = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (key[i] > bk) { bk = key[i]; be = lane + 32 * i; }
-        const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
-        const int e = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (lane + 32 * i == e) key[i] = 0u;
+        int slot;
+        const int e = ds4_select_round<VPL>(key, lane, 32, slot);
         if (r == 0) first = e;
         if ((r & 31) == lane) mine = e;
         if ((r & 31) == 31 || r == k - 1) {
@@ -204,17 +230,12 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
 #define DS4_SSP_ABS 5e-3f
 #define DS4_SSP_REL 1e-5f
 __device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
-    float sp;
-    if (x > 20.0f) {
-        sp = x;
-    } else {
-        float t, l;
-        asm("ex2.approx.f32 %0, %1;" : "=f"(t) : "f"(x * 1.4426950408889634f));
-        asm("lg2.approx.f32 %0, %1;" : "=f"(l) : "f"(1.0f + t));
-        sp = l * 0.6931471805599453f;
-    }
-    float r;
-    asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(sp));
+    // .ftz forms: plain MUFU instructions (denormal softplus values are far below the bound)
+    float t, l, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(x * 1.4426950408889634f));
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.0f + t));
+    const float sp = x > 20.0f ? x : l * 0.6931471805599453f;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sp));
     return r;
 }
 
@@ -344,6 +365,342 @@ __global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __re
     if (i >= n) return;
     approx[i] = ds4_sqrtsoftplus_approx(x[i]);
     exact[i] = ds4_score_fn(x[i], DS4_SCORE_SQRTSOFTPLUS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// router_topk_warp<T, SF, GROUPED, VPL>: the compact form with the work per token cut down.
+//   - the score function is a template parameter (no per-element run-time switches);
+//   - lane l holds the VPL consecutive experts l*VPL ... (16-byte vector loads where rows are
+//     16-byte aligned); the expert bias sits in registers for the whole launch, and each warp
+//     walks tokens with a grid stride;
+//   - screening: each lane's best screening score, the k-th largest of those 32 (k rounds over
+//     one value per lane) is a threshold at least k experts reach; the experts at or above it
+//     (usually k + a few) are compacted one per lane (shared memory) and selected exactly with
+//     k rounds of warp arg-max over one key per lane.  sigmoid / sqrtsoftplus screen with MUFU
+//     approximations and a threshold lowered by twice their error bound, then score the
+//     candidates with the precise functions; softmax and group-limited routing screen on the
+//     exact keys;
+//   - GROUPED: the lanes of one group (E / num_groups experts = a power-of-two number of lanes)
+//     find the group's top m = k / group_topk scores together (shuffles within the group, all
+//     groups at once), then group_topk rounds over the group scores, as in the naive kernel;
+//   - more than 32 candidates (heavy ties, NaN screens) fall back to k exact rounds over all
+//     experts.
+// Same keys, tie rule (larger first, lower index on ties), NaN rule and weights as the naive
+// kernel.  k <= 32, E <= 32 * VPL.
+#define DS4_SF_SOFTMAX_POST 0
+#define DS4_SF_SIGMOID 1
+#define DS4_SF_SQRTSOFTPLUS 2
+#define DS4_SF_SOFTMAX_PRE 3
+#define DS4_WARP_THREADS 256
+// sigmoid screen: 1 / (1 + 2^(-x log2 e)) with ex2/rcp.approx; |approx - exact| <= ABS + REL |s|
+#define DS4_SIG_ABS 4e-6f
+#define DS4_SIG_REL 1e-5f
+
+__device__ __forceinline__ float ds4_sigmoid_approx(float x) {
+    float t, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(x * -1.4426950408889634f));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
+    return r;
+}
+
+__device__ __forceinline__ float ds4_bits16_to_float(unsigned short h, const __half*) {
+    return __half2float(__ushort_as_half(h));
+}
+__device__ __forceinline__ float ds4_bits16_to_float(unsigned short h, const __nv_bfloat16*) {
+    return __uint_as_float((unsigned)h << 16);
+}
+
+// 16 bytes of T as floats into x[c * (16 / sizeof(T)) ...]
+template <typename T, int VPL>
+__device__ __forceinline__ void ds4_unpack16(const uint4 u, int c, float (&x)[VPL]) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if constexpr (sizeof(T) == 4) {
+            x[4 * c + j] = __uint_as_float(w[j]);
+        } else {
+            x[8 * c + 2 * j] = ds4_bits16_to_float((unsigned short)(w[j] & 0xffffu), (const T*)nullptr);
+            x[8 * c + 2 * j + 1] = ds4_bits16_to_float((unsigned short)(w[j] >> 16), (const T*)nullptr);
+        }
+    }
+}
+
+// This lane's VPL logits: experts e0 ... of the row, the first `valid` of which exist.  With
+// vector loads every lane loads unconditionally from an address clamped into the row (lanes
+// without a full set then redo theirs with scalar loads): a vector load under a per-lane branch
+// was hoisted above it by the compiler and read past the last row (compute-sanitizer).
+template <typename T, int VPL>
+__device__ __forceinline__ void ds4_load_contig(const T* __restrict__ row, int e0, int E, bool vec, int valid,
+                                                float (&x)[VPL]) {
+    constexpr int BYTES = VPL * (int)sizeof(T);
+    if constexpr (BYTES % 16 == 0) {
+        if (vec) {  // uniform; E >= VPL and E * sizeof(T) % 16 == 0 (host)
+            const uint4* q = reinterpret_cast<const uint4*>(row + min(e0, E - VPL));
+#pragma unroll
+            for (int c = 0; c < BYTES / 16; ++c) ds4_unpack16<T, VPL>(q[c], c, x);
+            if (valid == VPL) return;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = i < valid ? ds4_to_float(row[e0 + i]) : 0.0f;
+}
+
+template <int SF>
+__device__ __forceinline__ float ds4_unbiased(float x) {  // sigmoid / sqrtsoftplus, precise
+    return ds4_score_fn(x, SF == DS4_SF_SIGMOID ? DS4_SCORE_SIGMOID : DS4_SCORE_SQRTSOFTPLUS);
+}
+
+// Group-limited routing on the contiguous layout: lanes [g*lpg, (g+1)*lpg) hold group g.
+template <int VPL>
+__device__ __forceinline__ void ds4_group_mask_contig(unsigned (&key)[VPL], int e0, int lpg, int my_group,
+                                                      int num_groups, int m, int group_topk) {
+    unsigned taken = 0u;
+    float sum = 0.0f;
+    for (int r = 0; r < m; ++r) {
+        unsigned bk = 0u;
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (!((taken >> i) & 1u) && key[i] > bk) { bk = key[i]; be = e0 + i; }
+        for (int off = 1; off < lpg; off <<= 1) {
+            const unsigned ok = __shfl_xor_sync(0xffffffffu, bk, off);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, off);
+            if (ok > bk || (ok == bk && oe < be)) { bk = ok; be = oe; }
+        }
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (e0 + i == be) taken |= 1u << i;
+        const float v = ds4_key_value(bk);
+        sum = r == 0 ? v : sum + v;
+    }
+    const unsigned kept = ds4_keep_groups(my_group < num_groups ? ds4_order_key(sum) : 0u, (unsigned)my_group,
+                                          group_topk);
+    if (my_group < num_groups && !((kept >> my_group) & 1u)) {
+        const unsigned masked = ds4_order_key(DS4_NEG_INF);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (key[i] != 0u) key[i] = masked;
+    }
+}
+
+template <typename T, int SF, bool GROUPED, int VPL>
+__global__ void __launch_bounds__(DS4_WARP_THREADS, 2)
+router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
+                 float scaling, int vec, float* __restrict__ weights, long long w_rs, long long w_cs,
+                 void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
+                 int group_topk) {
+    constexpr bool EXACT = GROUPED || SF == DS4_SF_SOFTMAX_POST || SF == DS4_SF_SOFTMAX_PRE;
+    constexpr bool SOFTMAX = SF == DS4_SF_SOFTMAX_POST || SF == DS4_SF_SOFTMAX_PRE;
+    __shared__ int s_e[DS4_WARP_THREADS];
+    __shared__ unsigned s_k[DS4_WARP_THREADS];
+    __shared__ float s_v[DS4_WARP_THREADS];
+    const int lane = threadIdx.x & 31;
+    const int wib = threadIdx.x >> 5;
+    int* le = s_e + 32 * wib;
+    unsigned* lk = s_k + 32 * wib;
+    float* lv = s_v + 32 * wib;
+    const int e0 = lane * VPL;
+    const int nvalid = max(0, min(VPL, E - e0));
+    float b[VPL];
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) b[i] = (!SOFTMAX && bias != nullptr && i < nvalid) ? bias[e0 + i] : 0.0f;
+    int lpg = 1, my_group = 0, m = 0;
+    if constexpr (GROUPED) {
+        lpg = E / num_groups / VPL;
+        my_group = lane / lpg;
+        m = k / group_topk;
+    }
+    const long long stride = (long long)gridDim.x * (DS4_WARP_THREADS / 32);
+    for (long long token = (long long)blockIdx.x * (DS4_WARP_THREADS / 32) + wib; token < num_tokens;
+         token += stride) {
+        const T* row = logits + token * (long long)E;
+        float x[VPL];
+        ds4_load_contig<T, VPL>(row, e0, E, vec != 0, nvalid, x);
+        float mx = 0.0f, denom = 1.0f;
+        if constexpr (SF == DS4_SF_SOFTMAX_PRE) {
+            float mm = DS4_NEG_INF;
+#pragma unroll
+            for (int i = 0; i < VPL; ++i)
+                if (i < nvalid) mm = fmaxf(mm, x[i]);
+            mx = ds4_warp_max(mm);
+            float sacc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < VPL; ++i)
+                if (i < nvalid) sacc += expf(x[i] - mx);
+            denom = ds4_warp_sum(sacc);
+        }
+        // 1. screening values and the threshold (k-th largest lane best, lowest lane on ties)
+        unsigned key[VPL];  // EXACT: exact order keys (0: no expert)
+        float u[VPL];       // EXACT: the weight's source (x for softmax, p for pre, the unbiased score)
+        float a[VPL];       // !EXACT: screening scores (NaN: no expert)
+        unsigned lbest;
+        if constexpr (EXACT) {
+            lbest = 0u;
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) {
+                float s;
+                if constexpr (SF == DS4_SF_SOFTMAX_POST) {
+                    s = x[i];
+                    u[i] = s;
+                } else if constexpr (SF == DS4_SF_SOFTMAX_PRE) {
+                    s = expf(x[i] - mx) / denom;
+                    u[i] = s;
+                } else {
+                    u[i] = ds4_unbiased<SF>(x[i]);
+                    s = u[i] + b[i];
+                }
+                key[i] = i < nvalid ? ds4_order_key(s) : 0u;
+            }
+            if constexpr (GROUPED) ds4_group_mask_contig<VPL>(key, e0, lpg, my_group, num_groups, m, group_topk);
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) lbest = max(lbest, key[i]);
+        } else {
+            float best = __int_as_float(0x7fffffff);
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) {  // computed for every slot (no branches), NaN where no expert
+                const float s = (SF == DS4_SF_SIGMOID ? ds4_sigmoid_approx(x[i]) : ds4_sqrtsoftplus_approx(x[i])) + b[i];
+                a[i] = i < nvalid ? s : __int_as_float(0x7fffffff);
+                best = fmaxf(best, a[i]);  // NaN only when every value is NaN
+            }
+            lbest = nvalid > 0 ? ds4_order_key(best) : 0u;
+        }
+        // (keys with their low 5 bits replaced by the lane: one reduction per round; the
+        // truncated threshold is at most the exact one, so the candidates stay a superset)
+        unsigned theta = 0u;
+        {
+            unsigned mm = lbest >= 32u ? (lbest & ~31u) | (unsigned)lane : 0u;
+            for (int r = 0; r < k; ++r) {
+                theta = __reduce_max_sync(0xffffffffu, mm);
+                if (mm == theta) mm = 0u;
+            }
+            theta &= ~31u;
+        }
+        // 2. candidates
+        unsigned cm = 0u;
+        float lo = 0.0f;
+        if constexpr (EXACT) {
+#pragma unroll
+            for (int i = 0; i < VPL; ++i)
+                if (key[i] != 0u && key[i] >= theta) cm |= 1u << i;
+        } else {
+            const float th = ds4_key_to_float(theta);
+            lo = fabsf(th) == __int_as_float(0x7f800000) ? th : th - 2.0f * (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS + DS4_SIG_REL * fabsf(th)
+                                                                     : DS4_SSP_ABS + DS4_SSP_REL * fabsf(th));
+#pragma unroll
+            for (int i = 0; i < VPL; ++i)
+                if (a[i] >= lo) cm |= 1u << i;
+        }
+        const int cnt = __popc(cm);
+        const int total = (int)__reduce_add_sync(0xffffffffu, (unsigned)cnt);
+        bool sel;
+        int slot, ce;
+        float cv;  // x (softmax post), p (pre) or the unbiased score of this lane's expert
+        if (total <= 32 && (EXACT || theta >= 2u)) {
+            // 3. compact: one candidate per lane
+            int incl = cnt;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int t = __shfl_up_sync(0xffffffffu, incl, off);
+                if (lane >= off) incl += t;
+            }
+            const int base = incl - cnt;
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) {
+                const int pos = base + __popc(cm & ((1u << i) - 1u));  // predicated stores, no branches
+                if ((cm >> i) & 1u) {
+                    le[pos] = e0 + i;
+                    if constexpr (EXACT) {
+                        lk[pos] = key[i];
+                        lv[pos] = u[i];
+                    }
+                }
+            }
+            __syncwarp();
+            const bool has = lane < total;
+            ce = has ? le[lane] : 0x7fffffff;
+            unsigned ck = 0u;
+            cv = 0.0f;
+            if constexpr (EXACT) {
+                if (has) {
+                    ck = lk[lane];
+                    cv = lv[lane];
+                }
+            } else if (has) {
+                cv = ds4_unbiased<SF>(ds4_to_float(row[ce]));
+                ck = ds4_order_key(bias != nullptr ? cv + bias[ce] : cv);
+            }
+            __syncwarp();
+            // 4. exact selection among the candidates
+            slot = -1;
+            for (int r = 0; r < k; ++r) {
+                const unsigned wk = __reduce_max_sync(0xffffffffu, ck);
+                const unsigned we = __reduce_min_sync(0xffffffffu, ck == wk ? (unsigned)ce : 0xffffffffu);
+                if (ck == wk && (unsigned)ce == we) {
+                    slot = r;
+                    ck = 0u;
+                }
+            }
+            sel = slot >= 0;
+        } else {
+            // fallback: k exact rounds over every expert; lane j ends up holding winner j
+            unsigned fk[VPL];
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) {
+                if constexpr (EXACT) {
+                    fk[i] = key[i];
+                } else {
+                    const float s = ds4_unbiased<SF>(x[i]);
+                    fk[i] = i < nvalid ? ds4_order_key(bias != nullptr ? s + b[i] : s) : 0u;
+                }
+            }
+            int mine = 0;
+            for (int r = 0; r < k; ++r) {
+                int fslot;
+                const int e = ds4_select_round<VPL>(fk, e0, 1, fslot);
+                if (lane == r) mine = e;
+            }
+            sel = lane < k;
+            slot = lane;
+            ce = mine;
+            cv = 0.0f;
+            if (sel) {
+                const float xe = ds4_to_float(row[mine]);
+                if constexpr (SF == DS4_SF_SOFTMAX_POST) cv = xe;
+                else if constexpr (SF == DS4_SF_SOFTMAX_PRE) cv = expf(xe - mx) / denom;
+                else cv = ds4_unbiased<SF>(xe);
+            }
+        }
+        // 5. weights (as the naive kernel)
+        float v = sel ? cv : 0.0f;
+        if constexpr (SF == DS4_SF_SOFTMAX_POST) {
+            const unsigned first = __ballot_sync(0xffffffffu, slot == 0);
+            const float x0 = __shfl_sync(0xffffffffu, cv, __ffs(first) - 1);
+            v = sel ? expf(cv - x0) : 0.0f;
+        }
+        float w = v;
+        if constexpr (SF == DS4_SF_SOFTMAX_PRE) {
+            w = v * scaling;
+        } else {
+            const float tot = ds4_warp_sum(v);
+            const bool norm = SOFTMAX || k > 1;
+            const float dn = SOFTMAX ? tot : tot + 1e-20f;
+            if (sel) w = (norm ? v / dn : v) * scaling;  // lanes without an output skip the division
+        }
+        if (sel) {
+            weights[token * w_rs + slot * w_cs] = w;
+            ds4_store_index(indices, idx_kind, token * i_rs + slot * i_cs, ce);
+        }
+    }
+}
+
+// Test probe: a screening approximation next to the precise score (SF 1: sigmoid, 2: sqrtsoftplus).
+template <int SF>
+__global__ void router_screen_probe(const float* __restrict__ x, float* __restrict__ approx,
+                                    float* __restrict__ exact, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    approx[i] = SF == DS4_SF_SIGMOID ? ds4_sigmoid_approx(x[i]) : ds4_sqrtsoftplus_approx(x[i]);
+    exact[i] = ds4_unbiased<SF>(x[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,16 +992,9 @@ __global__ void router_aux_scores_naive(const T* __restrict__ logits, long long 
 #pragma unroll
     for (int i = 0; i < VPL; ++i) key[i] = lane + 32 * i < E ? ds4_order_key(p[i]) : 0u;
     for (int r = 0; r < k; ++r) {
-        unsigned bk = 0u;
-        int be = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (key[i] > bk) { bk = key[i]; be = lane + 32 * i; }
-        const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
-        const int e = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (lane + 32 * i == e) { key[i] = 0u; sel |= 1u << i; }
+        int slot;
+        ds4_select_round<VPL>(key, lane, 32, slot);
+        if (slot >= 0) sel |= 1u << slot;
     }
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {

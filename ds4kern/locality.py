@@ -67,6 +67,11 @@ def _popcount_rows(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _valid_ids(ids: np.ndarray, E: int) -> np.ndarray:
+    # a numpy int64 bound: comparing uint8 ids with the Python int 256 raises on numpy 2.0/2.1
+    return (ids >= 0) & (ids < np.int64(E))
+
+
 class Workspace:
     """Scratch arrays reused from one layer to the next (one per thread)."""
 
@@ -120,14 +125,14 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
     ids = np.asarray(ids)
     R, k = ids.shape
     E = int(num_experts)
-    valid = (ids >= 0) & (ids < E)
+    valid = _valid_ids(ids, E)
     dist = np.full((R, k), -1, np.int64)
     if not valid.any():
         return dist, valid
     W = (E + 63) // 64
     N = R * k
     key_t = np.uint8 if E < 255 else np.uint16 if E < 65535 else np.int64
-    e = np.where(valid, ids, E).astype(key_t).ravel()  # E marks an invalid id
+    e = np.where(valid, ids.astype(key_t), key_t(E)).ravel()  # E marks an invalid id
     unit = np.zeros((E + 1, W), np.uint64)
     ar = np.arange(E)
     unit[ar, ar >> 6] = np.left_shift(np.uint64(1), (ar & 63).astype(np.uint64))
@@ -266,7 +271,7 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
     ids = np.asarray(ids)
     R, k = ids.shape
     E = int(num_experts)
-    valid = (ids >= 0) & (ids < E)
+    valid = _valid_ids(ids, E)
     e = ids[valid].astype(np.int64)
     hist = np.bincount(e, minlength=E)[:E]
     w = None if weights is None else np.asarray(weights, np.float64)

@@ -124,20 +124,28 @@ def test_router_static_rule_threshold_vs_naive():
 
 
 def test_router_static_rule_between_cuda_variants():
-    """The measured rule (bench/NOTES.md): naive at small k, threshold from 4096 tokens (E <= 1024),
-    radix from k = 32 (or k >= 16 above E = 1024) and beyond E = 3072.  Decided without a GPU."""
+    """The measured rule (bench/NOTES.md): screened for E <= 512 and k < 32 at every T, grouped
+    for group-limited routing on whole lanes, threshold from 4096 tokens for 512 < E <= 1024,
+    naive below that, radix from k = 32 (or k >= 16 above E = 1024) and beyond E = 3072.
+    Decided without a GPU."""
     from ds4kern import dispatch
     from ds4kern.ops.router import OP, RouterProblem
 
-    def chosen(T, E, k, groups=0):
-        p = RouterProblem("cuda", T, E, k, "float32", "int32", "sigmoid", False, True, groups, 4 if groups else 0)
+    def chosen(T, E, k, groups=0, gt=4):
+        p = RouterProblem("cuda", T, E, k, "float32", "int32", "sigmoid", False, True, groups, gt if groups else 0)
         return dispatch.decide(OP, p).chosen.name
 
-    assert chosen(128, 256, 6) == "naive"
-    assert chosen(4096, 256, 6) == "threshold"
+    assert chosen(1, 256, 6) == "screened"
+    assert chosen(128, 256, 6) == "screened"
+    assert chosen(65536, 512, 16) == "screened"
+    assert chosen(128, 1024, 8) == "naive"
+    assert chosen(4096, 1024, 8) == "threshold"
     assert chosen(4096, 256, 32) == "radix"
     assert chosen(128, 1024, 64) == "radix"
     assert chosen(16384, 3072, 16) == "radix"
     assert chosen(16384, 3072, 8) == "naive"
     assert chosen(16, 8192, 6) == "radix"  # the only kernel there
-    assert chosen(4096, 256, 32, groups=8) == "naive"  # radix and threshold decline groups
+    assert chosen(4096, 256, 8, groups=8) == "grouped"  # DeepSeek-V3 style
+    assert chosen(4096, 256, 32, groups=8) == "grouped"  # radix, threshold and screened decline groups
+    assert chosen(4096, 130, 6, groups=13, gt=3) == "naive"  # groups of 10 experts: not whole lanes
+    assert chosen(4096, 1024, 32, groups=8) == "naive"  # E > 512

@@ -480,6 +480,21 @@ def radix_name(dtype: str) -> str:
     return f"router_topk_radix<{_CTYPE[dtype]}>"
 
 
+# warp variants (screened / grouped): contiguous lanes, compile-time score function
+WARP_VPL = (1, 2, 4, 8, 16)
+WARP_MAX_E = 32 * WARP_VPL[-1]
+WARP_MAX_K = 32  # one candidate per lane
+WARP_THREADS = 256  # DS4_WARP_THREADS
+# blocks per SM in the grid (the rest of the tokens by grid stride); env override for sweeps
+WARP_BLOCKS_PER_SM = int(os.environ.get("DS4KERN_ROUTER_WARP_BLOCKS_PER_SM", "4"))
+_WARP_SF = {("softmax", False): 0, ("sigmoid", False): 1, ("sqrtsoftplus", False): 2, ("softmax", True): 3}
+SCREEN_PROBES = {"sigmoid": "router_screen_probe<1>", "sqrtsoftplus": "router_screen_probe<2>"}
+
+
+def warp_name(dtype: str, sf: int, grouped: bool, vpl: int) -> str:
+    return f"router_topk_warp<{_CTYPE[dtype]}, {sf}, {'true' if grouped else 'false'}, {vpl}>"
+
+
 AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
 
 
@@ -495,7 +510,10 @@ ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     + tuple(dense_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
     + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4))
     + tuple(aux_scores_name(d, v) for d in _CTYPE for v in AUX_VPL)
-    + tuple(radix_name(d) for d in _CTYPE),
+    + tuple(radix_name(d) for d in _CTYPE)
+    + tuple(warp_name(d, sf, g, v) for d in _CTYPE for sf in sorted(set(_WARP_SF.values()))
+            for g in (False, True) for v in WARP_VPL)
+    + tuple(SCREEN_PROBES.values()),
 ))
 
 
@@ -513,6 +531,75 @@ def _threshold_supports(p: RouterProblem) -> Optional[str]:
     if p.num_groups:
         return "group-limited routing is not implemented in this variant"
     return None
+
+
+def _warp_vpl(E: int) -> int:
+    return next(v for v in WARP_VPL if 32 * v >= E)
+
+
+def _warp_common(p: RouterProblem) -> Optional[str]:
+    if p.num_experts > WARP_MAX_E:
+        return f"E={p.num_experts} exceeds {WARP_MAX_E} (16 register slots per lane)"
+    if p.topk > WARP_MAX_K:
+        return f"k={p.topk} exceeds {WARP_MAX_K} (one candidate per lane)"
+    return None
+
+
+def _screened_supports(p: RouterProblem) -> Optional[str]:
+    if p.num_groups:
+        return "group-limited routing is the grouped variant's"
+    return _warp_common(p)
+
+
+def group_lanes(E: int, num_groups: int) -> Optional[int]:
+    """Lanes per group in the grouped kernel, or None where groups do not fall on whole lanes."""
+    vpl = _warp_vpl(E)
+    gs = E // num_groups
+    if gs % vpl:
+        return None
+    lpg = gs // vpl
+    return lpg if lpg & (lpg - 1) == 0 else None
+
+
+def _grouped_supports(p: RouterProblem) -> Optional[str]:
+    if not p.num_groups:
+        return "needs group-limited routing (num_groups, group_topk)"
+    why = _warp_common(p)
+    if why:
+        return why
+    if p.num_groups > 32:
+        return f"num_groups={p.num_groups} exceeds 32"
+    if group_lanes(p.num_experts, p.num_groups) is None:
+        return (f"groups of E/num_groups={p.num_experts // p.num_groups} experts do not fill a power-of-two "
+                f"number of lanes of {_warp_vpl(p.num_experts)} experts")
+    return None
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(cp) -> int:
+    dev = cp.cuda.Device().id
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = int(cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return _SM_COUNT[dev]
+
+
+def _warp(a: RouterArgs) -> None:
+    T, E = a.logits.shape
+    if T == 0:
+        return
+    p = a.problem
+    vpl = _warp_vpl(E)
+    grouped = bool(p.num_groups)
+    kern = ROUTER_KERNELS.kernel(warp_name(p.dtype, _WARP_SF[(a.score_function, a.use_pre_softmax)], grouped, vpl))
+    warps = WARP_THREADS // 32
+    grid = min((T + warps - 1) // warps, WARP_BLOCKS_PER_SM * _sm_count(a.frame.xp))
+    vec = int(a.logits.data.ptr % 16 == 0 and (E * a.logits.itemsize) % 16 == 0 and E >= vpl)
+    bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
+    kern((grid,), (WARP_THREADS,),
+         (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.float32(a.scaling_factor),
+          np.int32(vec)) + _output_args(a) + (np.int32(a.num_groups), np.int32(a.group_topk)))
 
 
 def _radix_supports(p: RouterProblem) -> Optional[str]:
@@ -534,6 +621,19 @@ RADIX_MIN_K = int(os.environ.get("DS4KERN_ROUTER_RADIX_MIN_K", "32"))
 def _radix_cost(p: RouterProblem) -> float:
     wins = p.topk >= RADIX_MIN_K or (p.num_experts > 1024 and p.topk >= 16)
     return 0.8 if wins else 1.2
+
+
+# Static rule, from bench/NOTES.md (H100, 2026-11-25): screened beats naive and threshold at
+# every T measured for E <= 512, k < 32 (Flash T=128: 3.8 vs 5.8-6.2 us; T=65536: 59 vs 90-104 us;
+# T=16384 sigmoid + bias: E=256 k=6 16.2 vs 25.4, k=16 21.3 vs 33.6, E=512 k=8 34.3 vs 55.5 us) and
+# loses from k = 32 (E=256: 76 vs radix 65 and naive 71 us).  grouped beats naive at every T
+# measured (V3 style: 5.3 vs 9.6 us at T=128, 100 vs 315 us at T=65536).
+def _screened_cost(p: RouterProblem) -> float:
+    return 0.7 if p.topk < RADIX_MIN_K else 1.15
+
+
+def _grouped_cost(p: RouterProblem) -> float:
+    return 0.7
 
 
 def _radix(a: RouterArgs) -> None:
@@ -747,6 +847,12 @@ def ds4kern_register_variants(register):
     register(Variant(OP, "threshold", "cuda", _threshold, supports=_threshold_supports, cost=_threshold_cost,
                      description="one warp per token; lane-max threshold, candidates selected exactly "
                                  "(fast screening for sqrtsoftplus)"))
+    register(Variant(OP, "screened", "cuda", _warp, supports=_screened_supports, cost=_screened_cost,
+                     description="one warp per token, compile-time score function, contiguous lanes with "
+                                 "vector loads; screened threshold, candidates selected exactly (E <= 512, k <= 32)"))
+    register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=_grouped_cost,
+                     description="group-limited routing in one pass: each group's lanes find its top scores "
+                                 "together, then group rounds and exact selection (E <= 512, k <= 32)"))
     register(Variant(HASH_OP, "reference", "numpy", _reference_hash, cost=1.0,
                      description="numpy table lookup; validates ids and table entries"))
     register(Variant(HASH_OP, "naive", "cuda", _naive_hash, cost=1.0,

@@ -106,7 +106,7 @@ def _sparse_levels(base, levels, extra_rows=1):
 
 
 def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Workspace] = None,
-                    chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+                    chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
     """LRU stack distance of every valid access of one layer.
 
     ``ids`` ``[R, k]``.  Returns ``(distance, valid)``: ``valid`` [R, k] marks valid ids;
@@ -121,14 +121,22 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
     gathers and a popcount per access, queries in time order.  ``workspace`` reuses the large
     scratch arrays from one call to the next (fresh pages cost more than the work itself).
     """
-    ws = workspace if workspace is not None else Workspace()
     ids = np.asarray(ids)
-    R, k = ids.shape
     E = int(num_experts)
     valid = _valid_ids(ids, E)
-    dist = np.full((R, k), -1, np.int64)
-    if not valid.any():
-        return dist, valid
+    dist = np.full(ids.shape, -1, np.int64)
+    out = dist.ravel()
+    for cur, d in _distance_chunks(ids, E, valid, workspace if workspace is not None else Workspace(), chunk):
+        out[cur] = d
+    return dist, valid
+
+
+def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, chunk: int):
+    """Yields ``(positions, distances)`` in time order for every valid access that has a previous
+    access (flat positions r * k + s); the rest are first accesses or invalid."""
+    R, k = ids.shape
+    if R == 0 or not valid.any():
+        return
     W = (E + 63) // 64
     N = R * k
     key_t = np.uint8 if E < 255 else np.uint16 if E < 65535 else np.int64
@@ -160,15 +168,23 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
             np.bitwise_or(s3[:, s + 1], one, out=s3[:, s])
 
     # previous access of the same expert: stable (radix) sort by id, then back to time order
+    # (large scratch arrays come from the workspace: fresh pages cost more than the work)
     srt = np.argsort(e, kind="stable")
     es = e[srt]
     same = (es[1:] == es[:-1]) & (es[1:] != E)
-    prev_of = np.full(N, -1, np.int64)
-    prev_of[srt[1:]] = np.where(same, srt[:-1], -1)
+    vals = ws.get("vals", (N,), np.int64)
+    vals.fill(-1)
+    np.copyto(vals[1:], srt[:-1], where=same)
+    prev_of = ws.get("prev", (N,), np.int64)
+    prev_of[srt] = vals
     del srt, es, same
-    cur_all = np.flatnonzero(prev_of >= 0)
-    prev_all = prev_of[cur_all]
-    del prev_of
+    has_prev = prev_of >= 0
+    n_q = int(np.count_nonzero(has_prev))
+    positions = ws.get("arange", (N,), np.int64)
+    if positions[-1] != N - 1 or positions[0] != 0:
+        positions[:] = np.arange(N)
+    cur_all = np.compress(has_prev, positions, out=ws.get("cur", (N,), np.int64)[:n_q])
+    prev_all = np.compress(has_prev, prev_of, out=ws.get("prv", (N,), np.int64)[:n_q])
 
     # record-range ORs, one stacked table of rows: levels 0.._BLOCK_LEVELS-1 of a sparse table
     # (ranges shorter than a block), then per-block suffix and prefix ORs (longer ranges, with
@@ -198,7 +214,6 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
     for l in range(1, L):
         log2[1 << l:] = l
 
-    out = dist.ravel()
     for c0 in range(0, len(cur_all), chunk):
         cur = cur_all[c0:c0 + chunk]
         prv = prev_all[c0:c0 + chunk]
@@ -241,8 +256,7 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
                 inside = (a_ < s) & (s < b_)
                 between |= np.where(inside[:, None], np.take(unit, e[r_ * k + s], axis=0), np.uint64(0))
             d[samer] = _popcount_rows(between)
-        out[cur] = d
-    return dist, valid
+        yield cur, d
 
 
 def _adjacent_pairs(positions: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -298,12 +312,23 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
         union = first[a].sum(1) + first[b].sum(1) - inter
         np.add.at(iu, (inter, union), 1)
         eq_sum = int(((A == B) & valid[a] & vb).sum())
-    dist, _ = stack_distances(ids, E, workspace=workspace)
-    d = np.where(dist[valid] < 0, E, dist[valid])
-    wv = None if w is None else w[valid]
+    # LRU stack-distance histogram, bin E: first accesses
+    dist = np.zeros(E + 1, np.int64)
+    wdist = None if w is None else np.zeros(E + 1, np.float64)
+    wflat = None if w is None else w.ravel()
+    first = None if w is None else valid.ravel().copy()  # valid accesses with no previous one
+    n_q = 0
+    for cur, d in _distance_chunks(ids, E, valid, workspace if workspace is not None else Workspace(), 1 << 16):
+        dist += np.bincount(d, minlength=E + 1)
+        n_q += len(d)
+        if w is not None:
+            wdist += np.bincount(d, wflat[cur], E + 1)
+            first[cur] = False
+    dist[E] += int(hist.sum()) - n_q
+    if w is not None:
+        wdist[E] += float(wflat[first].sum())
     return {"num_experts": E, "k": k, "records": R, "hist": hist, "wsum": wsum,
-            "dist": np.bincount(d, minlength=E + 1), "wdist": None if wv is None else np.bincount(d, wv, E + 1),
-            "pairs": int(len(a)), "eq": eq_sum, "iu": iu}
+            "dist": dist, "wdist": wdist, "pairs": int(len(a)), "eq": eq_sum, "iu": iu}
 
 
 def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dist, wdist, pairs: int, eq: int, iu,

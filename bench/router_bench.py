@@ -88,10 +88,8 @@ def bench(tokens, dtypes, repeat=200, config="flash", only=None):
     kw = dict(score_function=cfg["score_function"], scaling_factor=cfg["scaling_factor"])
     if cfg["groups"]:
         kw.update(num_groups=cfg["groups"][0], group_topk=cfg["groups"][1])
-    peers = torch_peers(cfg)
+    peers = torch_peers(cfg) if not only or "torch" in only else {}
     variants = [v.name for v in ds4kern.variants("router_topk") if v.backend == "cuda" and (not only or v.name in only)]
-    if only and "torch" not in only:
-        peers = {}
     for dtype in dtypes:
         dt = {"float32": np.float32, "bfloat16": BFLOAT16}[dtype]
         for T in tokens:

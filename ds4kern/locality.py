@@ -78,16 +78,20 @@ class Workspace:
     def __init__(self):
         self.arrays = {}
 
-    def get(self, name, shape, dtype=np.uint64):
+    def get(self, name, shape, dtype=np.uint64, init=None):
+        """Scratch array ``name``; ``init(array)`` fills a newly allocated one (kept contents are reused)."""
         a = self.arrays.get(name)
         if a is None or a.shape != tuple(shape) or a.dtype != dtype:
             self.arrays.pop(name, None)
             a = self.arrays[name] = np.empty(shape, dtype)
+            if init is not None:
+                init(a)
         return a
 
 
 _BLOCK_LEVELS = 6           # record ranges shorter than 2**6 come from a sparse table
 _BLOCK = 1 << _BLOCK_LEVELS  # longer ones from per-block suffix / prefix ORs and a block table
+_CHUNK = 1 << 16  # accesses per query chunk: its temporaries stay small and are reused by the allocator
 
 
 def _sparse_levels(base, levels, extra_rows=1):
@@ -106,7 +110,7 @@ def _sparse_levels(base, levels, extra_rows=1):
 
 
 def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Workspace] = None,
-                    chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+                    chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """LRU stack distance of every valid access of one layer.
 
     ``ids`` ``[R, k]``.  Returns ``(distance, valid)``: ``valid`` [R, k] marks valid ids;
@@ -180,9 +184,7 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     del srt, es, same
     has_prev = prev_of >= 0
     n_q = int(np.count_nonzero(has_prev))
-    positions = ws.get("arange", (N,), np.int64)
-    if positions[-1] != N - 1 or positions[0] != 0:
-        positions[:] = np.arange(N)
+    positions = ws.get("arange", (N,), np.int64, init=lambda a: np.copyto(a, np.arange(len(a))))
     cur_all = np.compress(has_prev, positions, out=ws.get("cur", (N,), np.int64)[:n_q])
     prev_all = np.compress(has_prev, prev_of, out=ws.get("prv", (N,), np.int64)[:n_q])
 
@@ -316,17 +318,17 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
     dist = np.zeros(E + 1, np.int64)
     wdist = None if w is None else np.zeros(E + 1, np.float64)
     wflat = None if w is None else w.ravel()
-    first = None if w is None else valid.ravel().copy()  # valid accesses with no previous one
+    first_access = None if w is None else valid.ravel().copy()  # valid accesses with no previous one
     n_q = 0
-    for cur, d in _distance_chunks(ids, E, valid, workspace if workspace is not None else Workspace(), 1 << 16):
+    for cur, d in _distance_chunks(ids, E, valid, workspace if workspace is not None else Workspace(), _CHUNK):
         dist += np.bincount(d, minlength=E + 1)
         n_q += len(d)
         if w is not None:
             wdist += np.bincount(d, wflat[cur], E + 1)
-            first[cur] = False
+            first_access[cur] = False
     dist[E] += int(hist.sum()) - n_q
     if w is not None:
-        wdist[E] += float(wflat[first].sum())
+        wdist[E] += float(wflat[first_access].sum())
     return {"num_experts": E, "k": k, "records": R, "hist": hist, "wsum": wsum,
             "dist": dist, "wdist": wdist, "pairs": int(len(a)), "eq": eq_sum, "iu": iu}
 

@@ -587,8 +587,6 @@ def _sm_count(cp) -> int:
 
 def _warp(a: RouterArgs) -> None:
     T, E = a.logits.shape
-    if T == 0:
-        return
     p = a.problem
     vpl = _warp_vpl(E)
     grouped = bool(p.num_groups)

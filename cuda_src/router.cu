@@ -223,22 +223,6 @@ __global__ void router_topk_naive(const T* __restrict__ logits,
                             num_groups, group_topk);
 }
 
-// Fast screening score for sqrtsoftplus: |approx - exact| <= DS4_SSP_ABS + DS4_SSP_REL * |s|.
-// Error budget: softplus via ex2.approx/lg2.approx is within ~1e-5 absolute (rounding of 1 + t
-// and of x*log2(e) included); sqrt turns an absolute error d into at most sqrt(d) ~ 3.2e-3.
-// The bound used is about 1.6x that.
-#define DS4_SSP_ABS 5e-3f
-#define DS4_SSP_REL 1e-5f
-__device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
-    // .ftz forms: plain MUFU instructions (denormal softplus values are far below the bound)
-    float t, l, r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(x * 1.4426950408889634f));
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.0f + t));
-    const float sp = x > 20.0f ? x : l * 0.6931471805599453f;
-    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sp));
-    return r;
-}
-
 template <typename T, int VPL>
 __global__ void router_topk_threshold(const T* __restrict__ logits,
                                       const float* __restrict__ bias,  // [E] or nullptr
@@ -387,43 +371,7 @@ __global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __re
 //     experts.
 // Same keys, tie rule (larger first, lower index on ties), NaN rule and weights as the naive
 // kernel.  k <= 32, E <= 32 * VPL.
-#define DS4_SF_SOFTMAX_POST 0
-#define DS4_SF_SIGMOID 1
-#define DS4_SF_SQRTSOFTPLUS 2
-#define DS4_SF_SOFTMAX_PRE 3
 #define DS4_WARP_THREADS 256
-// sigmoid screen: 1 / (1 + 2^(-x log2 e)) with ex2/rcp.approx; |approx - exact| <= ABS + REL |s|
-#define DS4_SIG_ABS 4e-6f
-#define DS4_SIG_REL 1e-5f
-
-__device__ __forceinline__ float ds4_sigmoid_approx(float x) {
-    float t, r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(x * -1.4426950408889634f));
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
-    return r;
-}
-
-__device__ __forceinline__ float ds4_bits16_to_float(unsigned short h, const __half*) {
-    return __half2float(__ushort_as_half(h));
-}
-__device__ __forceinline__ float ds4_bits16_to_float(unsigned short h, const __nv_bfloat16*) {
-    return __uint_as_float((unsigned)h << 16);
-}
-
-// 16 bytes of T as floats into x[c * (16 / sizeof(T)) ...]
-template <typename T, int VPL>
-__device__ __forceinline__ void ds4_unpack16(const uint4 u, int c, float (&x)[VPL]) {
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        if constexpr (sizeof(T) == 4) {
-            x[4 * c + j] = __uint_as_float(w[j]);
-        } else {
-            x[8 * c + 2 * j] = ds4_bits16_to_float((unsigned short)(w[j] & 0xffffu), (const T*)nullptr);
-            x[8 * c + 2 * j + 1] = ds4_bits16_to_float((unsigned short)(w[j] >> 16), (const T*)nullptr);
-        }
-    }
-}
 
 // This lane's VPL logits: experts e0 ... of the row, the first `valid` of which exist.  With
 // vector loads every lane loads unconditionally from an address clamped into the row (lanes
@@ -443,11 +391,6 @@ __device__ __forceinline__ void ds4_load_contig(const T* __restrict__ row, int e
     }
 #pragma unroll
     for (int i = 0; i < VPL; ++i) x[i] = i < valid ? ds4_to_float(row[e0 + i]) : 0.0f;
-}
-
-template <int SF>
-__device__ __forceinline__ float ds4_unbiased(float x) {  // sigmoid / sqrtsoftplus, precise
-    return ds4_score_fn(x, SF == DS4_SF_SIGMOID ? DS4_SCORE_SIGMOID : DS4_SCORE_SQRTSOFTPLUS);
 }
 
 // Group-limited routing on the contiguous layout: lanes [g*lpg, (g+1)*lpg) hold group g.

@@ -101,14 +101,16 @@ def group_tie_rows(i, i_ref, sel64, k, G, gt, tol=1e-5):
     return out
 
 
-KERNEL_VARIANTS = ["naive", "threshold", "radix", "screened"]
+KERNEL_VARIANTS = ["naive", "threshold", "radix", "screened", "rows"]
 
 
-def skip_unsupported(variant, E, k=1):
+def skip_unsupported(variant, E, k=1, score_function="sigmoid"):
     if variant == "threshold" and E > 1024:
         pytest.skip("threshold supports E <= 1024")
     if variant in ("screened", "grouped") and (E > 512 or k > 32):
         pytest.skip(f"{variant} supports E <= 512 and k <= 32")
+    if variant == "rows" and (E % 8 or E > 256 or k > 16 or score_function == "softmax"):
+        pytest.skip("rows supports sigmoid / sqrtsoftplus, E a multiple of 8 up to 256, k <= 16")
 
 
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)
@@ -116,7 +118,7 @@ def skip_unsupported(variant, E, k=1):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("E,k", SHAPES, ids=lambda v: str(v))
 def test_kernel_equals_reference(cp, rng, variant, dtype, mode, E, k):
-    skip_unsupported(variant, E, k)
+    skip_unsupported(variant, E, k, MODES[mode]["score_function"])
     T = int(rng.integers(1, 300))
     x = (rng.standard_normal((T, E)) * 2).astype(DTYPES[dtype])
     run_and_check(cp, x, k, MODES[mode], rng, variant=variant, scaling=float(rng.choice([1.0, 1.5, 2.5])))
@@ -126,17 +128,20 @@ def test_kernel_equals_reference(cp, rng, variant, dtype, mode, E, k):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", ["softmax-post", "softmax-pre", "sigmoid", "sqrtsoftplus"])
 def test_ties_identical_to_reference(cp, rng, variant, dtype, mode):
+    skip_unsupported(variant, 96, 12, MODES[mode]["score_function"])
     # integer logits: exact ties everywhere; selection and order must be identical
     x = rng.integers(-3, 4, size=(500, 96)).astype(DTYPES[dtype])
     run_and_check(cp, x, 12, MODES[mode], rng, variant=variant, exact=True)
     x = np.full((8, 64), 0.5, np.float32).astype(DTYPES[dtype])
-    kmax = 32 if variant == "screened" else 64
+    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
     run_and_check(cp, x, kmax, MODES[mode], rng, variant=variant, exact=True)
 
 
-@pytest.mark.parametrize("variant", ["threshold", "screened"])
+@pytest.mark.parametrize("variant", ["threshold", "screened", "rows"])
 @pytest.mark.parametrize("mode", ["sqrtsoftplus", "sqrtsoftplus-bias", "sigmoid", "sigmoid-bias", "softmax-pre"])
 def test_screening_hard_cases(cp, rng, mode, variant):
+    skip_unsupported(variant, 256, 1, MODES[mode]["score_function"])
+    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
     """Rows where the screening is hardest: tiny sqrtsoftplus scores (largest approximation
     error), near-ties, many exact ties (fallback), k > 32 (fallback), wide ranges."""
     E = 256
@@ -148,15 +153,15 @@ def test_screening_hard_cases(cp, rng, mode, variant):
         np.where(rng.random((400, E)) < 0.1, 25.0, -25.0),   # two clusters
     ]
     for x in cases:
-        for k in (1, 6, 8, 31, 32, 40):
-            if k > 32 and variant == "screened":
+        for k in (1, 6, 8, 16, 31, 32, 40):
+            if k > kmax:
                 continue
             # near-tie rows are legitimate here (compare_router checks they tie within rounding)
             for dt in (np.float32, BFLOAT16):
                 run_and_check(cp, x.astype(dt), k, MODES[mode], rng, variant=variant, max_tie_rows=400)
 
 
-@pytest.mark.parametrize("variant", ["threshold", "screened"])
+@pytest.mark.parametrize("variant", ["threshold", "screened", "rows"])
 def test_screening_nan_and_inf_rows_match_reference(cp, rng, variant):
     x = rng.standard_normal((64, 96)).astype(np.float32)
     x[rng.random(x.shape) < 0.2] = np.nan
@@ -165,9 +170,10 @@ def test_screening_nan_and_inf_rows_match_reference(cp, rng, variant):
     x[2, 3] = np.inf
     x[3, 10:20] = -np.inf
     x[4] = -np.inf
-    for sf in ("sigmoid", "sqrtsoftplus", "softmax"):
-        for k in (1, 4, 8, 32, 40):
-            if k > 32 and variant == "screened":
+    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
+    for sf in ("sigmoid", "sqrtsoftplus") + (() if variant == "rows" else ("softmax",)):
+        for k in (1, 4, 8, 16, 32, 40):
+            if k > kmax:
                 continue
             _, i = ds4kern.router_topk(cp.asarray(x), k, score_function=sf, variant=variant)
             _, i_ref = ds4kern.router_topk(x, k, score_function=sf)
@@ -215,14 +221,15 @@ def test_sqrtsoftplus_screening_error_bound(cp):
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 @pytest.mark.parametrize("index_dtype", ["uint8", "uint16", "int16", "int32", "int64"])
 def test_index_dtypes_and_leading_dims(cp, rng, variant, index_dtype):
-    x = rng.standard_normal((3, 5, 7, 130)).astype(np.float32)
+    E = 136 if variant == "rows" else 130  # rows: E a multiple of 8
+    x = rng.standard_normal((3, 5, 7, E)).astype(np.float32)
     run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, variant=variant, index_dtype=index_dtype)
-    x = rng.standard_normal((301, 130)).astype(np.float32)
-    k = 32 if variant == "screened" else 40  # k > 32 where supported
+    x = rng.standard_normal((301, E)).astype(np.float32)
+    k = {"screened": 32, "rows": 16}.get(variant, 40)  # k > 32 where supported
     run_and_check(cp, x, k, MODES["sigmoid-bias"], rng, variant=variant, index_dtype=index_dtype)
 
 
-@pytest.mark.parametrize("variant", ["naive", "threshold", "radix", "screened", "cupy_composite"])
+@pytest.mark.parametrize("variant", ["naive", "threshold", "radix", "screened", "rows", "cupy_composite"])
 def test_strided_narrow_index_output(cp, rng, variant):
     if variant not in cuda_variants():
         pytest.skip(f"{variant} not installed")
@@ -238,6 +245,39 @@ def test_strided_narrow_index_output(cp, rng, variant):
         np.testing.assert_allclose(cp.asnumpy(wbuf[:, 1, :]), w_ref, rtol=1e-5, atol=1e-6)
     assert bool((buf[0] == 255).all()) and bool((buf[1 + T:] == 255).all())
     assert bool(cp.isnan(wbuf[:, 0, :]).all())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_tiles_and_fallbacks(cp, rng, dtype):
+    """rows: partial last tiles, logits not 16-byte aligned (the warp kernel takes over), rows
+    whose screen fails (ties past the candidate list, NaN and infinite rows) mixed with normal
+    rows in one tile, a large bias range, E = 8 (one chunk)."""
+    for T in (1, 31, 33, 95, 1000):
+        x = rng.standard_normal((T, 256)).astype(DTYPES[dtype])
+        run_and_check(cp, x, 6, MODES["sqrtsoftplus-bias"], rng, variant="rows")
+    E = 256
+    flat = cp.asarray(rng.standard_normal(200 * E + 1).astype(DTYPES[dtype]))
+    x_d = flat[1:].reshape(200, E)
+    assert x_d.data.ptr % 16
+    w, i = ds4kern.router_topk(x_d, 6, score_function="sigmoid", variant="rows")
+    _, i_ref = reference_router_topk(cp.asnumpy(x_d).astype(np.float32), 6, "sigmoid", False, None, 1.0)
+    np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+    x = rng.standard_normal((64, E)).astype(np.float32)
+    x[0] = 0.25                      # all tied: more candidates than the list holds
+    x[1, ::2] = np.nan               # NaN chunks mixed in
+    x[2] = np.nan                    # all NaN
+    x[3, 7] = np.inf
+    x[4, :200] = -np.inf
+    x[5, 10:20] = 1.0                # ten exact ties at the top
+    for sf in ("sigmoid", "sqrtsoftplus"):
+        for k in (1, 6, 8, 16):
+            for bias in (None, (rng.standard_normal(E) * 50).astype(np.float32)):
+                _, i = ds4kern.router_topk(cp.asarray(x.astype(DTYPES[dtype])), k, score_function=sf, variant="rows",
+                                           expert_bias=None if bias is None else cp.asarray(bias))
+                _, i_ref = ds4kern.router_topk(x.astype(DTYPES[dtype]), k, score_function=sf, expert_bias=bias)
+                np.testing.assert_array_equal(cp.asnumpy(i), i_ref, err_msg=f"{sf} k={k} bias={bias is not None}")
+    x = rng.standard_normal((300, 8)).astype(DTYPES[dtype])
+    run_and_check(cp, x, 3, MODES["sigmoid-bias"], rng, variant="rows")
 
 
 def test_default_allocation_is_fully_written(cp, rng):
@@ -292,8 +332,11 @@ def test_non_default_stream(cp, rng):
         x_d = cp.asarray(x)
         w, i = ds4kern.router_topk(x_d, 6, score_function="sigmoid")
     s.synchronize()
-    _, i_ref = reference_router_topk(x, 6, "sigmoid", False, None, 1.0)
-    np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+    w_ref, i_ref = reference_router_topk(x, 6, "sigmoid", False, None, 1.0)
+    # tie-aware: the GPU's expf and numpy's exp may order two scores 1 ulp apart differently
+    cmp = compare_router(cp.asnumpy(w), cp.asnumpy(i), w_ref, i_ref, router_scores64(x, "sigmoid", False, None)[0],
+                         *router_tolerances(256))
+    assert cmp.ok and cmp.tie_rows <= 4, cmp
 
 
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)
@@ -316,9 +359,11 @@ def test_cuda_graph_capture(cp, rng, variant):
             i_d.fill(-1)
             g.launch(s)
             s.synchronize()
-            w_ref, i_ref = reference_router_topk(x, k, "sqrtsoftplus", False, cp.asnumpy(bias), 1.5)
-            np.testing.assert_array_equal(cp.asnumpy(i_d), i_ref)
-            np.testing.assert_allclose(cp.asnumpy(w_d), w_ref, rtol=1e-5, atol=1e-6)
+            b = cp.asnumpy(bias)
+            w_ref, i_ref = reference_router_topk(x, k, "sqrtsoftplus", False, b, 1.5)
+            cmp = compare_router(cp.asnumpy(w_d), cp.asnumpy(i_d), w_ref, i_ref,
+                                 router_scores64(x, "sqrtsoftplus", False, b)[0], *router_tolerances(E))
+            assert cmp.ok and cmp.tie_rows <= 2, cmp  # tie-aware (GPU and numpy exp differ in the last bit)
 
 
 def test_torch_zero_copy(cp, rng):

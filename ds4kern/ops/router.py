@@ -495,6 +495,27 @@ def warp_name(dtype: str, sf: int, grouped: bool, vpl: int) -> str:
     return f"router_topk_warp<{_CTYPE[dtype]}, {sf}, {'true' if grouped else 'false'}, {vpl}>"
 
 
+# rows variant: one thread per token (cuda_src/router_rows.cu)
+ROWS_KMAX = (8, 16)
+ROWS_MAX_E = 256
+ROWS_WARPS = 2  # DS4_ROWS_WARPS
+_ROWS_SF = {"sigmoid": 1, "sqrtsoftplus": 2}
+
+
+def rows_name(dtype: str, sf: int, kmax: int) -> str:
+    return f"router_topk_rows<{_CTYPE[dtype]}, {sf}, {kmax}>"
+
+
+def rows_smem(kmax: int) -> int:
+    """Dynamic shared memory of one block: candidate lists, bias table, max |bias|."""
+    return ROWS_WARPS * (kmax + 16) * 32 * 4 + (256 + 4) * 4
+
+
+ROWS_KERNELS = kernels.register_family(kernels.KernelFamily(
+    "router_rows.cu",
+    tuple(rows_name(d, sf, km) for d in _CTYPE for sf in sorted(_ROWS_SF.values()) for km in ROWS_KMAX),
+))
+
 AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
 
 
@@ -600,6 +621,33 @@ def _warp(a: RouterArgs) -> None:
           np.int32(vec)) + _output_args(a) + (np.int32(a.num_groups), np.int32(a.group_topk)))
 
 
+def _rows_supports(p: RouterProblem) -> Optional[str]:
+    if p.num_groups:
+        return "group-limited routing is the grouped variant's"
+    if p.score_function not in _ROWS_SF or p.use_pre_softmax:
+        return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
+    if p.num_experts % 8 or p.num_experts > ROWS_MAX_E:
+        return f"needs E a multiple of 8 and at most {ROWS_MAX_E} (chunks of 8 experts, 32-bit chunk masks)"
+    if p.topk > ROWS_KMAX[-1]:
+        return f"k={p.topk} exceeds {ROWS_KMAX[-1]} (the per-thread sorted list)"
+    return None
+
+
+def _rows(a: RouterArgs) -> None:
+    T, E = a.logits.shape
+    if a.logits.data.ptr % 16:  # rows are read in 16-byte loads
+        return _warp(a)
+    p = a.problem
+    kmax = next(km for km in ROWS_KMAX if km >= a.topk)
+    kern = ROWS_KERNELS.kernel(rows_name(p.dtype, _ROWS_SF[a.score_function], kmax))
+    smem = rows_smem(kmax)
+    tiles = (T + 31) // 32
+    bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
+    kern(((tiles + ROWS_WARPS - 1) // ROWS_WARPS,), (32 * ROWS_WARPS,),
+         (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.float32(a.scaling_factor))
+         + _output_args(a), shared_mem=smem)
+
+
 def _radix_supports(p: RouterProblem) -> Optional[str]:
     if p.num_groups:
         return "group-limited routing is not implemented in this variant"
@@ -628,6 +676,18 @@ def _radix_cost(p: RouterProblem) -> float:
 # measured (V3 style: 5.3 vs 9.6 us at T=128, 100 vs 315 us at T=65536).
 def _screened_cost(p: RouterProblem) -> float:
     return 0.7 if p.topk < RADIX_MIN_K else 1.15
+
+
+# Static rule, from bench/NOTES.md (H100, 2026-11-25, Flash: E=256, k=6, sqrtsoftplus + bias): rows
+# beats screened for 16-bit logits from T = 32768 (bf16: 29.0 vs 33.6 us; T=65536 39.9 vs 61.4;
+# T=131072 82 vs 121) and loses below (T=16384: 23.3 vs 18.5; T=128: 18.7 vs 3.8: one 32-token
+# tile per warp is a long serial chain); for float32 it never wins (T=65536: 60.6 vs 59.8).
+# Override with DS4KERN_ROUTER_ROWS_MIN_TOKENS (a token count) or DS4KERN_VARIANT.
+ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "32768"))
+
+
+def _rows_cost(p: RouterProblem) -> float:
+    return 0.6 if p.dtype != "float32" and p.tokens_bucket >= ROWS_MIN_TOKENS else 1.5
 
 
 def _grouped_cost(p: RouterProblem) -> float:
@@ -848,6 +908,9 @@ def ds4kern_register_variants(register):
     register(Variant(OP, "screened", "cuda", _warp, supports=_screened_supports, cost=_screened_cost,
                      description="one warp per token, compile-time score function, contiguous lanes with "
                                  "vector loads; screened threshold, candidates selected exactly (E <= 512, k <= 32)"))
+    register(Variant(OP, "rows", "cuda", _rows, supports=_rows_supports, cost=_rows_cost,
+                     description="one thread per token (32-token tiles in shared memory): chunk bounds, "
+                                 "screened candidates, exact list (sigmoid/sqrtsoftplus, E <= 256, k <= 16)"))
     register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=_grouped_cost,
                      description="group-limited routing in one pass: each group's lanes find its top scores "
                                  "together, then group rounds and exact selection (E <= 512, k <= 32)"))

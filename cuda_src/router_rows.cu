@@ -1,0 +1,249 @@
+// router_rows.cu — router top-k (compact form), one thread per token.
+//
+// router_topk_rows<T, SF, KMAX>: sigmoid or sqrtsoftplus (+ bias), no group-limited routing,
+// E % 8 == 0, E <= 256, k <= KMAX, rows 16-byte aligned (the host checks all of it).
+//
+// Why one thread per token: the warp-per-token kernels spend ~600 warp instructions per token,
+// most of them on cross-lane reductions (k rounds of warp max, compaction, shuffles) that do one
+// token's work per instruction.  Here every instruction does 32 tokens' work and there are no
+// cross-lane steps at all; what is left is the scoring, which is per value anyway.
+//
+// Lane r of a warp takes token 32 * warp + r and reads its row straight from global memory in
+// 16-byte loads (a warp's 32 rows share L1 lines between consecutive chunks; a shared-memory tile
+// filled with cp.async was measured slower: it caps the warps per SM, bench/NOTES.md):
+//   1. the row in chunks of 8 experts.  Each chunk yields a lower bound L of its best score:
+//      without bias the screened score of its largest logit (score functions are increasing),
+//      with bias the largest screened score + bias of its 8 experts (the bias reorders a chunk).
+//      The k-th largest L, tau, is reached by at least k experts (one per chunk), so every top-k
+//      expert scores at least tau - eps, and its screened score is at least tau - 2 eps;
+//   2. only chunks whose L can reach that (L >= tau - 4 eps without bias, where the chunk's
+//      other experts are not screened; tau - 2 eps with bias) are screened expert by expert, and
+//      the experts at or above tau - 2 eps become candidates (a per-lane list in shared memory,
+//      usually k + 1);
+//   3. the candidates are scored exactly (the precise functions, as the reference) and kept in a
+//      sorted register list of k (order key, expert, unbiased score): larger key first; as
+//      candidates come in expert order and an equal key goes after the entries already there,
+//      the lower expert stays first on ties.
+// Screening uses the MUFU approximations of the warp kernels (DS4_SIG_* / DS4_SSP_*, tested by
+// the probes); eps bounds their error at the scores that matter: ABS + REL * (2 |tau| + max
+// |bias|) (the function's own value is at most |s| + |bias|).  Rows where tau is not finite (NaN
+// chunks, infinities) or with more than CAP candidates (heavy ties) take the exact path over
+// every expert: same keys, same order, same result, slower.
+// Weights: as the other kernels (unbiased scores of the winners, normalised when k > 1, scaled).
+//
+// Bytes moved: T*E*sizeof(T) read once (+E*4 bias per block), T*k*(4 + sizeof(index)) written.
+#include "common.cuh"
+
+#include "router_common.cuh"
+
+#define DS4_ROWS_WARPS 2     // warps per block (one 32-token tile each)
+#ifdef DS4_ROWS_DEBUG        // path counters for bench/_dbg_rows.py (not in the library's builds)
+__device__ unsigned long long ds4_rows_dbg[24];
+#define DS4_DBG(i, v) atomicAdd(&ds4_rows_dbg[i], (unsigned long long)(v))
+#else
+#define DS4_DBG(i, v)
+#endif
+#define DS4_ROWS_MAX_CH 32   // chunks of 8 experts: E <= 256
+
+// A lane's row in global memory (read-only path; the chunks of one warp's 32 rows share L1 lines).
+template <typename T>
+struct Ds4Row {
+    const T* p;
+
+    // the 8 logits of chunk h
+    __device__ __forceinline__ void chunk(int h, float (&x)[8]) const {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+        if constexpr (sizeof(T) == 4) {
+            ds4_unpack16<T, 8>(__ldg(q + 2 * h), 0, x);
+            ds4_unpack16<T, 8>(__ldg(q + 2 * h + 1), 1, x);
+        } else {
+            ds4_unpack16<T, 8>(__ldg(q + h), 0, x);
+        }
+    }
+    __device__ __forceinline__ float value(int e) const { return ds4_to_float(p[e]); }
+};
+
+template <int SF>
+__device__ __forceinline__ float ds4_screen(float x) {
+    return SF == DS4_SF_SIGMOID ? ds4_sigmoid_approx(x) : ds4_sqrtsoftplus_approx(x);
+}
+
+// Insert (key, e, u) into the sorted list (larger key first; an equal key goes after the entries
+// already there, so with entries inserted in expert order the lower expert stays first on ties).
+// The entries from the insertion point on move down one place as a block: an entry pushed down
+// is never compared again (comparing it would put it behind later entries of an equal key).
+template <int KMAX>
+__device__ __forceinline__ void ds4_list_insert(unsigned (&kk)[KMAX], int (&ke)[KMAX], float (&ku)[KMAX],
+                                                unsigned key, int e, float u) {
+    bool c[KMAX];  // c[j]: the new entry goes at j or above (monotone: the list is sorted)
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) c[j] = key > kk[j];
+#pragma unroll
+    for (int j = KMAX - 1; j > 0; --j) {
+        kk[j] = c[j] ? (c[j - 1] ? kk[j - 1] : key) : kk[j];
+        ke[j] = c[j] ? (c[j - 1] ? ke[j - 1] : e) : ke[j];
+        ku[j] = c[j] ? (c[j - 1] ? ku[j - 1] : u) : ku[j];
+    }
+    kk[0] = c[0] ? key : kk[0];
+    ke[0] = c[0] ? e : ke[0];
+    ku[0] = c[0] ? u : ku[0];
+}
+
+template <typename T, int SF, int KMAX>
+__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS)
+router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
+                 float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
+                 void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
+    constexpr int CAP = KMAX + 16;  // candidates per lane
+    extern __shared__ __align__(16) unsigned char smem[];
+    // layout: candidates [W][CAP][32] | bias [256] | max |bias|
+    const int lane = threadIdx.x & 31;
+    const int wib = threadIdx.x >> 5;
+    int* cand = reinterpret_cast<int*>(smem) + wib * CAP * 32;
+    float* sb = reinterpret_cast<float*>(smem) + DS4_ROWS_WARPS * CAP * 32;
+    unsigned* sbabs = reinterpret_cast<unsigned*>(sb + 256);
+    const int nch = E / 8;
+    const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * 32;
+    const int rows = (int)max(0LL, min(32LL, num_tokens - tile0));
+    if (threadIdx.x == 0) *sbabs = 0u;
+    __syncthreads();
+    {
+        float ab = 0.0f;
+        for (int e = threadIdx.x; e < E; e += 32 * DS4_ROWS_WARPS) {
+            const float b = bias != nullptr ? bias[e] : 0.0f;
+            sb[e] = b;
+            ab = fmaxf(ab, fabsf(b));
+        }
+        atomicMax(sbabs, __float_as_uint(ab));  // non-negative floats order as their bits
+    }
+    __syncthreads();
+    if (lane >= rows) return;  // (no block-wide barriers below)
+
+    const long long token = tile0 + lane;
+    Ds4Row<T> row;
+    row.p = logits + token * E;
+    const float babs = __uint_as_float(*sbabs);
+    const bool plain = bias == nullptr;
+
+    // 1. chunk bounds and tau
+    float up[DS4_ROWS_MAX_CH];
+    float tl[KMAX];
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) tl[j] = DS4_NEG_INF;
+#pragma unroll
+    for (int h = 0; h < DS4_ROWS_MAX_CH; ++h) {
+        up[h] = DS4_NEG_INF;
+        if (h < nch) {
+            float x[8];
+            row.chunk(h, x);
+            float lo;
+            if (plain) {  // no bias: the score of the largest logit is the chunk's best
+                const float mx = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])),
+                                       fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+                lo = ds4_screen<SF>(mx);
+            } else {  // with bias every expert is screened (the bias reorders the chunk)
+                const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);  // same address in every lane
+                const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
+                const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+                lo = ds4_screen<SF>(x[0]) + bb[0];
+#pragma unroll
+                for (int j = 1; j < 8; ++j) lo = fmaxf(lo, ds4_screen<SF>(x[j]) + bb[j]);
+            }
+            lo = lo == lo ? lo : DS4_NEG_INF;  // an all-NaN chunk bounds nothing
+            up[h] = lo;
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) {
+                const float t = tl[j];
+                tl[j] = fmaxf(t, lo);
+                lo = fminf(t, lo);
+            }
+        }
+    }
+    float tau = tl[0];  // tl[k - 1] (the list is sorted: a min, so no indexed register read)
+#pragma unroll
+    for (int j = 1; j < KMAX; ++j) tau = fminf(tau, j < k ? tl[j] : tl[0]);
+
+    unsigned kk[KMAX];
+    int ke[KMAX];
+    float ku[KMAX];
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+        kk[j] = 0u;
+        ke[j] = 0;
+        ku[j] = 0.0f;
+    }
+    bool exact_all = !(fabsf(tau) < __int_as_float(0x7f800000));  // NaN / inf: no screening
+    if (!exact_all) {
+        const float eps = (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS) +
+                          (SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL) * (2.0f * fabsf(tau) + babs);
+        const float lo_c = tau - 2.0f * eps;
+        const float lo_h = plain ? tau - 4.0f * eps : lo_c;
+        unsigned live = 0u;
+#pragma unroll
+        for (int h = 0; h < DS4_ROWS_MAX_CH; ++h)
+            if (up[h] >= lo_h) live |= 1u << h;
+
+        // 2. screen the live chunks' experts
+        int n = 0;
+        while (live) {
+            const int h = __ffs(live) - 1;
+            live &= live - 1u;
+            float x[8];
+            row.chunk(h, x);
+            const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
+            const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
+            const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                if (ds4_screen<SF>(x[j]) + bb[j] >= lo_c) {
+                    if (n < CAP) cand[n * 32 + lane] = 8 * h + j;
+                    ++n;
+                }
+            }
+        }
+#ifdef DS4_ROWS_DEBUG
+        if (token == (long long)ds4_rows_dbg[7]) {
+            ds4_rows_dbg[6] = n;
+            for (int i = 0; i < min(n, 16); ++i) ds4_rows_dbg[8 + i] = cand[i * 32 + lane];
+        }
+#endif
+        DS4_DBG(0, 1);
+        DS4_DBG(1, n);
+        // 3. exact scores of the candidates
+        if (n <= CAP && n >= k) {  // (fewer than k would break the error bound: never seen, but safe)
+            for (int i = 0; i < n; ++i) {
+                const int e = cand[i * 32 + lane];
+                const float u = ds4_unbiased<SF>(row.value(e));
+                ds4_list_insert<KMAX>(kk, ke, ku, ds4_order_key(u + sb[e]), e, u);
+            }
+        } else {
+            exact_all = true;
+        }
+    }
+
+    if (exact_all) {  // every expert, exactly
+#pragma unroll 1
+        for (int h = 0; h < nch; ++h) {
+            float x[8];
+            row.chunk(h, x);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float u = ds4_unbiased<SF>(x[j]);
+                ds4_list_insert<KMAX>(kk, ke, ku, ds4_order_key(u + sb[8 * h + j]), 8 * h + j, u);
+            }
+        }
+    }
+    // weights, as the other kernels: unbiased scores of the winners, normalised when k > 1
+    float tot = 0.0f;
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j)
+        if (j < k) tot += ku[j];
+    const float dn = tot + 1e-20f;
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+        if (j < k) {
+            weights[token * w_rs + j * w_cs] = (k > 1 ? ku[j] / dn : ku[j]) * scaling;
+            ds4_store_index(indices, idx_kind, token * i_rs + j * i_cs, ke[j]);
+        }
+    }
+}

@@ -127,6 +127,39 @@ __device__ __forceinline__ void ds4_group_mask(unsigned (&key)[VPL], int lane, i
     }
 }
 
+// Weights of one token's k winners in output order (lane l writes outputs l, l+32, ...): the
+// score of each winner's logit (softmax: e^(x - x_first), or p for pre-softmax), normalised over
+// the k winners where the spec says so, times `scaling`.  Output j's expert is `mine` when
+// `in_reg` (k <= 32, this lane holds winner j), else read back from the index output.
+template <typename T>
+__device__ __forceinline__ void ds4_write_weights(const T* __restrict__ row, int first, int lane, int k, int score_fn,
+                                                  bool pre, float mx, float denom, float scaling, float* wrow,
+                                                  long long w_cs, const void* indices, int idx_kind, long long irow,
+                                                  long long i_cs, bool in_reg, int mine) {
+    const float x0 = ds4_to_float(row[first]);
+    float part = 0.0f;
+    for (int j = lane; j < k; j += 32) {
+        const int e = in_reg ? mine : ds4_load_index(indices, idx_kind, irow + j * i_cs);
+        const float xe = ds4_to_float(row[e]);
+        float v;
+        if (score_fn == DS4_SCORE_SOFTMAX) v = pre ? expf(xe - mx) / denom : expf(xe - x0);
+        else v = ds4_score_fn(xe, score_fn);
+        part += v;
+        wrow[j * w_cs] = v;  // provisional, normalised below by the same lane
+    }
+    if (pre) {
+        for (int j = lane; j < k; j += 32) wrow[j * w_cs] *= scaling;
+        return;
+    }
+    const float total = ds4_warp_sum(part);
+    const bool norm = score_fn == DS4_SCORE_SOFTMAX || k > 1;
+    const float dn = score_fn == DS4_SCORE_SOFTMAX ? total : total + 1e-20f;
+    for (int j = lane; j < k; j += 32) {
+        const float v = wrow[j * w_cs];
+        wrow[j * w_cs] = (norm ? v / dn : v) * scaling;
+    }
+}
+
 template <typename T, int VPL>
 __device__ __forceinline__ void ds4_topk_rounds(const T* __restrict__ row, const float* __restrict__ bias,
                                                 const float (&x)[VPL], int lane, int E, int k, int score_fn,
@@ -153,30 +186,10 @@ __device__ __forceinline__ void ds4_topk_rounds(const T* __restrict__ row, const
             if (j <= r) ds4_store_index(indices, idx_kind, irow + j * i_cs, mine);
         }
     }
-    // Weights.  Lane l handles outputs l, l+32, ...; for k <= 32 the index is still in `mine`,
-    // otherwise it is read back from this lane's own earlier store.
-    const float x0 = ds4_to_float(row[first]);
-    float part = 0.0f;
-    for (int j = lane; j < k; j += 32) {
-        const int e = k <= 32 ? mine : ds4_load_index(indices, idx_kind, irow + j * i_cs);
-        const float xe = ds4_to_float(row[e]);
-        float v;
-        if (score_fn == DS4_SCORE_SOFTMAX) v = pre ? expf(xe - mx) / denom : expf(xe - x0);
-        else v = ds4_score_fn(xe, score_fn);
-        part += v;
-        wrow[j * w_cs] = v;  // provisional, normalised below by the same lane
-    }
-    if (pre) {
-        for (int j = lane; j < k; j += 32) wrow[j * w_cs] *= scaling;
-        return;
-    }
-    const float total = ds4_warp_sum(part);
-    const bool norm = score_fn == DS4_SCORE_SOFTMAX || k > 1;
-    const float dn = score_fn == DS4_SCORE_SOFTMAX ? total : total + 1e-20f;
-    for (int j = lane; j < k; j += 32) {
-        const float v = wrow[j * w_cs];
-        wrow[j * w_cs] = (norm ? v / dn : v) * scaling;
-    }
+    // Weights.  For k <= 32 the index is still in `mine`, otherwise it is read back from this
+    // lane's own earlier store.
+    ds4_write_weights<T>(row, first, lane, k, score_fn, pre, mx, denom, scaling, wrow, w_cs, indices, idx_kind,
+                         irow, i_cs, k <= 32, mine);
 }
 
 // Loads this lane's logits and, for pre-softmax, the row's max and denominator.
@@ -367,6 +380,8 @@ __global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __re
 //   - GROUPED: the lanes of one group (E / num_groups experts = a power-of-two number of lanes)
 //     find the group's top m = k / group_topk scores together (shuffles within the group, all
 //     groups at once), then group_topk rounds over the group scores, as in the naive kernel;
+//   - `direct` (host: small T) skips the threshold and candidates where keys are exact (grouped,
+//     softmax): k exact rounds over every key, a shorter chain of dependent reductions;
 //   - more than 32 candidates (heavy ties, NaN screens) fall back to k exact rounds over all
 //     experts.
 // Same keys, tie rule (larger first, lower index on ties), NaN rule and weights as the naive
@@ -431,7 +446,7 @@ __global__ void __launch_bounds__(DS4_WARP_THREADS, 2)
 router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
                  float scaling, int vec, float* __restrict__ weights, long long w_rs, long long w_cs,
                  void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
-                 int group_topk) {
+                 int group_topk, int direct) {
     constexpr bool EXACT = GROUPED || SF == DS4_SF_SOFTMAX_POST || SF == DS4_SF_SOFTMAX_PRE;
     constexpr bool SOFTMAX = SF == DS4_SF_SOFTMAX_POST || SF == DS4_SF_SOFTMAX_PRE;
     __shared__ int s_e[DS4_WARP_THREADS];
@@ -510,31 +525,33 @@ router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, l
         // (keys with their low 5 bits replaced by the lane: one reduction per round; the
         // truncated threshold is at most the exact one, so the candidates stay a superset)
         unsigned theta = 0u;
-        {
+        unsigned cm = 0u;
+        int cnt = 0, total = 33;
+        if (!(EXACT && direct)) {  // direct: exact keys, k rounds over all of them (shorter chain)
             unsigned mm = lbest >= 32u ? (lbest & ~31u) | (unsigned)lane : 0u;
             for (int r = 0; r < k; ++r) {
                 theta = __reduce_max_sync(0xffffffffu, mm);
                 if (mm == theta) mm = 0u;
             }
             theta &= ~31u;
-        }
-        // 2. candidates
-        unsigned cm = 0u;
-        float lo = 0.0f;
-        if constexpr (EXACT) {
+            // 2. candidates
+            if constexpr (EXACT) {
 #pragma unroll
-            for (int i = 0; i < VPL; ++i)
-                if (key[i] != 0u && key[i] >= theta) cm |= 1u << i;
-        } else {
-            const float th = ds4_key_to_float(theta);
-            lo = fabsf(th) == __int_as_float(0x7f800000) ? th : th - 2.0f * (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS + DS4_SIG_REL * fabsf(th)
-                                                                     : DS4_SSP_ABS + DS4_SSP_REL * fabsf(th));
+                for (int i = 0; i < VPL; ++i)
+                    if (key[i] != 0u && key[i] >= theta) cm |= 1u << i;
+            } else {
+                const float th = ds4_key_to_float(theta);
+                const float lo = fabsf(th) == __int_as_float(0x7f800000)
+                                     ? th
+                                     : th - 2.0f * (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS + DS4_SIG_REL * fabsf(th)
+                                                                         : DS4_SSP_ABS + DS4_SSP_REL * fabsf(th));
 #pragma unroll
-            for (int i = 0; i < VPL; ++i)
-                if (a[i] >= lo) cm |= 1u << i;
+                for (int i = 0; i < VPL; ++i)
+                    if (a[i] >= lo) cm |= 1u << i;
+            }
+            cnt = __popc(cm);
+            total = (int)__reduce_add_sync(0xffffffffu, (unsigned)cnt);
         }
-        const int cnt = __popc(cm);
-        const int total = (int)__reduce_add_sync(0xffffffffu, (unsigned)cnt);
         bool sel;
         int slot, ce;
         float cv;  // x (softmax post), p (pre) or the unbiased score of this lane's expert
@@ -1068,28 +1085,7 @@ router_topk_radix(const T* __restrict__ logits, const float* __restrict__ bias, 
     }
     first = (int)__reduce_max_sync(0xffffffffu, (unsigned)first);  // only rank 0's lane holds a nonzero
     __syncwarp();  // the index stores above, before lanes read each other's
-    // weights in output order (as in the naive kernel)
-    const float x0 = ds4_to_float(row[first]);
-    float part = 0.0f;
-    float* wrow = weights + token * w_rs;
-    for (int j = lane; j < k; j += 32) {
-        const int e = ds4_load_index(indices, idx_kind, token * i_rs + j * i_cs);
-        const float xe = ds4_to_float(row[e]);
-        float v;
-        if (score_fn == DS4_SCORE_SOFTMAX) v = pre ? expf(xe - mx) / denom : expf(xe - x0);
-        else v = ds4_score_fn(xe, score_fn);
-        part += v;
-        wrow[j * w_cs] = v;
-    }
-    if (pre) {
-        for (int j = lane; j < k; j += 32) wrow[j * w_cs] *= scaling;
-        return;
-    }
-    const float total = ds4_warp_sum(part);
-    const bool norm = score_fn == DS4_SCORE_SOFTMAX || k > 1;
-    const float dn = score_fn == DS4_SCORE_SOFTMAX ? total : total + 1e-20f;
-    for (int j = lane; j < k; j += 32) {
-        const float v = wrow[j * w_cs];
-        wrow[j * w_cs] = (norm ? v / dn : v) * scaling;
-    }
+    // weights in output order (as in the naive kernel), indices read back
+    ds4_write_weights<T>(row, first, lane, k, score_fn, pre, mx, denom, scaling, weights + token * w_rs, w_cs,
+                         indices, idx_kind, token * i_rs, i_cs, false, 0);
 }

@@ -487,6 +487,11 @@ WARP_MAX_K = 32  # one candidate per lane
 WARP_THREADS = 256  # DS4_WARP_THREADS
 # blocks per SM in the grid (the rest of the tokens by grid stride); env override for sweeps
 WARP_BLOCKS_PER_SM = int(os.environ.get("DS4KERN_ROUTER_WARP_BLOCKS_PER_SM", "4"))
+# Up to this many tokens, kernels on exact keys (grouped, softmax) skip the screening threshold and
+# run k exact rounds over all keys: fewer dependent warp reductions per token.  From bench/NOTES.md
+# (H100, 2026-11-25, V3 style): T=1 4.95 -> 4.51 us, T=128 5.43 -> 5.19, T=1024 5.56 -> 5.35, but
+# T=4096 9.97 -> 11.3 and T=65536 102 -> 128 us.  Env override for sweeps.
+WARP_DIRECT_MAX_TOKENS = int(os.environ.get("DS4KERN_ROUTER_WARP_DIRECT_MAX_TOKENS", "1024"))
 _WARP_SF = {("softmax", False): 0, ("sigmoid", False): 1, ("sqrtsoftplus", False): 2, ("softmax", True): 3}
 SCREEN_PROBES = {"sigmoid": "router_screen_probe<1>", "sqrtsoftplus": "router_screen_probe<2>"}
 
@@ -616,9 +621,10 @@ def _warp(a: RouterArgs) -> None:
     grid = min((T + warps - 1) // warps, WARP_BLOCKS_PER_SM * _sm_count(a.frame.xp))
     vec = int(a.logits.data.ptr % 16 == 0 and (E * a.logits.itemsize) % 16 == 0 and E >= vpl)
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
+    direct = int(T <= WARP_DIRECT_MAX_TOKENS)  # (used where the keys are exact: groups, softmax)
     kern((grid,), (WARP_THREADS,),
          (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.float32(a.scaling_factor),
-          np.int32(vec)) + _output_args(a) + (np.int32(a.num_groups), np.int32(a.group_topk)))
+          np.int32(vec)) + _output_args(a) + (np.int32(a.num_groups), np.int32(a.group_topk), np.int32(direct)))
 
 
 def _rows_supports(p: RouterProblem) -> Optional[str]:

@@ -9,21 +9,21 @@ from ds4kern import kernels
 from ds4kern._arrays import BFLOAT16
 from ds4kern.ops import router as R
 code = kernels.load_source("router_rows.cu")
-names = [R.rows_name(d, sf, 8) for d in ("float32", "bfloat16") for sf in (1, 2)]
+names = [R.rows_name(d, sf, 8, lp) for d in ("float32", "bfloat16") for sf in (1, 2) for lp in (1, 2)]
 mod = cp.RawModule(code=code, options=R.ROWS_KERNELS.options + ("-DDS4_ROWS_DEBUG",), name_expressions=names)
 dbg = mod.get_global("ds4_rows_dbg")
 D = cp.ndarray((24,), cp.uint64, dbg)
 rng = np.random.default_rng(1)
-def run(x, k, sf, bias=None, tok=0):
+def run(x, k, sf, bias=None, tok=0, lpt=2):
     T, E = x.shape
     dt = "float32" if x.dtype == np.float32 else "bfloat16"
-    kern = mod.get_function(R.rows_name(dt, R._ROWS_SF[sf], 8))
+    kern = mod.get_function(R.rows_name(dt, R._ROWS_SF[sf], 8, lpt))
     smem = R.rows_smem(8)
     w = cp.full((T, k), cp.nan, cp.float32); i = cp.full((T, k), -1, cp.int32)
     b = cp.asarray(bias) if bias is not None else np.uint64(0)
     D.fill(0); D[7] = tok
     xd = cp.asarray(x)
-    kern(((T + 63) // 64,), (64,), (xd, b, np.int64(T), np.int32(E), np.int32(k), np.float32(1.0),
+    kern(((T + 64 // lpt - 1) // (64 // lpt),), (64,), (xd, b, np.int64(T), np.int32(E), np.int32(k), np.float32(1.0),
               w, np.int64(k), np.int64(1), i, np.int64(k), np.int64(1), np.int32(3)), shared_mem=smem)
     return cp.asnumpy(i), D.get()
 for dt in (np.float32, BFLOAT16):

@@ -1,14 +1,17 @@
 // router_rows.cu — router top-k (compact form), one thread per token.
 //
-// router_topk_rows<T, SF, KMAX>: sigmoid or sqrtsoftplus (+ bias), no group-limited routing,
-// E % 8 == 0, E <= 256, k <= KMAX, rows 16-byte aligned (the host checks all of it).
+// router_topk_rows<T, SF, KMAX, LPT>: sigmoid or sqrtsoftplus (+ bias), no group-limited
+// routing, E % 8 == 0, E <= 256, k <= KMAX, rows 16-byte aligned (the host checks all of it).
+// LPT lanes per token (1 or 2; 2 needs E % 16 == 0): with 2, each lane takes half the chunks,
+// the two lanes' sorted chunk bounds merge (one bitonic step) into the exact k-th largest, and
+// their exact lists merge the same way on (key, expert) at the end.
 //
 // Why one thread per token: the warp-per-token kernels spend ~600 warp instructions per token,
 // most of them on cross-lane reductions (k rounds of warp max, compaction, shuffles) that do one
 // token's work per instruction.  Here every instruction does 32 tokens' work and there are no
 // cross-lane steps at all; what is left is the scoring, which is per value anyway.
 //
-// Lane r of a warp takes token 32 * warp + r and reads its row straight from global memory in
+// Lane r of a warp takes token 32 * warp + r (LPT = 1) and reads its row straight from global memory in
 // 16-byte loads (a warp's 32 rows share L1 lines between consecutive chunks; a shared-memory tile
 // filled with cp.async was measured slower: it caps the warps per SM, bench/NOTES.md):
 //   1. the row in chunks of 8 experts.  Each chunk yields a lower bound L of its best score:
@@ -89,12 +92,19 @@ __device__ __forceinline__ void ds4_list_insert(unsigned (&kk)[KMAX], int (&ke)[
     ku[0] = c[0] ? u : ku[0];
 }
 
-template <typename T, int SF, int KMAX>
+// Key order of list entries: larger key first, lower expert on ties.
+__device__ __forceinline__ bool ds4_entry_before(unsigned ka, int ea, unsigned kb, int eb) {
+    return ka > kb || (ka == kb && ea < eb);
+}
+
+template <typename T, int SF, int KMAX, int LPT>
 __global__ void __launch_bounds__(32 * DS4_ROWS_WARPS)
 router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
                  float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
                  void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
-    constexpr int CAP = KMAX + 16;  // candidates per lane
+    constexpr int CAP = KMAX + 16;                   // candidates per lane
+    constexpr int TPW = 32 / LPT;                    // tokens per warp
+    constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
     extern __shared__ __align__(16) unsigned char smem[];
     // layout: candidates [W][CAP][32] | bias [256] | max |bias|
     const int lane = threadIdx.x & 31;
@@ -102,9 +112,8 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     int* cand = reinterpret_cast<int*>(smem) + wib * CAP * 32;
     float* sb = reinterpret_cast<float*>(smem) + DS4_ROWS_WARPS * CAP * 32;
     unsigned* sbabs = reinterpret_cast<unsigned*>(sb + 256);
-    const int nch = E / 8;
-    const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * 32;
-    const int rows = (int)max(0LL, min(32LL, num_tokens - tile0));
+    const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * TPW;
+    const int rows = (int)max(0LL, min((long long)TPW, num_tokens - tile0));
     if (threadIdx.x == 0) *sbabs = 0u;
     __syncthreads();
     {
@@ -117,23 +126,28 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         atomicMax(sbabs, __float_as_uint(ab));  // non-negative floats order as their bits
     }
     __syncthreads();
-    if (lane >= rows) return;  // (no block-wide barriers below)
-
-    const long long token = tile0 + lane;
+    if (rows == 0) return;  // the whole warp (no block-wide barriers below)
+    const int t = lane / LPT;  // token of this lane in the tile
+    const int q = lane % LPT;  // which part of the row: chunks [q * ncl, (q + 1) * ncl)
+    const bool valid = t < rows;  // lanes past the last token redo it and write nothing (shuffles)
+    const long long token = tile0 + min(t, rows - 1);
+    const int ncl = E / 8 / LPT;
+    const int h0 = q * ncl;
     Ds4Row<T> row;
     row.p = logits + token * E;
     const float babs = __uint_as_float(*sbabs);
     const bool plain = bias == nullptr;
 
     // 1. chunk bounds and tau
-    float up[DS4_ROWS_MAX_CH];
+    float up[MAXC];
     float tl[KMAX];
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) tl[j] = DS4_NEG_INF;
 #pragma unroll
-    for (int h = 0; h < DS4_ROWS_MAX_CH; ++h) {
-        up[h] = DS4_NEG_INF;
-        if (h < nch) {
+    for (int hh = 0; hh < MAXC; ++hh) {
+        up[hh] = DS4_NEG_INF;
+        if (hh < ncl) {
+            const int h = h0 + hh;
             float x[8];
             row.chunk(h, x);
             float lo;
@@ -142,7 +156,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
                                        fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
                 lo = ds4_screen<SF>(mx);
             } else {  // with bias every expert is screened (the bias reorders the chunk)
-                const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);  // same address in every lane
+                const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
                 const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
                 const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
                 lo = ds4_screen<SF>(x[0]) + bb[0];
@@ -150,14 +164,34 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
                 for (int j = 1; j < 8; ++j) lo = fmaxf(lo, ds4_screen<SF>(x[j]) + bb[j]);
             }
             lo = lo == lo ? lo : DS4_NEG_INF;  // an all-NaN chunk bounds nothing
-            up[h] = lo;
+            up[hh] = lo;
 #pragma unroll
             for (int j = 0; j < KMAX; ++j) {
-                const float t = tl[j];
-                tl[j] = fmaxf(t, lo);
-                lo = fminf(t, lo);
+                const float tv = tl[j];
+                tl[j] = fmaxf(tv, lo);
+                lo = fminf(tv, lo);
             }
         }
+    }
+    if constexpr (LPT == 2) {  // the KMAX largest bounds of both halves: a bitonic merge
+        float c[KMAX];
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) c[j] = __shfl_xor_sync(0xffffffffu, tl[KMAX - 1 - j], 1);
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) c[j] = fmaxf(tl[j], c[j]);
+#pragma unroll
+        for (int d = KMAX / 2; d >= 1; d >>= 1) {
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) {
+                if ((j & d) == 0) {
+                    const float hi = fmaxf(c[j], c[j + d]);
+                    c[j + d] = fminf(c[j], c[j + d]);
+                    c[j] = hi;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) tl[j] = c[j];
     }
     float tau = tl[0];  // tl[k - 1] (the list is sorted: a min, so no indexed register read)
 #pragma unroll
@@ -172,6 +206,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         ke[j] = 0;
         ku[j] = 0.0f;
     }
+    // (the same on both lanes of a token: tau is)
     bool exact_all = !(fabsf(tau) < __int_as_float(0x7f800000));  // NaN / inf: no screening
     if (!exact_all) {
         const float eps = (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS) +
@@ -180,13 +215,13 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         const float lo_h = plain ? tau - 4.0f * eps : lo_c;
         unsigned live = 0u;
 #pragma unroll
-        for (int h = 0; h < DS4_ROWS_MAX_CH; ++h)
-            if (up[h] >= lo_h) live |= 1u << h;
+        for (int hh = 0; hh < MAXC; ++hh)
+            if (up[hh] >= lo_h) live |= 1u << hh;
 
         // 2. screen the live chunks' experts
         int n = 0;
         while (live) {
-            const int h = __ffs(live) - 1;
+            const int h = h0 + __ffs(live) - 1;
             live &= live - 1u;
             float x[8];
             row.chunk(h, x);
@@ -202,15 +237,23 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
             }
         }
 #ifdef DS4_ROWS_DEBUG
-        if (token == (long long)ds4_rows_dbg[7]) {
+        if (token == (long long)ds4_rows_dbg[7] && q == 0) {
             ds4_rows_dbg[6] = n;
             for (int i = 0; i < min(n, 16); ++i) ds4_rows_dbg[8 + i] = cand[i * 32 + lane];
         }
 #endif
-        DS4_DBG(0, 1);
-        DS4_DBG(1, n);
+        int n_all = n;
+        bool over = n > CAP;
+        if constexpr (LPT == 2) {  // both lanes of the token are here (same tau)
+            const unsigned pair = 3u << (lane & ~1);
+            const int n_other = __shfl_xor_sync(pair, n, 1);
+            n_all += n_other;
+            over = over || n_other > CAP;
+        }
+        DS4_DBG(0, q == 0);
+        DS4_DBG(1, q == 0 ? n_all : 0);
         // 3. exact scores of the candidates
-        if (n <= CAP && n >= k) {  // (fewer than k would break the error bound: never seen, but safe)
+        if (!over && n_all >= k) {  // (fewer than k would break the error bound: never seen, but safe)
             for (int i = 0; i < n; ++i) {
                 const int e = cand[i * 32 + lane];
                 const float u = ds4_unbiased<SF>(row.value(e));
@@ -221,9 +264,9 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         }
     }
 
-    if (exact_all) {  // every expert, exactly
+    if (exact_all) {  // every expert of this lane's part, exactly
 #pragma unroll 1
-        for (int h = 0; h < nch; ++h) {
+        for (int h = h0; h < h0 + ncl; ++h) {
             float x[8];
             row.chunk(h, x);
 #pragma unroll
@@ -233,15 +276,55 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
             }
         }
     }
+    if constexpr (LPT == 2) {  // merge the two halves' lists: bitonic, (key desc, expert asc)
+        unsigned ck[KMAX];
+        int ce[KMAX];
+        float cu[KMAX];
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) {
+            const unsigned ok = __shfl_xor_sync(0xffffffffu, kk[KMAX - 1 - j], 1);
+            const int oe = __shfl_xor_sync(0xffffffffu, ke[KMAX - 1 - j], 1);
+            const float ou = __shfl_xor_sync(0xffffffffu, ku[KMAX - 1 - j], 1);
+            const bool mine = ds4_entry_before(kk[j], ke[j], ok, oe);
+            ck[j] = mine ? kk[j] : ok;
+            ce[j] = mine ? ke[j] : oe;
+            cu[j] = mine ? ku[j] : ou;
+        }
+#pragma unroll
+        for (int d = KMAX / 2; d >= 1; d >>= 1) {
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) {
+                if ((j & d) == 0) {
+                    const bool keep = ds4_entry_before(ck[j], ce[j], ck[j + d], ce[j + d]);
+                    const unsigned k0 = ck[j], k1 = ck[j + d];
+                    const int e0 = ce[j], e1 = ce[j + d];
+                    const float u0 = cu[j], u1 = cu[j + d];
+                    ck[j] = keep ? k0 : k1;
+                    ck[j + d] = keep ? k1 : k0;
+                    ce[j] = keep ? e0 : e1;
+                    ce[j + d] = keep ? e1 : e0;
+                    cu[j] = keep ? u0 : u1;
+                    cu[j + d] = keep ? u1 : u0;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) {
+            kk[j] = ck[j];
+            ke[j] = ce[j];
+            ku[j] = cu[j];
+        }
+    }
     // weights, as the other kernels: unbiased scores of the winners, normalised when k > 1
     float tot = 0.0f;
 #pragma unroll
     for (int j = 0; j < KMAX; ++j)
         if (j < k) tot += ku[j];
     const float dn = tot + 1e-20f;
+    if (!valid) return;
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) {
-        if (j < k) {
+        if (j < k && j % LPT == q) {
             weights[token * w_rs + j * w_cs] = (k > 1 ? ku[j] / dn : ku[j]) * scaling;
             ds4_store_index(indices, idx_kind, token * i_rs + j * i_cs, ke[j]);
         }

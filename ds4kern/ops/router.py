@@ -507,8 +507,17 @@ ROWS_WARPS = 2  # DS4_ROWS_WARPS
 _ROWS_SF = {"sigmoid": 1, "sqrtsoftplus": 2}
 
 
-def rows_name(dtype: str, sf: int, kmax: int) -> str:
-    return f"router_topk_rows<{_CTYPE[dtype]}, {sf}, {kmax}>"
+ROWS_LPT = (1, 2)  # lanes per token (2: each lane takes half the row; needs E % 16 == 0)
+_ROWS_LPT_ENV = int(os.environ.get("DS4KERN_ROUTER_ROWS_LPT", "2"))
+
+
+def rows_name(dtype: str, sf: int, kmax: int, lpt: int = 1) -> str:
+    return f"router_topk_rows<{_CTYPE[dtype]}, {sf}, {kmax}, {lpt}>"
+
+
+def rows_lanes(E: int, kmax: int) -> int:
+    """Lanes per token the rows kernel uses (2 only with the 8-entry list: registers)."""
+    return 2 if _ROWS_LPT_ENV == 2 and E % 16 == 0 and kmax == 8 else 1
 
 
 def rows_smem(kmax: int) -> int:
@@ -518,7 +527,8 @@ def rows_smem(kmax: int) -> int:
 
 ROWS_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router_rows.cu",
-    tuple(rows_name(d, sf, km) for d in _CTYPE for sf in sorted(_ROWS_SF.values()) for km in ROWS_KMAX),
+    tuple(rows_name(d, sf, km, lp) for d in _CTYPE for sf in sorted(_ROWS_SF.values()) for km in ROWS_KMAX
+          for lp in ROWS_LPT if lp == 1 or km == 8),
 ))
 
 AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
@@ -645,9 +655,10 @@ def _rows(a: RouterArgs) -> None:
         return _warp(a)
     p = a.problem
     kmax = next(km for km in ROWS_KMAX if km >= a.topk)
-    kern = ROWS_KERNELS.kernel(rows_name(p.dtype, _ROWS_SF[a.score_function], kmax))
+    lpt = rows_lanes(E, kmax)
+    kern = ROWS_KERNELS.kernel(rows_name(p.dtype, _ROWS_SF[a.score_function], kmax, lpt))
     smem = rows_smem(kmax)
-    tiles = (T + 31) // 32
+    tiles = (T + 32 // lpt - 1) // (32 // lpt)
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
     kern(((tiles + ROWS_WARPS - 1) // ROWS_WARPS,), (32 * ROWS_WARPS,),
          (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.float32(a.scaling_factor))
@@ -915,7 +926,7 @@ def ds4kern_register_variants(register):
                      description="one warp per token, compile-time score function, contiguous lanes with "
                                  "vector loads; screened threshold, candidates selected exactly (E <= 512, k <= 32)"))
     register(Variant(OP, "rows", "cuda", _rows, supports=_rows_supports, cost=_rows_cost,
-                     description="one thread per token (32-token tiles in shared memory): chunk bounds, "
+                     description="one or two threads per token: chunk bounds, "
                                  "screened candidates, exact list (sigmoid/sqrtsoftplus, E <= 256, k <= 16)"))
     register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=_grouped_cost,
                      description="group-limited routing in one pass: each group's lanes find its top scores "

@@ -148,28 +148,29 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     unit = np.zeros((E + 1, W), np.uint64)
     ar = np.arange(E)
     unit[ar, ar >> 6] = np.left_shift(np.uint64(1), (ar & 63).astype(np.uint64))
-    # inclusive prefix (pin) and suffix (sin) ORs along the slots of each record, flattened to
-    # access order, each followed by one empty row (index N)
+    # inclusive prefix (pin) and suffix (sin) ORs along the slots of each record, slot-major
+    # (row s * R + r: slot s of record r; contiguous per slot), each followed by one empty row
+    # (index N)
     pin = ws.get("pin", (N + 1, W))
     sin = ws.get("sin", (N + 1, W))
     pin[N] = 0
     sin[N] = 0
-    p3 = pin[:N].reshape(R, k, W)
-    s3 = sin[:N].reshape(R, k, W)
+    p3 = pin[:N].reshape(k, R, W)
+    s3 = sin[:N].reshape(k, R, W)
     e2 = e.reshape(R, k)
     one = ws.get("one", (R, W))
     for s in range(k):
-        np.take(unit, e2[:, s], axis=0, out=one)
         if s == 0:
-            p3[:, 0] = one
+            np.take(unit, e2[:, 0], axis=0, out=p3[0])
         else:
-            np.bitwise_or(p3[:, s - 1], one, out=p3[:, s])
+            np.take(unit, e2[:, s], axis=0, out=one)
+            np.bitwise_or(p3[s - 1], one, out=p3[s])
     for s in range(k - 1, -1, -1):
-        np.take(unit, e2[:, s], axis=0, out=one)
         if s == k - 1:
-            s3[:, s] = one
+            np.take(unit, e2[:, s], axis=0, out=s3[s])
         else:
-            np.bitwise_or(s3[:, s + 1], one, out=s3[:, s])
+            np.take(unit, e2[:, s], axis=0, out=one)
+            np.bitwise_or(s3[s + 1], one, out=s3[s])
 
     # previous access of the same expert: stable (radix) sort by id, then back to time order
     # (large scratch arrays come from the workspace: fresh pages cost more than the work)
@@ -183,10 +184,6 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     prev_of[srt] = vals
     del srt, es, same
     has_prev = prev_of >= 0
-    n_q = int(np.count_nonzero(has_prev))
-    positions = ws.get("arange", (N,), np.int64, init=lambda a: np.copyto(a, np.arange(len(a))))
-    cur_all = np.compress(has_prev, positions, out=ws.get("cur", (N,), np.int64)[:n_q])
-    prev_all = np.compress(has_prev, prev_of, out=ws.get("prv", (N,), np.int64)[:n_q])
 
     # record-range ORs, one stacked table of rows: levels 0.._BLOCK_LEVELS-1 of a sparse table
     # (ranges shorter than a block), then per-block suffix and prefix ORs (longer ranges, with
@@ -195,7 +192,7 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     nb = (R + _BLOCK - 1) // _BLOCK
     Rp = nb * _BLOCK
     T = ws.get("table", ((L + 2) * Rp + 1, W))
-    T[:R] = p3[:, k - 1]
+    T[:R] = p3[k - 1]
     T[R:Rp] = 0
     for l in range(1, L):
         h = 1 << (l - 1)
@@ -216,13 +213,15 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     for l in range(1, L):
         log2[1 << l:] = l
 
-    for c0 in range(0, len(cur_all), chunk):
-        cur = cur_all[c0:c0 + chunk]
-        prv = prev_all[c0:c0 + chunk]
+    for c0 in range(0, N, chunk):  # chunks of accesses (small arrays: no fresh pages per call)
+        cur = c0 + np.flatnonzero(has_prev[c0:c0 + chunk])
+        if cur.size == 0:
+            continue
+        prv = prev_of[cur]
         rc, sc = np.divmod(cur, k)
         rp, sp = np.divmod(prv, k)
-        ia = np.where(sp < k - 1, prv + 1, N)
-        ib = np.where(sc > 0, cur - 1, N)
+        ia = np.where(sp < k - 1, (sp + 1) * R + rp, N)  # slot-major rows of sin / pin
+        ib = np.where(sc > 0, (sc - 1) * R + rc, N)
         lo = rp + 1
         hi = rc - 1
         ln = hi - lo + 1  # >= -1 (-1: same record)

@@ -83,8 +83,8 @@ def test_stack_distances_per_access_long_gaps(rng, R, k, E):
         ids[dup, k - 1] = ids[dup, 0]
     want = slow_stack_distances(ids, E)
     ws = Workspace()
-    for _ in range(2):  # a reused workspace gives the same answer
-        dist, valid = stack_distances(ids, E, workspace=ws)
+    for chunk in (1 << 16, 1 << 16, 7, 64):  # a reused workspace, and chunks of accesses that split records
+        dist, valid = stack_distances(ids, E, workspace=ws, chunk=chunk)
         np.testing.assert_array_equal(dist, want)
         np.testing.assert_array_equal(valid, (ids >= 0) & (ids < E))
     gaps = [b - a for e in range(E) for a, b in zip(*(lambda r: (r[:-1], r[1:]))(np.flatnonzero((ids == e).any(1))))]

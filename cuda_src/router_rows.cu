@@ -11,9 +11,10 @@
 // token's work per instruction.  Here every instruction does 32 tokens' work and there are no
 // cross-lane steps at all; what is left is the scoring, which is per value anyway.
 //
-// Lane r of a warp takes token 32 * warp + r (LPT = 1) and reads its row straight from global memory in
-// 16-byte loads (a warp's 32 rows share L1 lines between consecutive chunks; a shared-memory tile
-// filled with cp.async was measured slower: it caps the warps per SM, bench/NOTES.md):
+// Lane r of a warp takes token 32 * warp + r (LPT = 1) and reads its row straight from global
+// memory in 16-byte loads (a warp's rows share L1 lines between consecutive chunks; a
+// shared-memory tile filled with cp.async was measured slower: it caps the warps per SM,
+// bench/NOTES.md):
 //   1. the row in chunks of 8 experts.  Each chunk yields a lower bound L of its best score:
 //      without bias the screened score of its largest logit (score functions are increasing),
 //      with bias the largest screened score + bias of its 8 experts (the bias reorders a chunk).
@@ -39,8 +40,8 @@
 
 #include "router_common.cuh"
 
-#define DS4_ROWS_WARPS 2     // warps per block (one 32-token tile each)
-#ifdef DS4_ROWS_DEBUG        // path counters for bench/_dbg_rows.py (not in the library's builds)
+#define DS4_ROWS_WARPS 2     // warps per block (one tile of 32 / LPT tokens each)
+#ifdef DS4_ROWS_DEBUG        // path counters for bench/rows_paths.py (not in the library's builds)
 __device__ unsigned long long ds4_rows_dbg[24];
 #define DS4_DBG(i, v) atomicAdd(&ds4_rows_dbg[i], (unsigned long long)(v))
 #else

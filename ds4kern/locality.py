@@ -310,7 +310,8 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
             for t in range(k):
                 found |= (A[:, s] == B[:, t]) & vb[:, t]
             inter += found & first[a, s]
-        union = first[a].sum(1) + first[b].sum(1) - inter
+        nd = first.sum(1)  # distinct valid ids per record
+        union = nd[a] + nd[b] - inter
         np.add.at(iu, (inter, union), 1)
         eq_sum = int(((A == B) & valid[a] & vb).sum())
     # LRU stack-distance histogram, bin E: first accesses

@@ -409,8 +409,11 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
         ws = getattr(local, "ws", None)
         if ws is None:
             ws = local.ws = Workspace()
+        # one strided pass into a contiguous [records, k] copy: every later pass over a strided
+        # view would read a cache line per record (rows are layers * k bytes apart)
         return {"layer": layer, **layer_stats(
-            arr[:, layer, :], num_experts, weights=None if w_all is None else w_all[:, layer, :],
+            np.ascontiguousarray(arr[:, layer, :]), num_experts,
+            weights=None if w_all is None else np.ascontiguousarray(w_all[:, layer, :]),
             positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
             top_n=top_n, workspace=ws)}
 

@@ -78,14 +78,12 @@ class Workspace:
     def __init__(self):
         self.arrays = {}
 
-    def get(self, name, shape, dtype=np.uint64, init=None):
-        """Scratch array ``name``; ``init(array)`` fills a newly allocated one (kept contents are reused)."""
+    def get(self, name, shape, dtype=np.uint64):
+        """Scratch array ``name`` (uninitialised when new; kept contents are reused)."""
         a = self.arrays.get(name)
         if a is None or a.shape != tuple(shape) or a.dtype != dtype:
             self.arrays.pop(name, None)
             a = self.arrays[name] = np.empty(shape, dtype)
-            if init is not None:
-                init(a)
         return a
 
 

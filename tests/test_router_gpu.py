@@ -102,6 +102,7 @@ def group_tie_rows(i, i_ref, sel64, k, G, gt, tol=1e-5):
 
 
 KERNEL_VARIANTS = ["naive", "threshold", "radix", "screened", "rows"]
+MAX_K = {"screened": 32, "rows": 16}  # variants with a bound on k (the others: any k)
 
 
 def skip_unsupported(variant, E, k=1, score_function="sigmoid"):
@@ -133,7 +134,7 @@ def test_ties_identical_to_reference(cp, rng, variant, dtype, mode):
     x = rng.integers(-3, 4, size=(500, 96)).astype(DTYPES[dtype])
     run_and_check(cp, x, 12, MODES[mode], rng, variant=variant, exact=True)
     x = np.full((8, 64), 0.5, np.float32).astype(DTYPES[dtype])
-    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
+    kmax = MAX_K.get(variant, 64)
     run_and_check(cp, x, kmax, MODES[mode], rng, variant=variant, exact=True)
 
 
@@ -141,7 +142,7 @@ def test_ties_identical_to_reference(cp, rng, variant, dtype, mode):
 @pytest.mark.parametrize("mode", ["sqrtsoftplus", "sqrtsoftplus-bias", "sigmoid", "sigmoid-bias", "softmax-pre"])
 def test_screening_hard_cases(cp, rng, mode, variant):
     skip_unsupported(variant, 256, 1, MODES[mode]["score_function"])
-    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
+    kmax = MAX_K.get(variant, 64)
     """Rows where the screening is hardest: tiny sqrtsoftplus scores (largest approximation
     error), near-ties, many exact ties (fallback), k > 32 (fallback), wide ranges."""
     E = 256
@@ -170,7 +171,7 @@ def test_screening_nan_and_inf_rows_match_reference(cp, rng, variant):
     x[2, 3] = np.inf
     x[3, 10:20] = -np.inf
     x[4] = -np.inf
-    kmax = {"screened": 32, "rows": 16}.get(variant, 64)
+    kmax = MAX_K.get(variant, 64)
     for sf in ("sigmoid", "sqrtsoftplus") + (() if variant == "rows" else ("softmax",)):
         for k in (1, 4, 8, 16, 32, 40):
             if k > kmax:
@@ -225,7 +226,7 @@ def test_index_dtypes_and_leading_dims(cp, rng, variant, index_dtype):
     x = rng.standard_normal((3, 5, 7, E)).astype(np.float32)
     run_and_check(cp, x, 9, MODES["sqrtsoftplus-bias"], rng, variant=variant, index_dtype=index_dtype)
     x = rng.standard_normal((301, E)).astype(np.float32)
-    k = {"screened": 32, "rows": 16}.get(variant, 40)  # k > 32 where supported
+    k = MAX_K.get(variant, 40)  # k > 32 where supported
     run_and_check(cp, x, k, MODES["sigmoid-bias"], rng, variant=variant, index_dtype=index_dtype)
 
 

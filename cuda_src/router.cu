@@ -47,17 +47,18 @@ __device__ __forceinline__ float ds4_key_value(unsigned key) {
     return key == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(key);
 }
 
-// The top group_topk groups by key (larger first, lower id on ties; every lane passes its group's
-// key and id, or key 0): bit g is set for each kept group g.
-__device__ __forceinline__ unsigned ds4_keep_groups(unsigned gk, unsigned id, int group_topk) {
-    unsigned kept = 0u;
-    for (int r = 0; r < group_topk; ++r) {
-        const unsigned wk = __reduce_max_sync(0xffffffffu, gk);
-        const unsigned wg = __reduce_min_sync(0xffffffffu, gk == wk ? id : 0xffffffffu);
-        kept |= 1u << wg;
-        if (id == wg) gk = 0u;
+// Rank of group `mine` among the num_groups group keys (lane h * stride holds group h's key; every
+// lane calls it): the groups with a larger key, or an equal key and a lower id, before it.  The
+// top group_topk groups are those of rank < group_topk.  One round of independent shuffles and
+// compares (num_groups <= 32), not group_topk dependent rounds of warp reductions.
+__device__ __forceinline__ int ds4_group_rank(unsigned gk, int mine, int stride, int num_groups) {
+    int rank = 0;
+#pragma unroll 8
+    for (int h = 0; h < num_groups; ++h) {
+        const unsigned kh = __shfl_sync(0xffffffffu, gk, h * stride);
+        rank += (kh > gk || (kh == gk && h < mine)) ? 1 : 0;
     }
-    return kept;
+    return rank;
 }
 
 // One round of warp arg-max over the keys this lane holds, key[i] for expert base + stride * i
@@ -116,8 +117,9 @@ __device__ __forceinline__ void ds4_group_mask(unsigned (&key)[VPL], int lane, i
             }
             if (lane == g) gscore = sum;
         }
-        const unsigned kept = ds4_keep_groups(lane < num_groups ? ds4_order_key(gscore) : 0u, (unsigned)lane,
-                                              group_topk);
+        const unsigned gk = lane < num_groups ? ds4_order_key(gscore) : 0u;
+        const int rank = ds4_group_rank(gk, lane, 1, num_groups);
+        const unsigned kept = __ballot_sync(0xffffffffu, lane < num_groups && rank < group_topk);
         const unsigned masked = ds4_order_key(DS4_NEG_INF);
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
@@ -379,9 +381,10 @@ __global__ void router_ssp_approx_probe(const float* __restrict__ x, float* __re
 //     exact keys;
 //   - GROUPED: the lanes of one group (E / num_groups experts = a power-of-two number of lanes)
 //     find the group's top m = k / group_topk scores together (shuffles within the group, all
-//     groups at once), then group_topk rounds over the group scores, as in the naive kernel;
+//     groups at once), then the groups of rank < group_topk stay (ds4_group_rank);
 //   - `direct` (host: small T) skips the threshold and candidates where keys are exact (grouped,
-//     softmax): k exact rounds over every key, a shorter chain of dependent reductions;
+//     softmax): k exact rounds over every key, a shorter chain of dependent reductions; grouped
+//     sigmoid / sqrtsoftplus with VPL <= 8 sort each lane's keys first (ds4_select_sorted);
 //   - more than 32 candidates (heavy ties, NaN screens) fall back to k exact rounds over all
 //     experts.
 // Same keys, tie rule (larger first, lower index on ties), NaN rule and weights as the naive
@@ -431,13 +434,70 @@ __device__ __forceinline__ void ds4_group_mask_contig(unsigned (&key)[VPL], int 
         const float v = ds4_key_value(bk);
         sum = r == 0 ? v : sum + v;
     }
-    const unsigned kept = ds4_keep_groups(my_group < num_groups ? ds4_order_key(sum) : 0u, (unsigned)my_group,
-                                          group_topk);
-    if (my_group < num_groups && !((kept >> my_group) & 1u)) {
+    const int rank = ds4_group_rank(my_group < num_groups ? ds4_order_key(sum) : 0u, my_group, lpg, num_groups);
+    if (my_group < num_groups && rank >= group_topk) {
         const unsigned masked = ds4_order_key(DS4_NEG_INF);
 #pragma unroll
         for (int i = 0; i < VPL; ++i)
             if (key[i] != 0u) key[i] = masked;
+    }
+}
+
+// Small-T exact selection on the contiguous layout (grouped sigmoid / sqrtsoftplus; the keys
+// are exact and group-masked): each lane sorts its VPL (key, expert, score) triples once (odd-even
+// transposition with strict compares: stable, so lower experts stay first on equal keys), then
+// every round is one warp max over the lanes' heads and a ballot: the lowest lane holding the max
+// wins (lower lanes hold lower experts), broadcasts its head and shifts its list.  Lane r keeps
+// winner r; the normalising sum is added in selection order in every lane, so no reduction
+// follows the rounds and no logit is read again.  k <= 32.
+template <int VPL>
+__device__ __forceinline__ void ds4_select_sorted(unsigned (&key)[VPL], const float (&u)[VPL], int e0, int lane,
+                                                  int k, float scaling, float* __restrict__ wrow, long long w_cs,
+                                                  void* __restrict__ indices, long long irow, long long i_cs,
+                                                  int idx_kind) {
+    int e[VPL];
+    float v[VPL];
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+        e[i] = e0 + i;
+        v[i] = u[i];
+    }
+#pragma unroll
+    for (int r = 0; r < VPL; ++r) {
+#pragma unroll
+        for (int i = r & 1; i + 1 < VPL; i += 2) {
+            if (key[i + 1] > key[i]) {
+                const unsigned tk = key[i]; key[i] = key[i + 1]; key[i + 1] = tk;
+                const int te = e[i]; e[i] = e[i + 1]; e[i + 1] = te;
+                const float tv = v[i]; v[i] = v[i + 1]; v[i + 1] = tv;
+            }
+        }
+    }
+    float tot = 0.0f, mv = 0.0f;
+    int me = 0;
+    for (int r = 0; r < k; ++r) {
+        const unsigned wk = __reduce_max_sync(0xffffffffu, key[0]);
+        const int wl = __ffs(__ballot_sync(0xffffffffu, key[0] == wk)) - 1;
+        const int we = __shfl_sync(0xffffffffu, e[0], wl);
+        const float wv = __shfl_sync(0xffffffffu, v[0], wl);
+        if (lane == wl) {
+#pragma unroll
+            for (int i = 0; i + 1 < VPL; ++i) {
+                key[i] = key[i + 1];
+                e[i] = e[i + 1];
+                v[i] = v[i + 1];
+            }
+            key[VPL - 1] = 0u;
+        }
+        tot += wv;
+        if (lane == r) {
+            me = we;
+            mv = wv;
+        }
+    }
+    if (lane < k) {
+        wrow[lane * w_cs] = (k > 1 ? mv / (tot + 1e-20f) : mv) * scaling;
+        ds4_store_index(indices, idx_kind, irow + lane * i_cs, me);
     }
 }
 
@@ -510,6 +570,13 @@ router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, l
                 key[i] = i < nvalid ? ds4_order_key(s) : 0u;
             }
             if constexpr (GROUPED) ds4_group_mask_contig<VPL>(key, e0, lpg, my_group, num_groups, m, group_topk);
+            if constexpr (GROUPED && !SOFTMAX && VPL <= 8) {
+                if (direct) {
+                    ds4_select_sorted<VPL>(key, u, e0, lane, k, scaling, weights + token * w_rs, w_cs, indices,
+                                           token * i_rs, i_cs, idx_kind);
+                    continue;
+                }
+            }
 #pragma unroll
             for (int i = 0; i < VPL; ++i) lbest = max(lbest, key[i]);
         } else {
@@ -526,8 +593,9 @@ router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, l
         // truncated threshold is at most the exact one, so the candidates stay a superset)
         unsigned theta = 0u;
         unsigned cm = 0u;
-        int cnt = 0, total = 33;
-        if (!(EXACT && direct)) {  // direct: exact keys, k rounds over all of them (shorter chain)
+        int cnt = 0, total = 0;
+        const bool all_rounds = EXACT && direct;  // exact keys, k rounds over all of them (shorter chain)
+        if (!all_rounds) {
             unsigned mm = lbest >= 32u ? (lbest & ~31u) | (unsigned)lane : 0u;
             for (int r = 0; r < k; ++r) {
                 theta = __reduce_max_sync(0xffffffffu, mm);
@@ -555,7 +623,7 @@ router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, l
         bool sel;
         int slot, ce;
         float cv;  // x (softmax post), p (pre) or the unbiased score of this lane's expert
-        if (total <= 32 && (EXACT || theta >= 2u)) {
+        if (!all_rounds && total <= 32 && (EXACT || theta >= 2u)) {
             // 3. compact: one candidate per lane
             int incl = cnt;
 #pragma unroll
@@ -755,7 +823,8 @@ __global__ void router_topk_dense_naive(const T* __restrict__ logits, const floa
 // rows; V = 1 otherwise) and strides over the row twice (sums over the selected set, then the
 // gradient; the second pass re-reads from cache).  routing: bytemap, bitmap, or dense indices
 // (map_kind 3: only the k selected entries are gathered and the rest of the row is zero-filled,
-// except for softmax pre, whose gradient reaches every expert).  g = grad * scaling; act = the
+// except for softmax pre, whose gradient reaches every expert; entries outside [0, E) select
+// nothing; the host uses router_topk_backward_idx below unless softmax pre).  g = grad * scaling; act = the
 // forward's intermediate:
 //   softmax:  dot = sum_R g*act; pre: act*(g_R - dot) on every e; post: act*(g - dot) on R.
 //   sigmoid / sqrtsoftplus: s = act or sqrt(softplus(act)); k > 1: S = sum_R s + eps,
@@ -868,7 +937,7 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
         }
         for (int j = lane; j < k; j += 32) {
             const int e = ds4_load_index(routing, idx_kind, irow + j * i_cs);
-            bwd_accumulate(c, ds4_to_float(grow[e]) * scaling, arow[e], s1, s2);
+            if ((unsigned)e < (unsigned)E) bwd_accumulate(c, ds4_to_float(grow[e]) * scaling, arow[e], s1, s2);
         }
         c.s1 = ds4_warp_sum(s1);
         c.s2 = ds4_warp_sum(s2);
@@ -884,7 +953,8 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
         __syncwarp();
         for (int j = lane; j < k; j += 32) {
             const int e = ds4_load_index(routing, idx_kind, irow + j * i_cs);
-            orow[e] = ds4_from_float<T>(bwd_value(c, ds4_to_float(grow[e]) * scaling, arow[e], true));
+            if ((unsigned)e < (unsigned)E)
+                orow[e] = ds4_from_float<T>(bwd_value(c, ds4_to_float(grow[e]) * scaling, arow[e], true));
         }
         return;
     }
@@ -911,6 +981,84 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
             out[i] = bwd_value(c, on ? gv[i] * scaling : 0.0f, av[i], on);
         }
         BwdVec<T, V>::store(orow + e, out);
+    }
+}
+
+// router_topk_backward_idx<T, SEG>: grad_logits from dense indices, every score function except
+// softmax pre (whose gradient reaches every expert: the kernel above).  A segment of SEG lanes per
+// token (host: 16 for 16-bit gradients and k <= 16, else 32), so a warp has 32 / SEG rows in
+// flight: each lane gathers entry j = its segment lane (+ SEG ...), the warp zero-fills its rows
+// (one contiguous span; 16-byte stores when `vec`: E * sizeof(T) % 16 == 0 and an aligned base),
+// the sums go through log2(SEG) shuffles inside the segment, and each lane writes its entries over
+// the zeros (__syncwarp orders the two within the warp).  Index entries outside [0, E) select nothing.  Same formulas as
+// bwd_accumulate / bwd_value.  Bytes: T*k*(sizeof(T) + 4 + idx) + T*E*sizeof(T).
+template <typename T, int SEG>
+__global__ void __launch_bounds__(32 * DS4_DENSE_WARPS)
+router_topk_backward_idx(const T* __restrict__ grad, const float* __restrict__ inter, const void* __restrict__ routing,
+                         int idx_kind, long long i_rs, long long i_cs, long long num_tokens, int E, int k,
+                         int score_fn, float scaling, int vec, T* __restrict__ grad_logits) {
+    constexpr int R = 32 / SEG;  // rows per warp
+    const int lane = threadIdx.x & 31;
+    const long long t0 = ((long long)blockIdx.x * DS4_DENSE_WARPS + (threadIdx.x >> 5)) * R;
+    if (t0 >= num_tokens) return;
+    const int nr = (int)min((long long)R, num_tokens - t0);
+    const int sl = lane % SEG;
+    const long long token = t0 + lane / SEG;
+    const bool live = lane / SEG < nr;
+    const T* grow = grad + token * (long long)E;
+    const float* arow = inter + token * (long long)E;
+    // this lane's first entry, gathered before the zero fill is issued (the fill's stores overlap
+    // the loads' latency; gathering after the fill measured 1-8% slower)
+    int e0 = live && sl < k ? ds4_load_index(routing, idx_kind, token * i_rs + sl * i_cs) : -1;
+    e0 = (unsigned)e0 < (unsigned)E ? e0 : -1;
+    float g0 = 0.0f, a0 = 0.0f;
+    if (e0 >= 0) {
+        g0 = ds4_to_float(grow[e0]) * scaling;
+        a0 = arow[e0];
+    }
+    {
+        T* span = grad_logits + t0 * (long long)E;
+        const int n = nr * E;
+        int head = 0;
+        if (vec) {
+            constexpr int PER = 16 / (int)sizeof(T);
+            uint4* q = reinterpret_cast<uint4*>(span);
+            const int nv = n / PER;
+            for (int i = lane; i < nv; i += 32) q[i] = make_uint4(0u, 0u, 0u, 0u);
+            head = nv * PER;
+        }
+        const T zero = ds4_from_float<T>(0.0f);
+        for (int i = head + lane; i < n; i += 32) span[i] = zero;
+    }
+    BwdCtx c;
+    c.score_fn = score_fn;
+    c.k = k;
+    c.softmax = score_fn == DS4_SCORE_SOFTMAX;
+    c.pre = false;
+    c.scaling = scaling;
+    float s1 = 0.0f, s2 = 0.0f;
+    if (e0 >= 0) bwd_accumulate(c, g0, a0, s1, s2);
+    if (live) {
+        for (int j = sl + SEG; j < k; j += SEG) {  // k > SEG
+            const int e = ds4_load_index(routing, idx_kind, token * i_rs + j * i_cs);
+            if ((unsigned)e < (unsigned)E) bwd_accumulate(c, ds4_to_float(grow[e]) * scaling, arow[e], s1, s2);
+        }
+    }
+#pragma unroll
+    for (int off = SEG / 2; off > 0; off >>= 1) {
+        s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+        s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+    }
+    c.s1 = s1;
+    c.s2 = s2;
+    __syncwarp();
+    if (!live) return;
+    T* orow = grad_logits + token * (long long)E;
+    if (e0 >= 0) orow[e0] = ds4_from_float<T>(bwd_value(c, g0, a0, true));
+    for (int j = sl + SEG; j < k; j += SEG) {  // k > SEG: the rest, read again (cached)
+        const int e = ds4_load_index(routing, idx_kind, token * i_rs + j * i_cs);
+        if ((unsigned)e < (unsigned)E)
+            orow[e] = ds4_from_float<T>(bwd_value(c, ds4_to_float(grow[e]) * scaling, arow[e], true));
     }
 }
 

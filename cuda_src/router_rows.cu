@@ -98,6 +98,14 @@ __device__ __forceinline__ bool ds4_entry_before(unsigned ka, int ea, unsigned k
     return ka > kb || (ka == kb && ea < eb);
 }
 
+// The bias of chunk h's 8 experts from the block's shared-memory table (two 16-byte reads).
+__device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&bb)[8]) {
+    const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
+    const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
+    bb[0] = b0.x; bb[1] = b0.y; bb[2] = b0.z; bb[3] = b0.w;
+    bb[4] = b1.x; bb[5] = b1.y; bb[6] = b1.z; bb[7] = b1.w;
+}
+
 template <typename T, int SF, int KMAX, int LPT>
 __global__ void __launch_bounds__(32 * DS4_ROWS_WARPS)
 router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
@@ -157,9 +165,8 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
                                        fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
                 lo = ds4_screen<SF>(mx);
             } else {  // with bias every expert is screened (the bias reorders the chunk)
-                const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
-                const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
-                const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+                float bb[8];
+                ds4_chunk_bias(sb, h, bb);
                 lo = ds4_screen<SF>(x[0]) + bb[0];
 #pragma unroll
                 for (int j = 1; j < 8; ++j) lo = fmaxf(lo, ds4_screen<SF>(x[j]) + bb[j]);
@@ -226,9 +233,8 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
             live &= live - 1u;
             float x[8];
             row.chunk(h, x);
-            const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
-            const float4 b1 = *reinterpret_cast<const float4*>(sb + 8 * h + 4);
-            const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            float bb[8];
+            ds4_chunk_bias(sb, h, bb);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 if (ds4_screen<SF>(x[j]) + bb[j] >= lo_c) {

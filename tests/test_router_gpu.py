@@ -477,6 +477,27 @@ def test_group_limited_v3_style_large_and_ties(cp, rng, dtype, variant):
     np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["sigmoid-bias", "sqrtsoftplus", "softmax-post"])
+@pytest.mark.parametrize("E,k,G,gt", [(256, 8, 8, 4), (128, 16, 8, 4), (32, 4, 8, 4), (64, 8, 8, 8),
+                                      (256, 32, 32, 32), (512, 8, 8, 4)], ids=lambda v: str(v))
+def test_grouped_direct_path_at_every_size(cp, rng, monkeypatch, dtype, mode, E, k, G, gt):
+    # the small-T path (exact keys, no screen; sorted per-lane lists for sigmoid / sqrtsoftplus
+    # up to 8 experts per lane) forced on thousands of rows, with ties and NaN rows
+    from ds4kern.ops import router as rmod
+    monkeypatch.setattr(rmod, "WARP_DIRECT_MAX_TOKENS", 1 << 40)
+    x = (rng.standard_normal((5003, E)) * 2).astype(DTYPES[dtype])
+    run_and_check(cp, x, k, MODES[mode], rng, scaling=2.5, groups=(G, gt), variant="grouped")
+    sf = MODES[mode]["score_function"]
+    x = rng.integers(-2, 3, size=(3001, E)).astype(DTYPES[dtype])  # ties in scores and in group scores
+    run_and_check(cp, x, k, dict(score_function=sf), rng, exact=True, groups=(G, gt), variant="grouped")
+    x[::7] = np.nan
+    x[1::7, :E // 5] = np.nan
+    w, i = ds4kern.router_topk(cp.asarray(x), k, score_function=sf, num_groups=G, group_topk=gt, variant="grouped")
+    _, i_ref = ds4kern.router_topk(x.astype(np.float32), k, score_function=sf, num_groups=G, group_topk=gt)
+    np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+
+
 def test_group_limited_dispatch(cp):
     x = cp.ones((8192, 256), cp.float32)
     d = ds4kern.explain("router_topk", x, 8, score_function="sigmoid", num_groups=8, group_topk=4)

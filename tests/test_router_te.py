@@ -109,6 +109,22 @@ def test_backward_dtype_and_leading_dims(rng):
     assert (g.astype(np.float32)[~bmap] == 0).all()
 
 
+def test_backward_indices_outside_range_select_nothing(rng):
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    _, idx, inter = ds4kern.router_topk_dense(x, 4, score_function="sigmoid", topk_indices=np.empty((40, 4), np.int32))
+    G = rng.standard_normal((40, 16)).astype(np.float32)
+    bad = idx.copy()
+    bad[::3, 1] = 16
+    bad[1::4, 3] = -1
+    got = ds4kern.router_topk_backward(G, inter, topk=4, topk_indices=bad, score_function="sigmoid")
+    bmap = np.zeros((40, 16), bool)
+    for t in range(40):
+        bmap[t, [e for e in bad[t] if 0 <= e < 16]] = True
+    want = ds4kern.router_topk_backward(G, inter, topk=4, routing_map=bmap, score_function="sigmoid")
+    np.testing.assert_array_equal(got, want)
+    assert (got[~bmap] == 0).all() and (got[bmap] != 0).any()
+
+
 @pytest.mark.parametrize("kw,exc,word", [
     (dict(routing_map="dense"), ValueError, "routing_map"),
     (dict(topk_indices=np.zeros((4, 2), np.uint8)), TypeError, "topk_indices"),

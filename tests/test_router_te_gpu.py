@@ -163,3 +163,40 @@ def test_aux_loss_and_backward_deterministic(cp, rng, dtype):
         g_r = ds4kern.router_aux_loss_backward(0.5, probs, tpe, topk=k, coeff=1e-2)
         assert g_d.dtype == dtype and g_d.shape == (T, E)
         np.testing.assert_allclose(cp.asnumpy(g_d).astype(np.float32), g_r.astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BFLOAT16])
+@pytest.mark.parametrize("sf,k", [("sqrtsoftplus", 6), ("sigmoid", 1), ("softmax", 8), ("sigmoid", 13),
+                                  ("softmax", 32), ("sqrtsoftplus", 40)])
+@pytest.mark.parametrize("T,E", [(1, 256), (33, 256), (4133, 256), (77, 7), (300, 130)])
+def test_backward_from_indices_segments(cp, rng, dtype, sf, k, T, E):
+    """The segmented backward (dense indices, not softmax pre; 16 or 32 lanes per token, more than
+    one entry per lane when k > 16): partial warps and blocks, E not a multiple of 8 (scalar zero
+    fill), strided int16 indices, entries outside [0, E), and a pool poisoned with NaN so unwritten
+    zeros fail."""
+    k = min(k, E)
+    x = (2 * rng.standard_normal((T, E))).astype(np.float32)
+    _, idx, inter = ds4kern.router_topk_dense(x, k, score_function=sf, topk_indices=np.empty((T, k), np.int64))
+    G = rng.standard_normal((T, E)).astype(dtype)
+    bad = idx.copy()
+    bad[::5, 0] = E + 3  # selects nothing
+    bad[1::7, -1] = -2
+    for ids in (idx, bad):
+        bkw = dict(topk=k, score_function=sf, scaling_factor=1.3)
+        g_r = ds4kern.router_topk_backward(G.astype(np.float32), inter, topk_indices=ids, **bkw)
+        wide = cp.full((T, 2 * k), 7, cp.int16)
+        wide[:, ::2] = cp.asarray(ids.astype(np.int16))
+        for _ in range(2):  # poison the pool's free block of the output size, then allocate through the op
+            junk = cp.full((T, E), cp.nan, dtype=dtype)
+            del junk
+            g_d = ds4kern.router_topk_backward(cp.asarray(G), cp.asarray(inter), topk_indices=wide[:, ::2],
+                                               variant="naive", **bkw)
+            got = cp.asnumpy(g_d).astype(np.float32)
+            assert np.isfinite(got).all()
+            tol = 2e-6 if dtype == np.float32 else 8e-3
+            scale = np.abs(g_r).max() + 1e-30
+            np.testing.assert_allclose(got, g_r, atol=tol * scale, rtol=10 * tol)
+            sel = np.zeros((T, E), bool)
+            ok = (ids >= 0) & (ids < E)
+            sel[np.nonzero(ok)[0], ids[ok]] = True
+            assert (got[~sel] == 0).all()  # zero-filled everywhere else

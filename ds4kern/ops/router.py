@@ -469,6 +469,20 @@ def backward_name(dtype: str, vec: int) -> str:
     return f"router_topk_backward_naive<{_CTYPE[dtype]}, {vec}>"
 
 
+BACKWARD_IDX_SEG = (16, 32)  # lanes per token (32 / seg rows per warp)
+
+
+def backward_idx_name(dtype: str, seg: int) -> str:
+    """Backward from dense indices, a segment of ``seg`` lanes per token (not softmax pre)."""
+    return f"router_topk_backward_idx<{_CTYPE[dtype]}, {seg}>"
+
+
+def backward_idx_seg(dtype: str, k: int) -> int:
+    """Lanes per token of the dense-index backward.  From bench/NOTES.md (H100, 2026-11-25, E=256,
+    k=6, T=65536): bfloat16 8 / 16 / 32 lanes 31.1 / 30.2 / 34.0 us, float32 56.7 / 47.4 / 44.5."""
+    return 16 if dtype != "float32" and k <= 16 else 32
+
+
 RADIX_MAX_SMEM = 48 * 1024  # dynamic shared memory without an opt-in
 
 
@@ -545,6 +559,7 @@ ROUTER_KERNELS = kernels.register_family(kernels.KernelFamily(
     + (SSP_PROBE,)
     + tuple(dense_name(d, v) for d in _CTYPE for v in NAIVE_VPL)
     + tuple(backward_name(d, v) for d in _CTYPE for v in (1, 4))
+    + tuple(backward_idx_name(d, sg) for d in _CTYPE for sg in BACKWARD_IDX_SEG)
     + tuple(aux_scores_name(d, v) for d in _CTYPE for v in AUX_VPL)
     + tuple(radix_name(d) for d in _CTYPE)
     + tuple(warp_name(d, sf, g, v) for d in _CTYPE for sf in sorted(set(_WARP_SF.values()))

@@ -232,7 +232,9 @@ def router_topk_backward(grad_probs, intermediate, *, topk: int, routing_map=Non
         routing_map: the forward's bytemap (bool ``[..., E]``) or bitmap (uint8
             ``[..., ceil(E/8)]``); or instead
         topk_indices: the forward's dense indices ``[..., k]`` (only those k entries are
-            gathered; the rest of the gradient is zero-filled).
+            gathered; the rest of the gradient is zero-filled).  Entries outside ``[0, E)``
+            select nothing (no memory outside the rows is touched); a row's entries are
+            assumed distinct, as the forward writes them.
         topk, score_function, use_pre_softmax, scaling_factor: as in the forward.
 
     Returns ``grad_logits`` ``[..., E]`` in ``grad_probs``' dtype.  The expert bias and the group
@@ -297,7 +299,9 @@ def _reference_backward(a: BackwardArgs) -> None:
     act = np.asarray(a.intermediate, np.float32)
     if a.problem.source == "indices":
         mask = np.zeros((T, E), bool)
-        np.put_along_axis(mask, np.asarray(a.routing).astype(np.int64), True, axis=1)
+        ids = np.asarray(a.routing).astype(np.int64)
+        ok = (ids >= 0) & (ids < E)  # entries outside [0, E) select nothing
+        mask[np.nonzero(ok)[0], ids[ok]] = True
     elif a.problem.source == "bitmap":
         mask = unpack_bitmap(a.routing, E)
     else:
@@ -614,6 +618,17 @@ def _backward_naive(a: BackwardArgs) -> None:
     r = a.routing
     if p.source == "indices":
         kind, i_rs, i_cs = _r.IDX_KIND[dtype_name(r.dtype)], r.strides[0] // r.itemsize, r.strides[1] // r.itemsize
+        if not a.use_pre_softmax:
+            # a segment of lanes per token (several rows per warp), rows zero-filled by the warp
+            seg = _r.backward_idx_seg(p.dtype, a.topk)
+            kern = _r.ROUTER_KERNELS.kernel(_r.backward_idx_name(p.dtype, seg))
+            per_block = 32 // seg * TE_WARPS
+            vec = (E * a.grad_logits.itemsize) % 16 == 0 and a.grad_logits.data.ptr % 16 == 0
+            kern(((T + per_block - 1) // per_block,), (32 * TE_WARPS,),
+                 (a.grad_probs, a.intermediate, r, np.int32(kind), np.int64(i_rs), np.int64(i_cs), np.int64(T),
+                  np.int32(E), np.int32(a.topk), np.int32(_r.SCORE_FUNCTIONS[a.score_function]),
+                  np.float32(a.scaling_factor), np.int32(vec), a.grad_logits))
+            return
     else:
         kind, i_rs, i_cs = 0, 0, 0
     # 4 experts per lane access when every row starts 16-byte aligned (E % 4 == 0, aligned bases)
@@ -678,7 +693,8 @@ def ds4kern_register_variants(register):
     register(Variant(BACKWARD_OP, "reference", "numpy", _reference_backward,
                      description="numpy; from a bytemap, bitmap or dense indices"))
     register(Variant(BACKWARD_OP, "naive", "cuda", _backward_naive, cost=1.0,
-                     description="one warp per token, two passes over the row (dense indices: k gathers)"))
+                     description="one warp per token, two passes over the row; dense indices: 16 or 32 lanes per "
+                                 "token (k gathers, rows zero-filled; softmax pre: one warp per token)"))
     register(Variant(AUX_SCORES_OP, "reference", "numpy", _reference_aux_scores, description="numpy"))
     register(Variant(AUX_SCORES_OP, "naive", "cuda", _aux_scores_naive, supports=_aux_scores_supports,
                      description="one warp per token: normalised scores, top-k map by warp arg-max rounds"))

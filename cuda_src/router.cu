@@ -992,8 +992,10 @@ __global__ void router_topk_backward_naive(const T* __restrict__ grad, const flo
 // the sums go through log2(SEG) shuffles inside the segment, and each lane writes its entries over
 // the zeros (__syncwarp orders the two within the warp).  Index entries outside [0, E) select nothing.  Same formulas as
 // bwd_accumulate / bwd_value.  Bytes: T*k*(sizeof(T) + 4 + idx) + T*E*sizeof(T).
+// (__launch_bounds__ with 4 blocks per SM: without a minimum, ptxas for sm_80 settled on 32
+// registers for the 16-bit forms and spilled.)
 template <typename T, int SEG>
-__global__ void __launch_bounds__(32 * DS4_DENSE_WARPS)
+__global__ void __launch_bounds__(32 * DS4_DENSE_WARPS, 4)
 router_topk_backward_idx(const T* __restrict__ grad, const float* __restrict__ inter, const void* __restrict__ routing,
                          int idx_kind, long long i_rs, long long i_cs, long long num_tokens, int E, int k,
                          int score_fn, float scaling, int vec, T* __restrict__ grad_logits) {

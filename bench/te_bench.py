@@ -5,7 +5,8 @@ bandwidth measured in the same run.
 
 DeepSeek-V4-Flash routing (E=256, k=6, sqrtsoftplus + bias, scaling 1.5), float32 and bfloat16.
 Minimal bytes: forward T*E*(sizeof(logits) [read] + sizeof(probs) + 4 [intermediate] + 1 [bytemap]);
-backward from the bytemap T*E*(2*sizeof + 4 + 1); from int32 dense indices T*k*(sizeof + 4 + 4) +
+backward from the bytemap T*E*(2*sizeof + 4 + 1), from the bitmap T*E*(2*sizeof + 4) + T*ceil(E/8);
+from int32 dense indices T*k*(sizeof + 4 + 4) +
 T*E*sizeof (the zero-filled gradient).  Device time from CUDA-graph replays, inputs rotating
 beyond L2.
 """
@@ -58,14 +59,19 @@ def main(argv=None):
             bkw = dict(topk=K, score_function="sqrtsoftplus", scaling_factor=SCALE, variant="naive")
             t_bm = cuda_graph_time(lambda j: ds4kern.router_topk_backward(gs[j % n], outs[j % n][2],
                                                                           routing_map=outs[j % n][1], **bkw), inner=inner)
+            bits = [ds4kern.router_topk_dense(x, K, variant="naive", routing_map="bitmap", **kw)[1] for x in xs]
+            t_bb = cuda_graph_time(lambda j: ds4kern.router_topk_backward(gs[j % n], outs[j % n][2],
+                                                                          routing_map=bits[j % n], **bkw), inner=inner)
             t_bi = cuda_graph_time(lambda j: ds4kern.router_topk_backward(gs[j % n], outs[j % n][2],
                                                                           topk_indices=idx[j % n], **bkw), inner=inner)
             b_f = T * E * (size + size + 4 + 1)
             b_bm = T * E * (2 * size + 4 + 1)
+            b_bb = T * E * (2 * size + 4) + T * ((E + 7) // 8)
             b_bi = T * K * (size + 4 + 4) + T * E * size
             row = dict(device=name, dtype=dt_name, T=T, copy_gbs=bw / 1e9,
                        fwd_us=t_f * 1e6, fwd_pct=100 * b_f / t_f / bw,
                        bwd_map_us=t_bm * 1e6, bwd_map_pct=100 * b_bm / t_bm / bw,
+                       bwd_bits_us=t_bb * 1e6, bwd_bits_pct=100 * b_bb / t_bb / bw,
                        bwd_idx_us=t_bi * 1e6, bwd_idx_pct=100 * b_bi / t_bi / bw)
             if torch is not None:
                 tb = torch.from_dlpack(bias)

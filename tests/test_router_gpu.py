@@ -101,6 +101,17 @@ def group_tie_rows(i, i_ref, sel64, k, G, gt, tol=1e-5):
     return out
 
 
+def assert_same_up_to_ties(w, i, x32, k, sf, bias=None, scaling=1.0, max_tie_rows=4):
+    """Indices and weights equal the reference's, except rows where two scores tie within float32
+    rounding (the GPU's expf / log1pf and numpy's may order scores 1 ulp apart differently)."""
+    w, i = np.asarray(w).reshape(-1, k), np.asarray(i).reshape(-1, k)
+    assert ((i >= 0) & (i < x32.shape[-1])).all() and np.isfinite(w).all(), "unwritten or out-of-range output"
+    w_ref, i_ref = reference_router_topk(x32, k, sf, False, bias, scaling)
+    cmp = compare_router(w, i, w_ref, i_ref,
+                         router_scores64(x32, sf, False, bias)[0], *router_tolerances(x32.shape[-1]))
+    assert cmp.ok and cmp.tie_rows <= max_tie_rows, cmp
+
+
 KERNEL_VARIANTS = ["naive", "threshold", "radix", "screened", "rows"]
 MAX_K = {"screened": 32, "rows": 16}  # variants with a bound on k (the others: any k)
 
@@ -241,9 +252,8 @@ def test_strided_narrow_index_output(cp, rng, variant):
         x = rng.standard_normal((T, E)).astype(np.float32)
         w, i = ds4kern.router_topk(cp.asarray(x), k, score_function="sqrtsoftplus",
                                    out=(wbuf[:, 1, :], buf[1:1 + T, layer, :]), variant=variant)
-        w_ref, i_ref = reference_router_topk(x, k, "sqrtsoftplus", False, None, 1.0)
-        np.testing.assert_array_equal(cp.asnumpy(buf[1:1 + T, layer, :]), i_ref.astype(np.uint8))
-        np.testing.assert_allclose(cp.asnumpy(wbuf[:, 1, :]), w_ref, rtol=1e-5, atol=1e-6)
+        assert_same_up_to_ties(cp.asnumpy(wbuf[:, 1, :]), cp.asnumpy(buf[1:1 + T, layer, :]).astype(np.int64), x, k,
+                               "sqrtsoftplus")
     assert bool((buf[0] == 255).all()) and bool((buf[1 + T:] == 255).all())
     assert bool(cp.isnan(wbuf[:, 0, :]).all())
 
@@ -289,9 +299,7 @@ def test_default_allocation_is_fully_written(cp, rng):
         del junk
         x = rng.standard_normal((T, E)).astype(np.float32)
         w, i = ds4kern.router_topk(cp.asarray(x), k, score_function="sigmoid")
-        w_ref, i_ref = reference_router_topk(x, k, "sigmoid", False, None, 1.0)
-        np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
-        np.testing.assert_allclose(cp.asnumpy(w), w_ref, rtol=1e-5, atol=1e-6)
+        assert_same_up_to_ties(cp.asnumpy(w), cp.asnumpy(i), x, k, "sigmoid")  # (poison fails this)
 
 
 def test_empty_and_single(cp, rng):
@@ -381,9 +389,7 @@ def test_torch_zero_copy(cp, rng):
     s.synchronize()
     assert isinstance(w, torch.Tensor) and w.is_cuda and w.dtype == torch.float32 and i.dtype == torch.int64
     x = t.float().cpu().numpy()
-    w_ref, i_ref = reference_router_topk(x, 6, "sqrtsoftplus", False, bias.cpu().numpy(), 1.0)
-    np.testing.assert_array_equal(i.cpu().numpy(), i_ref)
-    np.testing.assert_allclose(w.cpu().numpy(), w_ref, rtol=1e-5, atol=1e-6)
+    assert_same_up_to_ties(w.cpu().numpy(), i.cpu().numpy(), x, 6, "sqrtsoftplus", bias=bias.cpu().numpy())
 
 
 def test_explain_on_gpu_arrays(cp):

@@ -711,15 +711,16 @@ def _screened_cost(p: RouterProblem) -> float:
 
 
 # Static rule, from bench/NOTES.md (H100, 2026-11-25, Flash: E=256, k=6, sqrtsoftplus + bias): rows
-# beats screened for 16-bit logits from T = 32768 (bf16: 29.0 vs 33.6 us; T=65536 39.9 vs 61.4;
-# T=131072 82 vs 121) and loses below (T=16384: 23.3 vs 18.5; T=128: 18.7 vs 3.8: one 32-token
-# tile per warp is a long serial chain); for float32 it never wins (T=65536: 60.6 vs 59.8).
+# beats screened from T = 32768 (bf16: 29.0 vs 33.6 us; T=65536 39.9 vs 61.4; T=131072 82 vs 121)
+# and loses below (T=16384: 23.3 vs 18.5; T=128: 18.7 vs 3.8: one 32-token tile per warp is a long
+# serial chain).  float32 joined in the fifth session, with the loads issued ahead in the rows
+# kernel (same run: T=32768 29.8 vs 32.4 us, T=65536 56.3 vs 59.4; before: 57.9 vs 59.8).
 # Override with DS4KERN_ROUTER_ROWS_MIN_TOKENS (a token count) or DS4KERN_VARIANT.
 ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "32768"))
 
 
 def _rows_cost(p: RouterProblem) -> float:
-    return 0.6 if p.dtype != "float32" and p.tokens_bucket >= ROWS_MIN_TOKENS else 1.5
+    return 0.6 if p.tokens_bucket >= ROWS_MIN_TOKENS else 1.5
 
 
 def _grouped_cost(p: RouterProblem) -> float:

@@ -136,6 +136,23 @@ def test_layer_stats_against_definitions(rng):
         assert math.isclose(c["weighted_hit_rate"], wh / w[valid].sum())
 
 
+@pytest.mark.parametrize("dup", [False, True])
+def test_one_sequence_uint8_all_valid(rng, dup):
+    # the fast paths: every record pairs with the next (views, no gathers) and uint8 sort keys at
+    # E = 256 when every id is valid; against the per-definition references
+    E, k, R = 256, 6, 300
+    ids = np.stack([rng.choice(24, k, replace=False) for _ in range(R)]).astype(np.uint8)
+    if dup:
+        ids[::7, 3] = ids[::7, 1]  # repeated ids inside records
+    st = layer_stats(ids, E, cache_sizes=[3, 6])
+    pairs, ov, jac, stab = slow_adjacency(ids.astype(np.int64), E, np.arange(R), np.zeros(R, np.int64))
+    assert st["adjacent_pairs"] == pairs == R - 1
+    assert math.isclose(st["overlap"], ov) and math.isclose(st["jaccard"], jac)
+    assert math.isclose(st["position_stability"], stab)
+    for c in st["cache"]:
+        assert c["hits"] == slow_lru_hits(ids.astype(np.int64), E, c["size"])[0], c["size"]
+
+
 def test_k1_no_weights_and_report(rng):
     E = 16
     arr = rng.integers(0, E, (50, 3, 1)).astype(np.uint8)

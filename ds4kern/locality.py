@@ -92,18 +92,24 @@ _BLOCK = 1 << _BLOCK_LEVELS  # longer ones from per-block suffix / prefix ORs an
 _CHUNK = 1 << 16  # accesses per query chunk: its temporaries stay small and are reused by the allocator
 
 
-def _sparse_levels(base, levels, extra_rows=1):
-    """Stacked sparse table: rows [l*n, l*n + n - 2**l] hold the OR of 2**l consecutive rows of
-    base starting there; ``extra_rows`` empty rows follow the last level."""
-    n, W = base.shape
-    t = np.zeros((levels * n + extra_rows, W), np.uint64)
-    t[:n] = base
+def _or_levels(t, n, levels):
+    """Fills levels 1 .. levels-1 of a stacked sparse table in place: given level 0 in rows
+    [0, n), rows [l*n, l*n + n - 2**l] get the OR of 2**l consecutive level-0 rows from there."""
     for l in range(1, levels):
         m = n - (1 << l) + 1
         if m <= 0:
             break
         h = 1 << (l - 1)
         np.bitwise_or(t[(l - 1) * n:(l - 1) * n + m], t[(l - 1) * n + h:(l - 1) * n + h + m], out=t[l * n:l * n + m])
+
+
+def _sparse_levels(base, levels, extra_rows=1):
+    """Stacked sparse table of ``base`` (see ``_or_levels``); ``extra_rows`` empty rows follow
+    the last level."""
+    n, W = base.shape
+    t = np.zeros((levels * n + extra_rows, W), np.uint64)
+    t[:n] = base
+    _or_levels(t, n, levels)
     return t
 
 
@@ -197,11 +203,7 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     T = ws.get("table", ((L + 2) * Rp + 1, W))
     T[:R] = p3[k - 1]
     T[R:Rp] = 0
-    for l in range(1, L):
-        h = 1 << (l - 1)
-        m = Rp - (1 << l) + 1
-        np.bitwise_or(T[(l - 1) * Rp:(l - 1) * Rp + m], T[(l - 1) * Rp + h:(l - 1) * Rp + h + m],
-                      out=T[l * Rp:l * Rp + m])
+    _or_levels(T, Rp, L)
     lvl0 = T[:Rp].reshape(nb, _BLOCK, W)
     np.bitwise_or.accumulate(lvl0[:, ::-1], axis=1, out=T[L * Rp:(L + 1) * Rp].reshape(nb, _BLOCK, W)[:, ::-1])
     pb = T[(L + 1) * Rp:(L + 2) * Rp].reshape(nb, _BLOCK, W)

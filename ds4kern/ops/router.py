@@ -723,10 +723,6 @@ def _rows_cost(p: RouterProblem) -> float:
     return 0.6 if p.tokens_bucket >= ROWS_MIN_TOKENS else 1.5
 
 
-def _grouped_cost(p: RouterProblem) -> float:
-    return 0.7
-
-
 def _radix(a: RouterArgs) -> None:
     T, E = a.logits.shape
     kern = ROUTER_KERNELS.kernel(radix_name(a.problem.dtype))
@@ -944,7 +940,7 @@ def ds4kern_register_variants(register):
     register(Variant(OP, "rows", "cuda", _rows, supports=_rows_supports, cost=_rows_cost,
                      description="one or two threads per token: chunk bounds, "
                                  "screened candidates, exact list (sigmoid/sqrtsoftplus, E <= 256, k <= 16)"))
-    register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=_grouped_cost,
+    register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=0.7,  # rule above _screened_cost
                      description="group-limited routing in one pass: each group's lanes find its top scores "
                                  "together, then group rounds and exact selection (E <= 512, k <= 32)"))
     register(Variant(HASH_OP, "reference", "numpy", _reference_hash, cost=1.0,

@@ -6,6 +6,12 @@ DeepSeek-V4-Flash router (E=256, k=6, sqrtsoftplus + bias, float32 logits, T tok
 sequences... here one decode-like batch: T sequences, one token each) timed from CUDA-graph
 replays: the router alone, the router followed by LocalityRecorder.record (2 launches) on the
 same stream, and record alone.  Overhead = (router + record) / router - 1.
+
+With ``--layers L`` (e.g. 43) it also times one decode step of L layers: L routers writing their
+own int32 outputs, against L routers writing into a routing-capture buffer ``[T, L, k]`` (uint8
+ids and float32 weights, through their ``out=`` views: no extra kernel) followed by one
+``LocalityRecorder.record_step`` over the whole buffer (2 launches per step).  Overhead per layer
+= (step with recording - step without) / step without.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--layers", type=int, default=0, help="also time a step of this many layers")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -54,9 +61,46 @@ def main(argv=None):
                    overhead_pct=100 * (t_b / t_r - 1))
         rows.append(row)
         print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in row.items()), flush=True)
+        if a.layers:
+            rows.append(step_row(a.layers, T, E, k, rng, name))
+            print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in rows[-1].items()),
+                  flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def step_row(L, T, E, k, rng, name):
+    import cupy as cp
+
+    xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
+    bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+    outs = [(cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)) for _ in range(L)]
+    cap_i, cap_w = cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32)
+    seq = cp.arange(T, dtype=cp.int32)
+    pos = cp.zeros(T, cp.int32)
+    rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
+    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
+
+    def plain(j):
+        for layer in range(L):
+            ds4kern.router_topk(xs[layer], k, out=outs[layer], **kw)
+
+    def captured(j):
+        for layer in range(L):
+            ds4kern.router_topk(xs[layer], k, out=(cap_w[:, layer], cap_i[:, layer]), **kw)
+
+    def recorded(j):
+        captured(j)
+        rec.record_step(cap_i, weights=cap_w, positions=pos, seq_ids=seq)
+
+    t_plain = cuda_graph_time(plain, inner=4, repeat=30)
+    t_cap = cuda_graph_time(captured, inner=4, repeat=30)
+    t_rec = cuda_graph_time(recorded, inner=4, repeat=30)
+    t_only = cuda_graph_time(lambda j: rec.record_step(cap_i, weights=cap_w, positions=pos, seq_ids=seq), inner=4)
+    return dict(device=name, T=T, layers=L, step_routers_us=t_plain * 1e6, step_routers_capture_us=t_cap * 1e6,
+                step_recorded_us=t_rec * 1e6, record_step_alone_us=t_only * 1e6,
+                overhead_pct=100 * (t_rec / t_plain - 1))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
-// locality.cu — online expert-locality recording (issue: locality profiler), two launches per
-// layer and step, no host synchronisation.
+// locality.cu — online expert-locality recording (issue: locality profiler): two launches per
+// call, no host synchronisation.  A call covers one layer or several layers of one step (grid y =
+// the layer within the call: its ids / weights at i_ls / w_ls elements apart, its scratch rows;
+// layer0 + y = the recorder's layer, whose state and counters it updates).
 //
 // locality_prepare<W>: W = ceil(E / 32) words per expert bitset.  Warps own chunks of 32 records:
 // lane = record; each builds its record's bitset (recbits [T, W]) and the warp ORs them into the
 // chunk's (chunkbits [ceil(T/32), W]).  First records of a run of one sequence snapshot that
 // sequence's previous record (its position and ids) before the second kernel overwrites it.  The
-// last block ranks the experts by their last access before this step (rank 0 = most recent) and
-// writes rb[i] = the set of experts of rank < i, so "experts used since e's last access" is one
-// row; it also carries `last` into the next step's buffer.
+// last block of each layer ranks the experts by their last access before this step (rank 0 = most
+// recent) and writes rb[i] = the set of experts of rank < i (an OR scan over the experts in rank
+// order), so "experts used since e's last access" is one row; it also carries `last` into the
+// next step's buffer.
 //
 // locality_accumulate<W>: one warp per record, lane = slot.  Per access: histogram and weight sum;
 // the LRU stack distance (distinct experts since the previous access of the same expert, in record
-// order then slot order): earlier slots of the record, then a backward walk over the step's
-// records (skipping whole chunks that lack the expert, ORing what it passes), else the ranks of
-// the previous steps; per record: the adjacency with the previous record of its sequence
-// (intersection / union histogram, same-slot matches).  Counters are integers (exact, order-free);
-// weight sums are float64 atomics.
+// order then slot order): earlier slots of the record (shuffled from the other lanes), then a
+// backward walk over the step's records (skipping whole chunks that lack the expert, ORing what it
+// passes, 8 independent row loads per round), else the ranks of the previous steps; per record:
+// the adjacency with the previous record of its sequence (intersection / union histogram,
+// same-slot matches).  Counters are integers (exact, order-free); weight sums are float64 atomics.
 //
-// Bytes per step: the ids (T*k*sizeof(index)) and weights read twice, T*W*4 bitsets written and
-// re-read from L2, a few counters.
+// Bytes per layer and step: the ids (T*k*sizeof(index)) read twice, the weights once, T*W*4
+// bitsets written and re-read from L2, a few counters.
 #include "common.cuh"
 
 template <int W>
@@ -57,20 +60,36 @@ __device__ __forceinline__ long long ds4_pos_of(const void* pos, int pos64, long
 
 template <int W>
 __global__ void __launch_bounds__(256)
-locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long T, int k,
-                 int E, const void* __restrict__ seq, int seq64, long long num_seqs,
-                 const long long* __restrict__ prev_pos, const int* __restrict__ prev_ids,
-                 const long long* __restrict__ last_cur, long long* __restrict__ last_next,
-                 unsigned* __restrict__ recbits, unsigned* __restrict__ chunkbits, unsigned* __restrict__ rb,
-                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids,
-                 int chunk_blocks) {
+locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls, long long T,
+                 int k, int E, const void* __restrict__ seq, int seq64, long long num_seqs,
+                 const long long* __restrict__ prev_pos, const int* __restrict__ prev_ids, long long* __restrict__ last,
+                 int parity, unsigned* __restrict__ recbits, unsigned* __restrict__ chunkbits, unsigned* __restrict__ rb,
+                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int chunk_blocks,
+                 int layer0) {
     const int lane = threadIdx.x & 31;
+    // blockIdx.y: the layer within this call (scratch, ids); layer0 + blockIdx.y: the recorder's layer (state)
+    const long long li = blockIdx.y, layer = layer0 + li;
+    const long long chunks = (T + 31) / 32;
+    const long long ioff = li * i_ls;  // ids of this layer
+    prev_pos += layer * num_seqs;
+    prev_ids += layer * num_seqs * k;
+    const long long* last_cur = last + layer * 2 * E + parity * E;
+    long long* last_next = last + layer * 2 * E + (1 - parity) * E;
+    recbits += li * T * W;
+    chunkbits += li * chunks * W;
+    rb += layer * (E + 1) * W;
+    rank += layer * E;
+    snap_pos += li * T;
+    snap_ids += li * T * k;
     if ((int)blockIdx.x == chunk_blocks) {
-        // ranks of the experts by last access before this step (0 = most recent), and the prefix
-        // sets rb[i] = {experts of rank < i}; all from shared memory (E^2 compares, spread over
-        // the block), so this block finishes within the chunk blocks' time
+        // ranks of the experts by last access before this step (0 = most recent; accessed experts
+        // have distinct times, so their ranks are 0..A-1) and the prefix sets rb[i] = {experts of
+        // rank < i}, from an OR scan over the experts in rank order
         __shared__ long long sl[512];
-        __shared__ int sr[512];
+        __shared__ int order[512];
+        __shared__ unsigned wtot[8][W];
+        __shared__ int accessed;
+        if (threadIdx.x == 0) accessed = 0;
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             sl[e] = last_cur[e];
             last_next[e] = sl[e];
@@ -80,18 +99,46 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
             const long long le = sl[e];
             int n = 0;
             for (int f = 0; f < E; ++f) n += sl[f] > le;
-            sr[e] = le >= 0 ? n : E;  // never accessed: in no prefix set
             rank[e] = n;
+            if (le >= 0) {
+                order[n] = e;
+                atomicAdd(&accessed, 1);
+            }
         }
         __syncthreads();
-        for (int t = threadIdx.x; t < (E + 1) * W; t += blockDim.x) {
-            const int i = t / W, w = t % W;
-            unsigned v = 0u;
-            for (int b = 0; b < 32; ++b) {
-                const int f = 32 * w + b;
-                if (f < E && sr[f] < i) v |= 1u << b;
+        const int A = accessed, warp = threadIdx.x >> 5;
+        unsigned carry[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) carry[w] = 0u;
+        if (threadIdx.x < W) rb[threadIdx.x] = 0u;
+        for (int base = 0; base < E; base += blockDim.x) {  // block-uniform
+            const int n = base + threadIdx.x;
+            unsigned v[W];
+#pragma unroll
+            for (int w = 0; w < W; ++w) v[w] = 0u;
+            if (n < A) ds4_add_expert<W>(v, order[n]);
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+#pragma unroll
+                for (int off = 1; off < 32; off <<= 1) {
+                    const unsigned u = __shfl_up_sync(0xffffffffu, v[w], off);
+                    if (lane >= off) v[w] |= u;
+                }
+                if (lane == 31) wtot[warp][w] = v[w];
             }
-            rb[t] = v;
+            __syncthreads();
+#pragma unroll
+            for (int w = 0; w < W; ++w) {
+                unsigned all = carry[w];
+                for (int j = 0; j < (int)(blockDim.x >> 5); ++j) {
+                    if (j < warp) v[w] |= wtot[j][w];
+                    all |= wtot[j][w];
+                }
+                v[w] |= carry[w];
+                carry[w] = all;
+                if (n < E) rb[(long long)(n + 1) * W + w] = v[w];
+            }
+            __syncthreads();
         }
         return;
     }
@@ -104,7 +151,7 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     for (int w = 0; w < W; ++w) bits[w] = 0u;
     if (in) {
         for (int s = 0; s < k; ++s) {
-            const int e = ds4_load_index(ids, idx_kind, r * i_rs + s * i_cs);
+            const int e = ds4_load_index(ids, idx_kind, ioff + r * i_rs + s * i_cs);
             if (e >= 0 && e < E) ds4_add_expert<W>(bits, e);
         }
 #pragma unroll
@@ -126,50 +173,77 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     }
 }
 
+// acc |= rows[0], rows[-step], ... for the first n (< 8) of them: independent, predicated loads
 template <int W>
-__global__ void __launch_bounds__(256, 1)
-locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs,
-                    const float* __restrict__ weights, long long w_rs, long long w_cs, long long T, int k, int E,
-                    const void* __restrict__ pos, int pos64, long long pos_base, const void* __restrict__ seq,
-                    int seq64, long long num_seqs, long long clock, const long long* __restrict__ last_cur,
-                    long long* __restrict__ last_next, const unsigned* __restrict__ recbits,
+__device__ __forceinline__ void ds4_or_rows(unsigned (&acc)[W], const unsigned* __restrict__ row, long long step, int n) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+        if (u < n) ds4_or_into<W>(acc, row - u * step);
+}
+
+template <int W>
+__global__ void __launch_bounds__(256, 4)  // a register budget: ptxas for sm_80 spilled W=1 at 48
+locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls,
+                    const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
+                    int k, int E, const void* __restrict__ pos, int pos64, long long pos_base,
+                    const void* __restrict__ seq, int seq64, long long num_seqs, long long clock,
+                    long long* __restrict__ last, int parity, const unsigned* __restrict__ recbits,
                     const unsigned* __restrict__ chunkbits, const unsigned* __restrict__ rb,
                     const int* __restrict__ rank, const long long* __restrict__ snap_pos,
                     const int* __restrict__ snap_ids, long long* __restrict__ prev_pos, int* __restrict__ prev_ids,
                     unsigned long long* __restrict__ hist, double* __restrict__ wsum,
                     unsigned long long* __restrict__ dist, double* __restrict__ wdist,
-                    unsigned long long* __restrict__ adj) {
+                    unsigned long long* __restrict__ adj, int adj_len, int layer0) {
     const int lane = threadIdx.x & 31;
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= T) return;  // whole warps
+    const long long li = blockIdx.y, layer = layer0 + li;
+    const long long chunks = (T + 31) / 32;
+    const long long ioff = li * i_ls;
+    if (weights != nullptr) weights += li * w_ls;
+    const long long* last_cur = last + layer * 2 * E + parity * E;
+    long long* last_next = last + layer * 2 * E + (1 - parity) * E;
+    recbits += li * T * W;
+    chunkbits += li * chunks * W;
+    rb += layer * (E + 1) * W;
+    rank += layer * E;
+    snap_pos += li * T;
+    snap_ids += li * T * k;
+    prev_pos += layer * num_seqs;
+    prev_ids += layer * num_seqs * k;
+    hist += layer * E;
+    wsum += layer * E;
+    dist += layer * (E + 1);
+    wdist += layer * (E + 1);
+    adj += layer * adj_len;
+
     const bool slot = lane < k;
-    const int e = slot ? ds4_load_index(ids, idx_kind, r * i_rs + lane * i_cs) : -1;
+    const int e = slot ? ds4_load_index(ids, idx_kind, ioff + r * i_rs + lane * i_cs) : -1;
     const bool valid = slot && e >= 0 && e < E;
     const float wt = (weights != nullptr && slot) ? weights[r * w_rs + lane * w_cs] : 0.0f;
     const unsigned vmask = __ballot_sync(0xffffffffu, valid);
+    // the latest earlier slot of this record with the same expert, and the valid experts in the
+    // slots between it (or the record's start) and this one: from the other lanes' registers
+    int same = -1;
+    for (int j = 0; j < k; ++j) {
+        const int f = __shfl_sync(0xffffffffu, e, j);
+        if (j < lane && f == e) same = j;
+    }
+    unsigned acc[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) acc[w] = 0u;
+    for (int j = 0; j < k; ++j) {
+        const int f = __shfl_sync(0xffffffffu, e, j);
+        if (j > same && j < lane && ((vmask >> j) & 1u)) ds4_add_expert<W>(acc, f);
+    }
 
     if (valid) {
         atomicAdd(&hist[e], 1ull);
         if (weights != nullptr) atomicAdd(&wsum[e], (double)wt);
-        // bits of the valid experts in earlier slots of this record, and the latest such slot of e
-        unsigned acc[W];
-#pragma unroll
-        for (int w = 0; w < W; ++w) acc[w] = 0u;
-        int same = -1;
-        for (int j = 0; j < lane; ++j) {
-            const int f = ds4_load_index(ids, idx_kind, r * i_rs + j * i_cs);
-            if (f == e) same = j;
-        }
         int d;
         if (same >= 0) {
-            for (int j = same + 1; j < lane; ++j) {
-                const int f = ds4_load_index(ids, idx_kind, r * i_rs + j * i_cs);
-                if ((vmask >> j) & 1u) ds4_add_expert<W>(acc, f);
-            }
             d = ds4_popc<W>(acc);
         } else {
-            for (int j = 0; j < lane; ++j)
-                if ((vmask >> j) & 1u) ds4_add_expert<W>(acc, ds4_load_index(ids, idx_kind, r * i_rs + j * i_cs));
             // walk back over the step's records, 8 independent loads per round: first the records
             // of r's own chunk, then whole chunks (8 chunk sets per round), then inside the chunk
             // that holds e
@@ -187,7 +261,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     for (int u = 0; u < 8; ++u)
                         if (q - u >= lo && (recbits[(q - u) * W + ew] & eb)) hit |= 1u << u;
                     const int stop = hit ? __ffs(hit) - 1 : (int)(q - lo) + 1;  // records passed
-                    for (int u = 0; u < stop; ++u) ds4_or_into<W>(acc, recbits + (q - u) * W);
+                    ds4_or_rows<W>(acc, recbits + q * W, W, stop);
                     if (hit) found = q - stop;
                     q -= stop;
                     continue;
@@ -200,7 +274,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 for (int u = 0; u < 8; ++u)
                     if (u < nc && (chunkbits[(c - u) * W + ew] & eb)) hit |= 1u << u;
                 const int stop = hit ? __ffs(hit) - 1 : nc;  // whole chunks passed
-                for (int u = 0; u < stop; ++u) ds4_or_into<W>(acc, chunkbits + (c - u) * W);
+                ds4_or_rows<W>(acc, chunkbits + c * W, W, stop);
                 q -= 32LL * stop;
                 if (hit) {
                     // e is in chunk c - stop, whose last record is q: search it record by record
@@ -210,7 +284,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                         for (int u = 0; u < 8; ++u)
                             if (recbits[(q - u) * W + ew] & eb) h2 |= 1u << u;
                         const int st2 = h2 ? __ffs(h2) - 1 : 8;
-                        for (int u = 0; u < st2; ++u) ds4_or_into<W>(acc, recbits + (q - u) * W);
+                        ds4_or_rows<W>(acc, recbits + q * W, W, st2);
                         if (h2) found = q - st2;
                         q -= st2;
                     }
@@ -220,9 +294,9 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 // slots of record `found` after e's last slot there
                 int ls = -1;
                 for (int j = 0; j < k; ++j)
-                    if (ds4_load_index(ids, idx_kind, found * i_rs + j * i_cs) == e) ls = j;
+                    if (ds4_load_index(ids, idx_kind, ioff + found * i_rs + j * i_cs) == e) ls = j;
                 for (int j = ls + 1; j < k; ++j) {
-                    const int f = ds4_load_index(ids, idx_kind, found * i_rs + j * i_cs);
+                    const int f = ds4_load_index(ids, idx_kind, ioff + found * i_rs + j * i_cs);
                     if (f >= 0 && f < E) ds4_add_expert<W>(acc, f);
                 }
                 d = ds4_popc<W>(acc);
@@ -244,9 +318,10 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     const long long p = ds4_pos_of(pos, pos64, pos_base, r);
     const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
     const long long pp = first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
-    const bool last = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
+    const bool last_of_seq = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
     if (pp == p - 1) {
-        const int a = slot ? (first ? snap_ids[r * k + lane] : ds4_load_index(ids, idx_kind, (r - 1) * i_rs + lane * i_cs))
+        const int a = slot ? (first ? snap_ids[r * k + lane]
+                                    : ds4_load_index(ids, idx_kind, ioff + (r - 1) * i_rs + lane * i_cs))
                            : -1;
         const bool va = slot && a >= 0 && a < E;
         bool dupA = false, dupB = false, aInB = false;
@@ -270,7 +345,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
             atomicAdd(&adj[2 + inter * (2 * k + 1) + (na + nb - inter)], 1ull);
         }
     }
-    if (last) {
+    if (last_of_seq) {
         if (lane == 0) prev_pos[sq] = p;
         if (slot) prev_ids[sq * k + lane] = e;
     }

@@ -101,9 +101,33 @@ class LocalityRecorder:
         """Add one router output of ``layer``: ``indices`` ``[T, k]`` (any integer dtype, may be a
         strided view such as a routing-capture slice), optional float32 ``weights`` ``[T, k]``,
         ``positions`` and ``seq_ids`` int32/int64 ``[T]``.  Two launches on the current stream."""
-        cp = self.cp
         if type(layer) is not int or not 0 <= layer < self.L:
             raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
+        self._record(layer, 1, indices, weights, positions, seq_ids, step=False)
+
+    def record_step(self, indices, *, weights=None, positions=None, seq_ids=None, first_layer: int = 0) -> None:
+        """Add one step's router outputs of several layers at once: ``indices`` ``[T, n, k]`` for
+        layers ``first_layer .. first_layer + n - 1`` (e.g. a routing-capture buffer ``[T, layers,
+        k]`` that the routers filled through their ``out=`` views, any integer dtype, strided views
+        allowed), optional float32 ``weights`` ``[T, n, k]``, ``positions`` / ``seq_ids`` ``[T]``
+        shared by the layers.  Two launches in all, whatever ``n``; the same counts as ``n`` calls
+        of :meth:`record`.  The layers must have been recorded equally often so far."""
+        if type(first_layer) is not int or not 0 <= first_layer < self.L:
+            raise ValueError(f"first_layer must be an int in [0, {self.L}), got {first_layer!r}")
+        shape = getattr(indices, "shape", None)
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"indices must have shape [T, layers, {self.k}], got {shape!r}")
+        n = int(shape[1])
+        if not 1 <= n <= self.L - first_layer:
+            raise ValueError(f"indices cover {n} layers from first_layer={first_layer}; the recorder has {self.L}")
+        span = range(first_layer, first_layer + n)
+        if len({(self.records[x], self.parity[x]) for x in span}) != 1:
+            raise ValueError("record_step needs layers recorded equally often so far (mixing record() calls "
+                             f"for some of layers {first_layer}..{first_layer + n - 1}); record them per layer")
+        self._record(first_layer, n, indices, weights, positions, seq_ids, step=True)
+
+    def _record(self, layer0, n, indices, weights, positions, seq_ids, *, step):
+        cp = self.cp
         frame = Frame(indices, "indices")
         if frame.backend != "cuda":
             raise TypeError("indices must be a GPU array (the recorder runs on the device); use "
@@ -111,21 +135,24 @@ class LocalityRecorder:
         if frame.device_id != self.device:
             raise ValueError(f"indices are on device {frame.device_id}, the recorder's counters on device {self.device}")
         ids = frame.array
-        if ids.ndim != 2 or ids.shape[1] != self.k or dtype_name(ids.dtype) not in _IDX_KIND:
-            raise ValueError(f"indices must be an integer array of shape [T, {self.k}], got "
+        want = f"[T, {n}, {self.k}]" if step else f"[T, {self.k}]"
+        ok_shape = ids.ndim == 3 and ids.shape[1:] == (n, self.k) if step else ids.ndim == 2 and ids.shape[1] == self.k
+        if not ok_shape or dtype_name(ids.dtype) not in _IDX_KIND:
+            raise ValueError(f"indices must be an integer array of shape {want}, got "
                              f"{dtype_name(ids.dtype)} {tuple(ids.shape)}")
         T = int(ids.shape[0])
         if T == 0:
             return
+        span = range(layer0, layer0 + n)
         w = None
         if weights is not None:
             w = frame.convert(weights, "weights")
-            if w.dtype != np.float32 or tuple(w.shape) != (T, self.k):
-                raise ValueError(f"weights must be float32 of shape ({T}, {self.k}), got {dtype_name(w.dtype)} "
+            if w.dtype != np.float32 or tuple(w.shape) != tuple(ids.shape):
+                raise ValueError(f"weights must be float32 of shape {tuple(ids.shape)}, got {dtype_name(w.dtype)} "
                                  f"{tuple(w.shape)}")
-            self.has_weights[layer] = True
-        elif self.has_weights[layer]:
-            raise ValueError(f"layer {layer} was recorded with weights before; give weights every time")
+        for x in span:
+            if self.has_weights[x] and w is None:
+                raise ValueError(f"layer {x} was recorded with weights before; give weights every time")
 
         def vec(x, name):
             if x is None:
@@ -136,39 +163,48 @@ class LocalityRecorder:
             return cp.ascontiguousarray(v)
 
         pos, seq = vec(positions, "positions"), vec(seq_ids, "seq_ids")
+        if w is not None:
+            for x in span:
+                self.has_weights[x] = True
         null = np.uint64(0)
         E, k, W = self.E, self.k, self.W
         item = ids.itemsize
-        i_rs, i_cs = ids.strides[0] // item, ids.strides[1] // item
+        i_rs, i_cs = ids.strides[0] // item, ids.strides[-1] // item
+        i_ls = ids.strides[1] // item if step else 0
+        if w is not None:
+            w_rs, w_cs = w.strides[0] // 4, w.strides[-1] // 4
+            w_ls = w.strides[1] // 4 if step else 0
+        else:
+            w_rs = w_cs = w_ls = 0
         chunks = (T + 31) // 32
-        recbits = cp.empty((T, W), cp.uint32)
-        chunkbits = cp.empty((chunks, W), cp.uint32)
-        snap_pos = cp.empty(T, cp.int64)
-        snap_ids = cp.empty((T, k), cp.int32)
-        cur, nxt = self.last[layer, self.parity[layer]], self.last[layer, 1 - self.parity[layer]]
+        recbits = cp.empty((n, T, W), cp.uint32)
+        chunkbits = cp.empty((n, chunks, W), cp.uint32)
+        snap_pos = cp.empty((n, T), cp.int64)
+        snap_ids = cp.empty((n, T, k), cp.int32)
         chunk_blocks = (chunks + 7) // 8
+        kind = np.int32(_IDX_KIND[dtype_name(ids.dtype)])
+        seq_arg = seq if seq is not None else null
+        seq64 = np.int32(seq is not None and seq.dtype == np.int64)
+        parity = np.int32(self.parity[layer0])
         with frame.running():
             prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
-            prep((chunk_blocks + 1,), (256,),
-                 (ids, np.int32(_IDX_KIND[dtype_name(ids.dtype)]), np.int64(i_rs), np.int64(i_cs), np.int64(T),
-                  np.int32(k), np.int32(E), seq if seq is not None else null,
-                  np.int32(seq is not None and seq.dtype == np.int64), np.int64(self.S), self.prev_pos[layer],
-                  self.prev_ids[layer], cur, nxt, recbits, chunkbits, self.rb[layer], self.rank[layer], snap_pos,
-                  snap_ids, np.int32(chunk_blocks)))
+            prep((chunk_blocks + 1, n), (256,),
+                 (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
+                  seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, recbits,
+                  chunkbits, self.rb, self.rank, snap_pos, snap_ids, np.int32(chunk_blocks), np.int32(layer0)))
             acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-            w_rs, w_cs = (w.strides[0] // 4, w.strides[1] // 4) if w is not None else (0, 0)
-            acc(((T + 7) // 8,), (256,),
-                (ids, np.int32(_IDX_KIND[dtype_name(ids.dtype)]), np.int64(i_rs), np.int64(i_cs),
-                 w if w is not None else null, np.int64(w_rs), np.int64(w_cs), np.int64(T), np.int32(k), np.int32(E),
+            acc(((T + 7) // 8, n), (256,),
+                (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
+                 np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
                  pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
-                 np.int64(self.records[layer]), seq if seq is not None else null,
-                 np.int32(seq is not None and seq.dtype == np.int64), np.int64(self.S), np.int64(self.clock[layer]),
-                 cur, nxt, recbits, chunkbits, self.rb[layer], self.rank[layer], snap_pos, snap_ids,
-                 self.prev_pos[layer], self.prev_ids[layer], self.hist[layer], self.wsum[layer], self.dist[layer],
-                 self.wdist[layer], self.adj[layer]))
-        self.parity[layer] ^= 1
-        self.records[layer] += T
-        self.clock[layer] += T * k
+                 np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
+                 self.last, parity, recbits, chunkbits, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
+                 self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
+                 np.int32(self.adj.shape[1]), np.int32(layer0)))
+        for x in span:
+            self.parity[x] ^= 1
+            self.records[x] += T
+            self.clock[x] += T * k
 
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
         """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""

@@ -112,6 +112,67 @@ def test_strided_capture_slice_and_two_launches(cp, rng):
     assert count_kernel_nodes(cp, lambda: rec2.record(0, buf[:, 0, :])) == 2
 
 
+@pytest.mark.parametrize("E,k,idx_dtype,split", [(256, 6, np.uint8, False), (64, 1, np.int64, True),
+                                                 (500, 8, np.int16, False), (256, 6, np.int32, True)])
+def test_record_step_equals_offline(cp, rng, E, k, idx_dtype, split):
+    """One step's layers in one record_step call (a strided [T, layers, k] capture-like buffer)
+    counts exactly what per-layer recording / the offline analysis counts; with ``split``, layer 0
+    goes through record() and layers 1.. through record_step(first_layer=1)."""
+    from graph_nodes import count_kernel_nodes
+
+    L = 4
+    base = stream(rng, E, k, steps=30)
+    layer_calls = []
+    for layer in range(L):
+        calls = []
+        for ids, w, p, sq in base:
+            valid = (ids >= 0) & (ids < E)
+            ids = np.where(valid, (ids * (2 * layer + 1) + 5 * layer) % E, ids)
+            if idx_dtype == np.uint8:  # what the device sees (E=256: every uint8 id is valid)
+                ids = np.where(ids < 0, 255, ids).astype(np.uint8).astype(np.int64)
+            calls.append((ids, (w * (layer + 1)).astype(np.float32), p, sq))
+        layer_calls.append(calls)
+    rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
+    for j, (_, _, p, s) in enumerate(base):
+        T = len(p)
+        # a capture-like buffer with one spare layer and a column gap: strided in every dimension
+        buf = cp.full((T, L + 1, k + 1), -7, dtype=idx_dtype) if idx_dtype != np.uint8 else \
+            cp.full((T, L + 1, k + 1), 250, dtype=idx_dtype)
+        wbuf = cp.full((T, L + 1, k + 1), np.nan, cp.float32)
+        for layer in range(L):
+            buf[:, layer, :k] = cp.asarray(layer_calls[layer][j][0].astype(idx_dtype))
+            wbuf[:, layer, :k] = cp.asarray(layer_calls[layer][j][1])
+        pos_d, seq_d = cp.asarray(p), cp.asarray(s.astype(np.int32))
+        if split:
+            rec.record(0, buf[:, 0, :k], weights=wbuf[:, 0, :k], positions=pos_d, seq_ids=seq_d)
+            rec.record_step(buf[:, 1:L, :k], weights=wbuf[:, 1:L, :k], positions=pos_d, seq_ids=seq_d, first_layer=1)
+        else:
+            rec.record_step(buf[:, :L, :k], weights=wbuf[:, :L, :k], positions=pos_d, seq_ids=seq_d)
+    on = rec.report()
+    off = offline(base, L, E, layer_calls)
+    compare(on, off)
+    assert on["layers_detail"][2]["adjacent_pairs"] > 100
+    rec2 = ds4kern.LocalityRecorder(L, E, k)
+    assert count_kernel_nodes(cp, lambda: rec2.record_step(buf[:, :L, :k])) == 2
+
+
+def test_record_step_validation(cp):
+    rec = ds4kern.LocalityRecorder(3, 64, 4)
+    with pytest.raises(ValueError, match="shape"):
+        rec.record_step(cp.zeros((5, 4), cp.int32))
+    with pytest.raises(ValueError, match="layers"):
+        rec.record_step(cp.zeros((5, 3, 4), cp.int32), first_layer=1)
+    with pytest.raises(ValueError, match="first_layer"):
+        rec.record_step(cp.zeros((5, 1, 4), cp.int32), first_layer=3)
+    with pytest.raises(ValueError, match="weights"):
+        rec.record_step(cp.zeros((5, 3, 4), cp.int32), weights=cp.zeros((5, 2, 4), cp.float32))
+    rec.record(0, cp.zeros((5, 4), cp.int32))
+    with pytest.raises(ValueError, match="equally often"):
+        rec.record_step(cp.zeros((5, 3, 4), cp.int32))
+    rec.record_step(cp.ones((5, 2, 4), cp.int32), first_layer=1)  # layers 1, 2: equal so far
+    assert rec.records == [5, 5, 5]
+
+
 def test_validation(cp):
     rec = ds4kern.LocalityRecorder(2, 64, 4)
     with pytest.raises(ValueError, match="layer"):

@@ -3,25 +3,31 @@
 // the layer within the call: its ids / weights at i_ls / w_ls elements apart, its scratch rows;
 // layer0 + y = the recorder's layer, whose state and counters it updates).
 //
-// locality_prepare<W>: W = ceil(E / 32) words per expert bitset.  Warps own chunks of 32 records:
-// lane = record; each builds its record's bitset (recbits [T, W]) and the warp ORs them into the
-// chunk's (chunkbits [ceil(T/32), W]).  First records of a run of one sequence snapshot that
-// sequence's previous record (its position and ids) before the second kernel overwrites it.  The
-// last block of each layer ranks the experts by their last access before this step (rank 0 = most
-// recent) and writes rb[i] = the set of experts of rank < i (an OR scan over the experts in rank
-// order), so "experts used since e's last access" is one row; it also carries `last` into the
-// next step's buffer.
+// locality_prepare<W>: W = ceil(E / 32) words per expert bitset.  Warps own chunks of 32 records
+// (lane = record): each writes its record's suffix OR within the chunk (srow [T, W]: the experts
+// of records r .. chunk end), the chunk's OR (chunkbits [ceil(T/32), W]) and the chunk's
+// occupancy masks (occ [ceil(T/32), E]: bit b of occ[c][e] = record 32c + b holds e).  First
+// records of a run of one sequence snapshot that sequence's previous record (its position and
+// ids) before the second kernel overwrites it.  The last block of each layer ranks the experts by
+// their last access before this step (rank 0 = most recent) and writes rb[i] = the set of experts
+// of rank < i (an OR scan over the experts in rank order), so "experts used since e's last
+// access" is one row; it also carries `last` into the next step's buffer.
 //
-// locality_accumulate<W>: one warp per record, lane = slot.  Per access: histogram and weight sum;
-// the LRU stack distance (distinct experts since the previous access of the same expert, in record
-// order then slot order): earlier slots of the record (shuffled from the other lanes), then a
-// backward walk over the step's records (skipping whole chunks that lack the expert, ORing what it
-// passes, 8 independent row loads per round), else the ranks of the previous steps; per record:
-// the adjacency with the previous record of its sequence (intersection / union histogram,
-// same-slot matches).  Counters are integers (exact, order-free); weight sums are float64 atomics.
+// locality_accumulate<W>: blocks of RB records (a multiple of 32) with the block's ids, chunk
+// masks and a sparse table of its records' bitsets in shared memory; one thread per access, then
+// one per record.  Per access: histogram and weight sum; the LRU stack distance (distinct experts
+// since the previous access of the same expert, in record order then slot order) = popcount of
+// the OR of: earlier slots of the record, or the records since the previous one holding e (found
+// by the chunk masks: the block's in shared memory, earlier chunks 8 loads a round) as two
+// sparse-table rows inside the block, or the block's prefix + the suffix row of that record's
+// chunk + the whole chunks between, or, when e is not in this step, the block's prefix + the
+// earlier chunks + rb[rank[e]].  Per record: the adjacency with the previous record of its
+// sequence (intersection / union histogram, same-slot matches).  Counters gather in shared memory
+// and go out with one global atomic per non-zero bin; integers (exact, order-free) and float64
+// weight sums (equal up to rounding order).
 //
 // Bytes per layer and step: the ids (T*k*sizeof(index)) read twice, the weights once, T*W*4
-// bitsets written and re-read from L2, a few counters.
+// suffix rows + T*E/8 chunk masks written and read back from L2, a few counters.
 #include "common.cuh"
 
 template <int W>
@@ -63,8 +69,8 @@ __global__ void __launch_bounds__(256)
 locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls, long long T,
                  int k, int E, const void* __restrict__ seq, int seq64, long long num_seqs,
                  const long long* __restrict__ prev_pos, const int* __restrict__ prev_ids, long long* __restrict__ last,
-                 int parity, unsigned* __restrict__ recbits, unsigned* __restrict__ chunkbits, unsigned* __restrict__ rb,
-                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int chunk_blocks,
+                 int parity, unsigned* __restrict__ srow, unsigned* __restrict__ chunkbits, unsigned* __restrict__ occ,
+                 unsigned* __restrict__ rb, int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int chunk_blocks,
                  int layer0) {
     const int lane = threadIdx.x & 31;
     // blockIdx.y: the layer within this call (scratch, ids); layer0 + blockIdx.y: the recorder's layer (state)
@@ -75,8 +81,9 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     prev_ids += layer * num_seqs * k;
     const long long* last_cur = last + layer * 2 * E + parity * E;
     long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    recbits += li * T * W;
+    srow += li * T * W;
     chunkbits += li * chunks * W;
+    occ += li * chunks * E;
     rb += layer * (E + 1) * W;
     rank += layer * E;
     snap_pos += li * T;
@@ -142,20 +149,25 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
         }
         return;
     }
-    const long long chunk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int warp = threadIdx.x >> 5;
+    const long long chunk = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
     const long long r = chunk * 32 + lane;
-    const bool in = r < T && chunk * 32 < T;
+    const bool in = r < T;
     if (chunk * 32 >= T) return;  // whole warps
+    __shared__ unsigned socc[8][512];  // this warp's chunk: records (lane bits) holding each expert
+    for (int e = lane; e < E; e += 32) socc[warp][e] = 0u;
+    __syncwarp();
     unsigned bits[W];
 #pragma unroll
     for (int w = 0; w < W; ++w) bits[w] = 0u;
     if (in) {
         for (int s = 0; s < k; ++s) {
             const int e = ds4_load_index(ids, idx_kind, ioff + r * i_rs + s * i_cs);
-            if (e >= 0 && e < E) ds4_add_expert<W>(bits, e);
+            if (e >= 0 && e < E) {
+                ds4_add_expert<W>(bits, e);
+                atomicOr(&socc[warp][e], 1u << lane);
+            }
         }
-#pragma unroll
-        for (int w = 0; w < W; ++w) recbits[r * W + w] = bits[w];
         // adjacency snapshot for the first record of a run of one sequence
         const long long sq = ds4_seq_of(seq, seq64, r);
         const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
@@ -164,47 +176,74 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
             for (int s = 0; s < k; ++s) snap_ids[r * k + s] = prev_ids[sq * k + s];
         }
     }
+    // suffix ORs within the chunk (records r .. chunk end) and the chunk's OR
 #pragma unroll
     for (int w = 0; w < W; ++w) {
         unsigned v = bits[w];
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, off);
+        for (int off = 1; off < 32; off <<= 1) {
+            const unsigned u = __shfl_down_sync(0xffffffffu, v, off);
+            if (lane + off < 32) v |= u;
+        }
+        if (in) srow[r * W + w] = v;
         if (lane == 0) chunkbits[chunk * W + w] = v;
     }
+    __syncwarp();
+    for (int e = lane; e < E; e += 32) occ[chunk * E + e] = socc[warp][e];
 }
 
-// acc |= rows[0], rows[-step], ... for the first n (< 8) of them: independent, predicated loads
+// acc |= OR of the block's records [a, b] (local, a <= b): two rows of the sparse table
 template <int W>
-__device__ __forceinline__ void ds4_or_rows(unsigned (&acc)[W], const unsigned* __restrict__ row, long long step, int n) {
+__device__ __forceinline__ void ds4_or_range(unsigned (&acc)[W], const unsigned* tab, int RB, int a, int b) {
+    const int l = 31 - __clz(b - a + 1);
+    const unsigned* x = tab + ((long long)l * RB + a) * W;
+    const unsigned* y = tab + ((long long)l * RB + b - (1 << l) + 1) * W;
 #pragma unroll
-    for (int u = 0; u < 8; ++u)
-        if (u < n) ds4_or_into<W>(acc, row - u * step);
+    for (int w = 0; w < W; ++w) acc[w] |= x[w] | y[w];
 }
 
 template <int W>
-__global__ void __launch_bounds__(256, 4)  // a register budget: ptxas for sm_80 spilled W=1 at 48
+__global__ void __launch_bounds__(256, 2)  // two blocks per SM (shared memory); a register budget
 locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls,
                     const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
                     int k, int E, const void* __restrict__ pos, int pos64, long long pos_base,
                     const void* __restrict__ seq, int seq64, long long num_seqs, long long clock,
-                    long long* __restrict__ last, int parity, const unsigned* __restrict__ recbits,
-                    const unsigned* __restrict__ chunkbits, const unsigned* __restrict__ rb,
-                    const int* __restrict__ rank, const long long* __restrict__ snap_pos,
-                    const int* __restrict__ snap_ids, long long* __restrict__ prev_pos, int* __restrict__ prev_ids,
+                    long long* __restrict__ last, int parity, const unsigned* __restrict__ srow,
+                    const unsigned* __restrict__ chunkbits, const unsigned* __restrict__ occ,
+                    const unsigned* __restrict__ rb, const int* __restrict__ rank,
+                    const long long* __restrict__ snap_pos, const int* __restrict__ snap_ids,
+                    long long* __restrict__ prev_pos, int* __restrict__ prev_ids,
                     unsigned long long* __restrict__ hist, double* __restrict__ wsum,
                     unsigned long long* __restrict__ dist, double* __restrict__ wdist,
-                    unsigned long long* __restrict__ adj, int adj_len, int layer0) {
-    const int lane = threadIdx.x & 31;
-    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= T) return;  // whole warps
+                    unsigned long long* __restrict__ adj, int adj_len, int layer0, int RB) {
+    // shared memory (sizes: ds4kern.recorder._accumulate_smem): counters, then the block's chunk
+    // occupancy masks, ids and the sparse table of its records' bitsets (log2(RB) levels)
+    extern __shared__ __align__(16) unsigned char smem[];
+    double* s_wsum = reinterpret_cast<double*>(smem);
+    double* s_wdist = s_wsum + E;
+    long long* s_last = reinterpret_cast<long long*>(s_wdist + E + 1);
+    unsigned* s_hist = reinterpret_cast<unsigned*>(s_last + E);
+    unsigned* s_dist = s_hist + E;
+    unsigned* s_adj = s_dist + E + 1;
+    unsigned* s_zrow = s_adj + adj_len;
+    unsigned* s_occ = s_zrow + W;
+    int* s_ids = reinterpret_cast<int*>(s_occ + (RB / 32) * E);
+    unsigned* s_tab = reinterpret_cast<unsigned*>(s_ids + RB * k);
+
+    const int tid = threadIdx.x, nt = blockDim.x;
     const long long li = blockIdx.y, layer = layer0 + li;
     const long long chunks = (T + 31) / 32;
+    const long long R0 = (long long)blockIdx.x * RB;
+    const int nrec = (int)min((long long)RB, T - R0);
+    const long long cb = R0 / 32;  // the block's first chunk (RB is a multiple of 32)
+    const int nch = (nrec + 31) / 32;
     const long long ioff = li * i_ls;
     if (weights != nullptr) weights += li * w_ls;
     const long long* last_cur = last + layer * 2 * E + parity * E;
     long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    recbits += li * T * W;
+    srow += li * T * W;
     chunkbits += li * chunks * W;
+    occ += li * chunks * E;
     rb += layer * (E + 1) * W;
     rank += layer * E;
     snap_pos += li * T;
@@ -217,136 +256,215 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     wdist += layer * (E + 1);
     adj += layer * adj_len;
 
-    const bool slot = lane < k;
-    const int e = slot ? ds4_load_index(ids, idx_kind, ioff + r * i_rs + lane * i_cs) : -1;
-    const bool valid = slot && e >= 0 && e < E;
-    const float wt = (weights != nullptr && slot) ? weights[r * w_rs + lane * w_cs] : 0.0f;
-    const unsigned vmask = __ballot_sync(0xffffffffu, valid);
-    // the latest earlier slot of this record with the same expert, and the valid experts in the
-    // slots between it (or the record's start) and this one: from the other lanes' registers
-    int same = -1;
-    for (int j = 0; j < k; ++j) {
-        const int f = __shfl_sync(0xffffffffu, e, j);
-        if (j < lane && f == e) same = j;
+    for (int e = tid; e < E; e += nt) {
+        s_wsum[e] = 0.0;
+        s_last[e] = -1;
+        s_hist[e] = 0u;
     }
-    unsigned acc[W];
+    for (int d = tid; d <= E; d += nt) {
+        s_wdist[d] = 0.0;
+        s_dist[d] = 0u;
+    }
+    for (int t = tid; t < adj_len; t += nt) s_adj[t] = 0u;
+    if (tid < W) s_zrow[tid] = 0u;
+    for (int t = tid; t < nch * E; t += nt) s_occ[t] = occ[cb * E + t];
+    for (int t = tid; t < nrec * k; t += nt) {
+        const int i = t / k, j = t - i * k;
+        const int e = ds4_load_index(ids, idx_kind, ioff + (R0 + i) * i_rs + j * i_cs);
+        s_ids[t] = (e >= 0 && e < E) ? e : -1;
+    }
+    __syncthreads();
+    {  // s_zrow = OR of the step's chunks before this block
+        unsigned z[W];
 #pragma unroll
-    for (int w = 0; w < W; ++w) acc[w] = 0u;
-    for (int j = 0; j < k; ++j) {
-        const int f = __shfl_sync(0xffffffffu, e, j);
-        if (j > same && j < lane && ((vmask >> j) & 1u)) ds4_add_expert<W>(acc, f);
+        for (int w = 0; w < W; ++w) z[w] = 0u;
+        for (long long c = tid; c < cb; c += nt) ds4_or_into<W>(z, chunkbits + c * W);
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+            if (z[w]) atomicOr(&s_zrow[w], z[w]);
+    }
+    for (int i = tid; i < nrec; i += nt) {  // level 0: the records' bitsets
+        unsigned bits[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) bits[w] = 0u;
+        for (int j = 0; j < k; ++j) {
+            const int e = s_ids[i * k + j];
+            if (e >= 0) ds4_add_expert<W>(bits, e);
+        }
+#pragma unroll
+        for (int w = 0; w < W; ++w) s_tab[i * W + w] = bits[w];
+    }
+    __syncthreads();
+    for (int l = 1; (1 << l) < nrec; ++l) {  // level l: OR of records i .. i + 2^l - 1
+        const int h = 1 << (l - 1);
+        const unsigned* src = s_tab + (long long)(l - 1) * RB * W;
+        unsigned* dst = s_tab + (long long)l * RB * W;
+        for (int t = tid; t < nrec * W; t += nt) {
+            const int i = t / W;
+            dst[t] = src[t] | (i + h < nrec ? src[t + h * W] : 0u);
+        }
+        __syncthreads();
     }
 
-    if (valid) {
-        atomicAdd(&hist[e], 1ull);
-        if (weights != nullptr) atomicAdd(&wsum[e], (double)wt);
+    // one thread per access
+    for (int t = tid; t < nrec * k; t += nt) {
+        const int e = s_ids[t];
+        if (e < 0) continue;
+        const int i = t / k, j = t - i * k;
+        const long long r = R0 + i;
+        const int* rec = s_ids + i * k;
+        unsigned acc[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) acc[w] = 0u;
+        int same = -1;  // the latest earlier slot of this record with e
+        for (int jj = 0; jj < j; ++jj)
+            if (rec[jj] == e) same = jj;
+        for (int jj = same + 1; jj < j; ++jj)
+            if (rec[jj] >= 0) ds4_add_expert<W>(acc, rec[jj]);
         int d;
         if (same >= 0) {
             d = ds4_popc<W>(acc);
         } else {
-            // walk back over the step's records, 8 independent loads per round: first the records
-            // of r's own chunk, then whole chunks (8 chunk sets per round), then inside the chunk
-            // that holds e
-            long long found = -1;
-            long long q = r - 1;
-            const int ew = e >> 5;
-            const unsigned eb = 1u << (e & 31);
-            while (q >= 0 && found < 0) {
-                const bool in_chunk = (q & 31) != 31;  // q is not the last record of a whole chunk
-                if (in_chunk) {
-                    // records q, q-1, ... down to the start of q's chunk (at most 8 this round)
-                    const long long lo = max(q - 7, q & ~31LL);
-                    unsigned hit = 0u;
-#pragma unroll
-                    for (int u = 0; u < 8; ++u)
-                        if (q - u >= lo && (recbits[(q - u) * W + ew] & eb)) hit |= 1u << u;
-                    const int stop = hit ? __ffs(hit) - 1 : (int)(q - lo) + 1;  // records passed
-                    ds4_or_rows<W>(acc, recbits + q * W, W, stop);
-                    if (hit) found = q - stop;
-                    q -= stop;
-                    continue;
-                }
-                // whole chunks ending at q: up to 8 per round
-                const long long c = q >> 5;
-                unsigned hit = 0u;
-                const int nc = (int)min(8LL, c + 1);
-#pragma unroll
-                for (int u = 0; u < 8; ++u)
-                    if (u < nc && (chunkbits[(c - u) * W + ew] & eb)) hit |= 1u << u;
-                const int stop = hit ? __ffs(hit) - 1 : nc;  // whole chunks passed
-                ds4_or_rows<W>(acc, chunkbits + c * W, W, stop);
-                q -= 32LL * stop;
-                if (hit) {
-                    // e is in chunk c - stop, whose last record is q: search it record by record
-                    while (found < 0) {
-                        unsigned h2 = 0u;  // the chunk is whole and holds e: q - u stays inside it
-#pragma unroll
-                        for (int u = 0; u < 8; ++u)
-                            if (recbits[(q - u) * W + ew] & eb) h2 |= 1u << u;
-                        const int st2 = h2 ? __ffs(h2) - 1 : 8;
-                        ds4_or_rows<W>(acc, recbits + q * W, W, st2);
-                        if (h2) found = q - st2;
-                        q -= st2;
+            // the latest earlier record of this block holding e (chunk masks: one load per chunk)
+            int pl = -1;
+            const int ci = i >> 5;
+            unsigned m = s_occ[ci * E + e] & ((1u << (i & 31)) - 1u);
+            if (m) {
+                pl = ci * 32 + 31 - __clz(m);
+            } else {
+                for (int c = ci - 1; c >= 0; --c) {
+                    m = s_occ[c * E + e];
+                    if (m) {
+                        pl = c * 32 + 31 - __clz(m);
+                        break;
                     }
                 }
             }
-            if (found >= 0) {
-                // slots of record `found` after e's last slot there
+            if (pl >= 0) {
+                if (pl + 1 <= i - 1) ds4_or_range<W>(acc, s_tab, RB, pl + 1, i - 1);
+                const int* prec = s_ids + pl * k;  // its slots after e's last slot there
                 int ls = -1;
-                for (int j = 0; j < k; ++j)
-                    if (ds4_load_index(ids, idx_kind, ioff + found * i_rs + j * i_cs) == e) ls = j;
-                for (int j = ls + 1; j < k; ++j) {
-                    const int f = ds4_load_index(ids, idx_kind, ioff + found * i_rs + j * i_cs);
-                    if (f >= 0 && f < E) ds4_add_expert<W>(acc, f);
-                }
-                d = ds4_popc<W>(acc);
-            } else if (last_cur[e] >= 0) {
-                ds4_or_into<W>(acc, rb + (long long)rank[e] * W);
+                for (int jj = 0; jj < k; ++jj)
+                    if (prec[jj] == e) ls = jj;
+                for (int jj = ls + 1; jj < k; ++jj)
+                    if (prec[jj] >= 0) ds4_add_expert<W>(acc, prec[jj]);
                 d = ds4_popc<W>(acc);
             } else {
-                d = E;  // never seen before: a miss at every cache size
+                if (i > 0) ds4_or_range<W>(acc, s_tab, RB, 0, i - 1);  // the block's records before r
+                // the latest earlier chunk of the step holding e: 8 independent loads per round
+                long long pc = -1;
+                unsigned pm = 0u;
+                for (long long c = cb - 1; c >= 0 && pc < 0; c -= 8) {
+                    unsigned mm[8];
+#pragma unroll
+                    for (int u = 0; u < 8; ++u) mm[u] = c - u >= 0 ? occ[(c - u) * E + e] : 0u;
+#pragma unroll
+                    for (int u = 0; u < 8; ++u)
+                        if (pc < 0 && mm[u]) {
+                            pc = c - u;
+                            pm = mm[u];
+                        }
+                }
+                if (pc >= 0) {
+                    const int b = 31 - __clz(pm);
+                    const long long p = pc * 32 + b;
+                    if (b < 31) ds4_or_into<W>(acc, srow + (p + 1) * W);  // the rest of chunk pc
+                    for (long long c2 = pc + 1; c2 < cb; c2 += 8) {         // whole chunks up to the block
+                        const int n = (int)min(8LL, cb - c2);
+#pragma unroll
+                        for (int u = 0; u < 8; ++u)
+                            if (u < n) ds4_or_into<W>(acc, chunkbits + (c2 + u) * W);
+                    }
+                    int ls = -1;
+                    for (int jj = 0; jj < k; ++jj)
+                        if (ds4_load_index(ids, idx_kind, ioff + p * i_rs + jj * i_cs) == e) ls = jj;
+                    for (int jj = ls + 1; jj < k; ++jj) {
+                        const int f = ds4_load_index(ids, idx_kind, ioff + p * i_rs + jj * i_cs);
+                        if (f >= 0 && f < E) ds4_add_expert<W>(acc, f);
+                    }
+                    d = ds4_popc<W>(acc);
+                } else if (last_cur[e] >= 0) {
+                    // not in this step: the experts used since e's last access before it
+                    ds4_or_into<W>(acc, s_zrow);
+                    ds4_or_into<W>(acc, rb + (long long)rank[e] * W);
+                    d = ds4_popc<W>(acc);
+                } else {
+                    d = E;  // never seen before: a miss at every cache size
+                }
             }
         }
-        atomicAdd(&dist[d], 1ull);
-        if (weights != nullptr) atomicAdd(&wdist[d], (double)wt);
-        atomicMax(&last_next[e], clock + r * k + lane);
+        atomicAdd(&s_hist[e], 1u);
+        atomicAdd(&s_dist[d], 1u);
+        if (weights != nullptr) {
+            const double wt = (double)weights[r * w_rs + j * w_cs];
+            atomicAdd(&s_wsum[e], wt);
+            atomicAdd(&s_wdist[d], wt);
+        }
+        atomicMax(&s_last[e], clock + r * k + j);
     }
 
-    // adjacency with the previous record of the same sequence
-    const long long sq = ds4_seq_of(seq, seq64, r);
-    if (sq < 0 || sq >= num_seqs) return;  // warp-uniform
-    const long long p = ds4_pos_of(pos, pos64, pos_base, r);
-    const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
-    const long long pp = first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
-    const bool last_of_seq = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
-    if (pp == p - 1) {
-        const int a = slot ? (first ? snap_ids[r * k + lane]
-                                    : ds4_load_index(ids, idx_kind, ioff + (r - 1) * i_rs + lane * i_cs))
-                           : -1;
-        const bool va = slot && a >= 0 && a < E;
-        bool dupA = false, dupB = false, aInB = false;
-        for (int j = 0; j < k; ++j) {
-            const int aj = __shfl_sync(0xffffffffu, a, j);
-            const int bj = __shfl_sync(0xffffffffu, e, j);
-            if (j < lane) {
-                dupA |= aj == a;
-                dupB |= bj == e;
+    // one thread per record: adjacency with the previous record of its sequence
+    for (int i = tid; i < nrec; i += nt) {
+        const long long r = R0 + i;
+        const long long sq = ds4_seq_of(seq, seq64, r);
+        if (sq < 0 || sq >= num_seqs) continue;
+        const long long p = ds4_pos_of(pos, pos64, pos_base, r);
+        const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
+        const long long pp = first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
+        const bool last_of_seq = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
+        const int* B = s_ids + i * k;
+        if (pp == p - 1) {
+            // A = the previous record's ids: snapshot, this block, or the ids array
+            auto A = [&](int j) -> int {
+                const int a = first ? snap_ids[r * k + j]
+                                    : (i > 0 ? s_ids[(i - 1) * k + j]
+                                             : ds4_load_index(ids, idx_kind, ioff + (r - 1) * i_rs + j * i_cs));
+                return (a >= 0 && a < E) ? a : -1;
+            };
+            int inter = 0, na = 0, nb = 0, eq = 0;
+            for (int j = 0; j < k; ++j) {
+                const int a = A(j), b = B[j];
+                if (a >= 0) {
+                    bool dup = false;
+                    for (int jj = 0; jj < j; ++jj) dup |= A(jj) == a;
+                    if (!dup) {
+                        ++na;
+                        bool in = false;
+                        for (int jj = 0; jj < k; ++jj) in |= B[jj] == a;
+                        inter += in;
+                    }
+                }
+                if (b >= 0) {
+                    bool dup = false;
+                    for (int jj = 0; jj < j; ++jj) dup |= B[jj] == b;
+                    nb += !dup;
+                }
+                eq += a >= 0 && a == b;
             }
-            aInB |= ((vmask >> j) & 1u) && bj == a;
+            atomicAdd(&s_adj[0], 1u);
+            atomicAdd(&s_adj[1], (unsigned)eq);
+            atomicAdd(&s_adj[2 + inter * (2 * k + 1) + (na + nb - inter)], 1u);
         }
-        const bool firstA = va && !dupA, firstB = valid && !dupB;
-        const int inter = __popc(__ballot_sync(0xffffffffu, firstA && aInB));
-        const int na = __popc(__ballot_sync(0xffffffffu, firstA));
-        const int nb = __popc(__ballot_sync(0xffffffffu, firstB));
-        const int eq = __popc(__ballot_sync(0xffffffffu, va && valid && a == e));
-        if (lane == 0) {
-            atomicAdd(&adj[0], 1ull);
-            atomicAdd(&adj[1], (unsigned long long)eq);
-            atomicAdd(&adj[2 + inter * (2 * k + 1) + (na + nb - inter)], 1ull);
+        if (last_of_seq) {
+            prev_pos[sq] = p;
+            for (int j = 0; j < k; ++j) prev_ids[sq * k + j] = B[j];
         }
     }
-    if (last_of_seq) {
-        if (lane == 0) prev_pos[sq] = p;
-        if (slot) prev_ids[sq * k + lane] = e;
+    __syncthreads();
+
+    // the block's counters into the layer's
+    for (int e = tid; e < E; e += nt) {
+        if (s_hist[e]) {
+            atomicAdd(&hist[e], (unsigned long long)s_hist[e]);
+            if (weights != nullptr) atomicAdd(&wsum[e], s_wsum[e]);
+        }
+        if (s_last[e] >= 0) atomicMax(&last_next[e], s_last[e]);
     }
+    for (int d = tid; d <= E; d += nt)
+        if (s_dist[d]) {
+            atomicAdd(&dist[d], (unsigned long long)s_dist[d]);
+            if (weights != nullptr) atomicAdd(&wdist[d], s_wdist[d]);
+        }
+    for (int t = tid; t < adj_len; t += nt)
+        if (s_adj[t]) atomicAdd(&adj[t], (unsigned long long)s_adj[t]);
 }

@@ -6,16 +6,18 @@ report when you want one.
         for layer ...:
             w, i = ds4kern.router_topk(h, 6, ...)
             rec.record(layer, i, weights=w, positions=pos, seq_ids=seq)   # 2 launches, no sync
+        # or: routers write into cap[:, layer] (out= views), then once per step
+        # rec.record_step(cap, weights=capw, positions=pos, seq_ids=seq)  # 2 launches per step
     report = rec.report(model="DeepSeek-V4-Flash")      # the same JSON as ds4kern.locality.analyze
 
 Per layer the device keeps: expert histogram and weight sums, the LRU stack-distance histogram
 (and its weight sums), adjacent-pair counters (intersection/union histogram, same-slot matches),
-the last access time of every expert, and each sequence's previous record.  ``record`` launches
-two kernels (``cuda_src/locality.cu``) on the current stream and never synchronises; ``report``
+the last access time of every expert, and each sequence's previous record.  ``record`` (one
+layer) and ``record_step`` (several layers of one step) each launch two kernels (``cuda_src/locality.cu``) on the current stream and never synchronises; ``report``
 copies the counters to the host.  Every count equals what :func:`ds4kern.locality.analyze` finds
 in the same selections (weight sums are float64 atomics: equal up to rounding order).
 
-Semantics as offline, with one condition: within one ``record`` call the records of a sequence
+Semantics as offline, with one condition: within one call the records of a sequence
 are contiguous and in increasing position order (true for decode batches and prefill chunks),
 and a sequence's positions keep increasing across calls.  Records without ``positions`` get
 consecutive positions per layer; without ``seq_ids`` they all belong to sequence 0.
@@ -40,6 +42,24 @@ LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
     "locality.cu",
     tuple(f"locality_prepare<{w}>" for w in _WORDS) + tuple(f"locality_accumulate<{w}>" for w in _WORDS),
 ))
+
+
+def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
+    """Bytes of shared memory of one ``locality_accumulate`` block of ``rb`` records (the layout
+    at the top of that kernel)."""
+    levels = rb.bit_length() - 1  # ranges inside the block are shorter than rb
+    return (8 * (E + E + 1 + E) + 4 * (E + E + 1 + adj_len + W) + 4 * (rb // 32) * E + 4 * rb * k
+            + 4 * levels * rb * W)
+
+
+def _accumulate_block(E: int, W: int, k: int, adj_len: int, records: int, sms: int) -> tuple[int, int]:
+    """Records per accumulate block and its shared memory for a call of ``records`` records in all
+    (T times layers): 256 (fewer counter flushes per access) while that still gives two blocks per
+    SM and a block needs at most ~100 kB, else fewer (down to 32: small calls are latency-bound,
+    more blocks finish sooner)."""
+    fits = [rb for rb in (256, 128, 64, 32) if _accumulate_smem(E, W, k, adj_len, rb) <= 100 * 1024] or [32]
+    rb = next((rb for rb in fits if -(-records // rb) >= 2 * sms), fits[-1])
+    return rb, _accumulate_smem(E, W, k, adj_len, rb)
 
 
 class LocalityRecorder:
@@ -84,6 +104,8 @@ class LocalityRecorder:
         self.clock = [0] * L
         self.parity = [0] * L
         self.has_weights = [False] * L
+        self._sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
+        self._records_per_block = None  # tests may force 32, 64, 128 or 256
 
     def reset(self) -> None:
         """Forget everything recorded."""
@@ -177,8 +199,9 @@ class LocalityRecorder:
         else:
             w_rs = w_cs = w_ls = 0
         chunks = (T + 31) // 32
-        recbits = cp.empty((n, T, W), cp.uint32)
+        srow = cp.empty((n, T, W), cp.uint32)
         chunkbits = cp.empty((n, chunks, W), cp.uint32)
+        occ = cp.empty((n, chunks, E), cp.uint32)
         snap_pos = cp.empty((n, T), cp.int64)
         snap_ids = cp.empty((n, T, k), cp.int32)
         chunk_blocks = (chunks + 7) // 8
@@ -190,17 +213,23 @@ class LocalityRecorder:
             prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
             prep((chunk_blocks + 1, n), (256,),
                  (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
-                  seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, recbits,
-                  chunkbits, self.rb, self.rank, snap_pos, snap_ids, np.int32(chunk_blocks), np.int32(layer0)))
+                  seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, srow,
+                  chunkbits, occ, self.rb, self.rank, snap_pos, snap_ids, np.int32(chunk_blocks), np.int32(layer0)))
             acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-            acc(((T + 7) // 8, n), (256,),
+            rb_recs, smem = _accumulate_block(E, W, k, self.adj.shape[1], T * n, self._sms)
+            if self._records_per_block:  # tests: force a block size
+                rb_recs = self._records_per_block
+                smem = _accumulate_smem(E, W, k, self.adj.shape[1], rb_recs)
+            if smem > 48 * 1024:
+                acc.max_dynamic_shared_size_bytes = smem
+            acc(((T + rb_recs - 1) // rb_recs, n), (256,),
                 (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
                  np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
                  pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
                  np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
-                 self.last, parity, recbits, chunkbits, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
+                 self.last, parity, srow, chunkbits, occ, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
                  self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
-                 np.int32(self.adj.shape[1]), np.int32(layer0)))
+                 np.int32(self.adj.shape[1]), np.int32(layer0), np.int32(rb_recs)), shared_mem=smem)
         for x in span:
             self.parity[x] ^= 1
             self.records[x] += T

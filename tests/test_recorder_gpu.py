@@ -99,14 +99,16 @@ def test_recording_equals_offline(cp, rng, E, k, idx_dtype):
 def test_strided_capture_slice_and_two_launches(cp, rng):
     from graph_nodes import count_kernel_nodes
 
-    E, k, T, L = 256, 6, 300, 2
+    E, k, T, L = 256, 6, 700, 2
     buf = cp.asarray(rng.integers(0, E, (T, L, k)).astype(np.uint8))
-    rec = ds4kern.LocalityRecorder(L, E, k)
-    for layer in range(L):
-        rec.record(layer, buf[:, layer, :])
-    on = rec.report()
     off = analyze(cp.asnumpy(buf), E)
-    compare(on, off)
+    for rb in (None, 32, 64, 128, 256):  # records per accumulate block: the sparse table's depth
+        rec = ds4kern.LocalityRecorder(L, E, k)
+        rec._records_per_block = rb
+        for part in (slice(0, 100), slice(100, T)):  # two steps: the second also reaches into the first
+            for layer in range(L):
+                rec.record(layer, buf[part, layer, :])
+        compare(rec.report(), off)
     rec2 = ds4kern.LocalityRecorder(L, E, k)
     # captured into a graph: nothing synchronises, and one record is two kernels
     assert count_kernel_nodes(cp, lambda: rec2.record(0, buf[:, 0, :])) == 2
@@ -133,6 +135,7 @@ def test_record_step_equals_offline(cp, rng, E, k, idx_dtype, split):
             calls.append((ids, (w * (layer + 1)).astype(np.float32), p, sq))
         layer_calls.append(calls)
     rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
+    rec._records_per_block = 64 if split else None  # the 77-record prefill spans two blocks
     for j, (_, _, p, s) in enumerate(base):
         T = len(p)
         # a capture-like buffer with one spare layer and a column gap: strided in every dimension

@@ -22,7 +22,8 @@ The LRU simulation is exact and vectorised: an access hits a cache of n experts 
 n distinct experts were touched since the same expert's previous access (its stack distance).
 Those distinct counts are popcounts of ORs of per-record expert bitsets (a sparse table for
 short reuse gaps, per-block prefix / suffix ORs for long ones; see ``stack_distances``), with
-no Python loop per token.  Layers run on a thread pool.
+no Python loop per token.  Layers run in forked worker processes (threads where fork is not
+available or the caller runs other threads).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Optional, Sequence
 
@@ -410,31 +412,80 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
     hashed = set(hash_layers)
     w_all = None if weights is None else np.asarray(weights)
 
-    local = threading.local()  # one scratch workspace per worker thread, freed with the pool
-
-    def one(layer):
-        ws = getattr(local, "ws", None)
-        if ws is None:
-            ws = local.ws = Workspace()
-        # one strided pass into a contiguous [records, k] copy: every later pass over a strided
-        # view would read a cache line per record (rows are layers * k bytes apart)
-        return {"layer": layer, **layer_stats(
-            np.ascontiguousarray(arr[:, layer, :]), num_experts,
-            weights=None if w_all is None else np.ascontiguousarray(w_all[:, layer, :]),
-            positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
-            top_n=top_n, workspace=ws)}
-
-    # layers are independent and numpy releases the GIL in its loops: threads overlap them (each
-    # holds ~0.65 GB of scratch per million records)
-    n_workers = max(1, min(L, workers if workers is not None else min(8, os.cpu_count() or 1)))
+    kw = dict(positions=positions, seq_ids=seq_ids, hashed=hashed, cache_sizes=cache_sizes, top_n=top_n)
+    n_workers = max(1, min(L, workers if workers is not None else min(16, os.cpu_count() or 1)))
     layers = [None] * L
-    with ThreadPoolExecutor(max_workers=n_workers) as ex:
-        futures = {ex.submit(one, layer): layer for layer in range(L)}
-        for done, fut in enumerate(as_completed(futures), 1):
-            layers[futures[fut]] = fut.result()
+    if n_workers == 1:
+        ws = Workspace()
+        for layer in range(L):
+            layers[layer] = _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
             if progress is not None:
-                progress(done, L)
+                progress(layer + 1, L)
+        return assemble_report(layers, num_experts, k, R, source=source, model=model)
+    if _can_fork():
+        # worker processes forked with the arrays in memory (nothing copied or pickled on the way
+        # in; each result is a small dict): no GIL between them, unlike threads, which spend most
+        # of their time waiting for it between numpy calls on many cores.  multiprocessing.Pool
+        # forks all its workers before it starts its own threads.
+        import multiprocessing
+
+        with warnings.catch_warnings():  # Python >= 3.12 warns on fork with native threads (see _can_fork)
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            pool = multiprocessing.get_context("fork").Pool(n_workers, initializer=_fork_job,
+                                                            initargs=(arr, w_all, num_experts, kw))
+        with pool:
+            for done, out in enumerate(pool.imap_unordered(_forked_layer, range(L)), 1):
+                layers[out["layer"]] = out
+                if progress is not None:
+                    progress(done, L)
+    else:
+        local = threading.local()  # one scratch workspace per worker thread, freed with the pool
+
+        def in_thread(layer):
+            ws = getattr(local, "ws", None)
+            if ws is None:
+                ws = local.ws = Workspace()
+            return _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
+
+        with ThreadPoolExecutor(max_workers=n_workers) as ex:
+            futures = {ex.submit(in_thread, layer): layer for layer in range(L)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                layers[futures[fut]] = fut.result()
+                if progress is not None:
+                    progress(done, L)
     return assemble_report(layers, num_experts, k, R, source=source, model=model)
+
+
+def _one_layer(arr, w_all, layer, ws, *, num_experts, positions, seq_ids, hashed, cache_sizes, top_n):
+    # one strided pass into a contiguous [records, k] copy: every later pass over a strided view
+    # would read a cache line per record (rows are layers * k bytes apart)
+    return {"layer": layer, **layer_stats(
+        np.ascontiguousarray(arr[:, layer, :]), num_experts,
+        weights=None if w_all is None else np.ascontiguousarray(w_all[:, layer, :]),
+        positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
+        top_n=top_n, workspace=ws)}
+
+
+def _can_fork() -> bool:
+    """Worker processes by fork: where the platform has it and this process runs no other Python
+    thread (whose locks a forked child could inherit held).  Native threads of BLAS pools or a
+    CUDA context are idle or unused by the children, which only run numpy on inherited arrays."""
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
+_job = None  # in a forked worker: (arr, w_all, num_experts, kw, workspace)
+
+
+def _fork_job(arr, w_all, num_experts, kw):
+    global _job
+    _job = (arr, w_all, num_experts, kw, Workspace())
+
+
+def _forked_layer(layer):
+    arr, w_all, num_experts, kw, ws = _job
+    return _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
 
 
 def assemble_report(layers: list, num_experts: int, k: int, records: int, *, source: str = "", model: str = "") -> dict:

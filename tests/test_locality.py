@@ -212,3 +212,27 @@ def test_empty_and_single_expert():
     st = layer_stats(np.zeros((5, 1), np.int64), 1)
     assert st["selections"] == 5 and st["entropy"] == 0.0 and st["entropy_ratio"] is None
     assert st["cache"][0]["hits"] == 4 and st["adjacent_pairs"] == 4 and st["overlap"] == 1.0
+
+
+def test_workers_processes_threads_and_serial_agree(rng, monkeypatch):
+    """Layers in forked worker processes, in threads (no fork, or other threads running) and in
+    this thread give the same report, progress included."""
+    import threading
+
+    import ds4kern.locality as loc
+
+    R, L, k, E = 3000, 5, 4, 40
+    arr = rng.integers(-1, E + 2, (R, L, k)).astype(np.int16)
+    w = rng.random((R, L, k)).astype(np.float32)
+    pos = np.arange(R) + (np.arange(R) > 1500)  # a gap
+    kw = dict(weights=w, positions=pos, hash_layers=(0,), cache_sizes=(3,))
+    seen = []
+    serial = analyze(arr, E, workers=1, progress=lambda d, t: seen.append((d, t)), **kw)
+    assert seen == [(i, L) for i in range(1, L + 1)]
+    if loc._can_fork():
+        assert threading.active_count() == 1
+    forked = analyze(arr, E, workers=3, **kw)
+    monkeypatch.setattr(loc, "_can_fork", lambda: False)
+    threaded = analyze(arr, E, workers=3, **kw)
+    assert forked == serial and threaded == serial
+    assert serial["layers_detail"][2]["records"] == R

@@ -64,6 +64,25 @@ __device__ __forceinline__ long long ds4_pos_of(const void* pos, int pos64, long
     return pos64 ? static_cast<const long long*>(pos)[r] : (long long)static_cast<const int*>(pos)[r];
 }
 
+// Moves the per-layer pointers to this block's layer: li = the layer within the call (the ids'
+// scratch rows), layer = the recorder's layer (its state).  Both kernels, one layout.
+template <int W, typename A, typename B, typename C, typename D, typename F, typename G, typename H, typename J,
+          typename K>
+__device__ __forceinline__ void ds4_to_layer(long long li, long long layer, long long T, int E, int k,
+                                             long long num_seqs, A& srow, B& chunkbits, C& occ, D& rb, F& rank,
+                                             G& snap_pos, H& snap_ids, J& prev_pos, K& prev_ids) {
+    const long long chunks = (T + 31) / 32;
+    srow += li * T * W;
+    chunkbits += li * chunks * W;
+    occ += li * chunks * E;
+    rb += layer * (E + 1) * W;
+    rank += layer * E;
+    snap_pos += li * T;
+    snap_ids += li * T * k;
+    prev_pos += layer * num_seqs;
+    prev_ids += layer * num_seqs * k;
+}
+
 template <int W>
 __global__ void __launch_bounds__(256)
 locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls, long long T,
@@ -75,19 +94,11 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     const int lane = threadIdx.x & 31;
     // blockIdx.y: the layer within this call (scratch, ids); layer0 + blockIdx.y: the recorder's layer (state)
     const long long li = blockIdx.y, layer = layer0 + li;
-    const long long chunks = (T + 31) / 32;
     const long long ioff = li * i_ls;  // ids of this layer
-    prev_pos += layer * num_seqs;
-    prev_ids += layer * num_seqs * k;
     const long long* last_cur = last + layer * 2 * E + parity * E;
     long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    srow += li * T * W;
-    chunkbits += li * chunks * W;
-    occ += li * chunks * E;
-    rb += layer * (E + 1) * W;
-    rank += layer * E;
-    snap_pos += li * T;
-    snap_ids += li * T * k;
+    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, srow, chunkbits, occ, rb, rank, snap_pos, snap_ids, prev_pos,
+                    prev_ids);
     if ((int)blockIdx.x == chunk_blocks) {
         // ranks of the experts by last access before this step (0 = most recent; accessed experts
         // have distinct times, so their ranks are 0..A-1) and the prefix sets rb[i] = {experts of
@@ -232,7 +243,6 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
 
     const int tid = threadIdx.x, nt = blockDim.x;
     const long long li = blockIdx.y, layer = layer0 + li;
-    const long long chunks = (T + 31) / 32;
     const long long R0 = (long long)blockIdx.x * RB;
     const int nrec = (int)min((long long)RB, T - R0);
     const long long cb = R0 / 32;  // the block's first chunk (RB is a multiple of 32)
@@ -241,15 +251,8 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     if (weights != nullptr) weights += li * w_ls;
     const long long* last_cur = last + layer * 2 * E + parity * E;
     long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    srow += li * T * W;
-    chunkbits += li * chunks * W;
-    occ += li * chunks * E;
-    rb += layer * (E + 1) * W;
-    rank += layer * E;
-    snap_pos += li * T;
-    snap_ids += li * T * k;
-    prev_pos += layer * num_seqs;
-    prev_ids += layer * num_seqs * k;
+    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, srow, chunkbits, occ, rb, rank, snap_pos, snap_ids, prev_pos,
+                    prev_ids);
     hist += layer * E;
     wsum += layer * E;
     dist += layer * (E + 1);
@@ -369,7 +372,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     const int b = 31 - __clz(pm);
                     const long long p = pc * 32 + b;
                     if (b < 31) ds4_or_into<W>(acc, srow + (p + 1) * W);  // the rest of chunk pc
-                    for (long long c2 = pc + 1; c2 < cb; c2 += 8) {         // whole chunks up to the block
+                    for (long long c2 = pc + 1; c2 < cb; c2 += 8) {  // whole chunks up to the block
                         const int n = (int)min(8LL, cb - c2);
 #pragma unroll
                         for (int u = 0; u < 8; ++u)

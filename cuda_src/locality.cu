@@ -190,14 +190,23 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     // suffix ORs within the chunk (records r .. chunk end) and the chunk's OR
 #pragma unroll
     for (int w = 0; w < W; ++w) {
-        unsigned v = bits[w];
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
-            const unsigned u = __shfl_down_sync(0xffffffffu, v, off);
-            if (lane + off < 32) v |= u;
+            const unsigned u = __shfl_down_sync(0xffffffffu, bits[w], off);
+            if (lane + off < 32) bits[w] |= u;
         }
-        if (in) srow[r * W + w] = v;
-        if (lane == 0) chunkbits[chunk * W + w] = v;
+        if (lane == 0) chunkbits[chunk * W + w] = bits[w];
+    }
+    if (in) {  // each lane its whole row: 16-byte stores where rows are (W*4 = 16, 32, 64 bytes)
+        if constexpr (W % 4 == 0) {
+#pragma unroll
+            for (int w = 0; w < W; w += 4)
+                *reinterpret_cast<uint4*>(srow + r * W + w) =
+                    make_uint4(bits[w], bits[w + 1], bits[w + 2], bits[w + 3]);
+        } else {
+#pragma unroll
+            for (int w = 0; w < W; ++w) srow[r * W + w] = bits[w];
+        }
     }
     __syncwarp();
     for (int e = lane; e < E; e += 32) occ[chunk * E + e] = socc[warp][e];
@@ -386,13 +395,17 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                         if (f >= 0 && f < E) ds4_add_expert<W>(acc, f);
                     }
                     d = ds4_popc<W>(acc);
-                } else if (last_cur[e] >= 0) {
-                    // not in this step: the experts used since e's last access before it
-                    ds4_or_into<W>(acc, s_zrow);
-                    ds4_or_into<W>(acc, rb + (long long)rank[e] * W);
-                    d = ds4_popc<W>(acc);
                 } else {
-                    d = E;  // never seen before: a miss at every cache size
+                    const long long le = last_cur[e];
+                    const int rk = rank[e];  // loaded beside le, not after it
+                    if (le >= 0) {
+                        // not in this step: the experts used since e's last access before it
+                        ds4_or_into<W>(acc, s_zrow);
+                        ds4_or_into<W>(acc, rb + (long long)rk * W);
+                        d = ds4_popc<W>(acc);
+                    } else {
+                        d = E;  // never seen before: a miss at every cache size
+                    }
                 }
             }
         }

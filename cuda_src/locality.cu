@@ -46,6 +46,16 @@ __device__ __forceinline__ void ds4_add_expert(unsigned (&acc)[W], int e) {
     for (int w = 0; w < W; ++w) acc[w] |= bit & (0u - (unsigned)(word == w));
 }
 
+// Whether e is in the set (a select per word, as ds4_add_expert, keeps the array in registers).
+template <int W>
+__device__ __forceinline__ bool ds4_has_expert(const unsigned (&acc)[W], int e) {
+    const int word = e >> 5;
+    unsigned v = 0u;
+#pragma unroll
+    for (int w = 0; w < W; ++w) v |= acc[w] & (0u - (unsigned)(word == w));
+    return (v >> (e & 31)) & 1u;
+}
+
 template <int W>
 __device__ __forceinline__ int ds4_popc(const unsigned (&acc)[W]) {
     int n = 0;
@@ -223,7 +233,7 @@ __device__ __forceinline__ void ds4_or_range(unsigned (&acc)[W], const unsigned*
 }
 
 template <int W>
-__global__ void __launch_bounds__(256, 2)  // two blocks per SM (shared memory); a register budget
+__global__ void __launch_bounds__(256, 3)  // three blocks per SM (shared memory ~70 kB each)
 locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls,
                     const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
                     int k, int E, const void* __restrict__ pos, int pos64, long long pos_base,
@@ -237,7 +247,8 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     unsigned long long* __restrict__ dist, double* __restrict__ wdist,
                     unsigned long long* __restrict__ adj, int adj_len, int layer0, int RB) {
     // shared memory (sizes: ds4kern.recorder._accumulate_smem): counters, then the block's chunk
-    // occupancy masks, ids and the sparse table of its records' bitsets (log2(RB) levels)
+    // occupancy masks, ids, the sparse table of its records' bitsets (log2(RB) levels), each
+    // slot's prefix set within its record, and which records repeat no id
     extern __shared__ __align__(16) unsigned char smem[];
     double* s_wsum = reinterpret_cast<double*>(smem);
     double* s_wdist = s_wsum + E;
@@ -249,6 +260,8 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     unsigned* s_occ = s_zrow + W;
     int* s_ids = reinterpret_cast<int*>(s_occ + (RB / 32) * E);
     unsigned* s_tab = reinterpret_cast<unsigned*>(s_ids + RB * k);
+    unsigned* s_ps = s_tab + (31 - __clz(RB)) * RB * W;  // [RB][k][W]: experts of slots 0 .. j-1
+    int* s_free = reinterpret_cast<int*>(s_ps + RB * k * W);  // record without a repeated id
 
     const int tid = threadIdx.x, nt = blockDim.x;
     const long long li = blockIdx.y, layer = layer0 + li;
@@ -295,16 +308,23 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
         for (int w = 0; w < W; ++w)
             if (z[w]) atomicOr(&s_zrow[w], z[w]);
     }
-    for (int i = tid; i < nrec; i += nt) {  // level 0: the records' bitsets
+    for (int i = tid; i < nrec; i += nt) {  // level 0: the records' bitsets, and their slot prefixes
         unsigned bits[W];
 #pragma unroll
         for (int w = 0; w < W; ++w) bits[w] = 0u;
+        int nvalid = 0;
         for (int j = 0; j < k; ++j) {
+#pragma unroll
+            for (int w = 0; w < W; ++w) s_ps[(i * k + j) * W + w] = bits[w];
             const int e = s_ids[i * k + j];
-            if (e >= 0) ds4_add_expert<W>(bits, e);
+            if (e >= 0) {
+                ds4_add_expert<W>(bits, e);
+                ++nvalid;
+            }
         }
 #pragma unroll
         for (int w = 0; w < W; ++w) s_tab[i * W + w] = bits[w];
+        s_free[i] = ds4_popc<W>(bits) == nvalid;
     }
     __syncthreads();
     for (int l = 1; (1 << l) < nrec; ++l) {  // level l: OR of records i .. i + 2^l - 1
@@ -325,16 +345,19 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
         const int i = t / k, j = t - i * k;
         const long long r = R0 + i;
         const int* rec = s_ids + i * k;
-        unsigned acc[W];
+        unsigned acc[W];  // the experts of the earlier slots
 #pragma unroll
-        for (int w = 0; w < W; ++w) acc[w] = 0u;
-        int same = -1;  // the latest earlier slot of this record with e
-        for (int jj = 0; jj < j; ++jj)
-            if (rec[jj] == e) same = jj;
-        for (int jj = same + 1; jj < j; ++jj)
-            if (rec[jj] >= 0) ds4_add_expert<W>(acc, rec[jj]);
+        for (int w = 0; w < W; ++w) acc[w] = s_ps[t * W + w];
         int d;
-        if (same >= 0) {
+        if (ds4_has_expert<W>(acc, e)) {
+            // e is in an earlier slot too: the distinct experts in the slots since its latest one
+            int same = -1;
+            for (int jj = 0; jj < j; ++jj)
+                if (rec[jj] == e) same = jj;
+#pragma unroll
+            for (int w = 0; w < W; ++w) acc[w] = 0u;
+            for (int jj = same + 1; jj < j; ++jj)
+                if (rec[jj] >= 0) ds4_add_expert<W>(acc, rec[jj]);
             d = ds4_popc<W>(acc);
         } else {
             // the latest earlier record of this block holding e (chunk masks: one load per chunk)
@@ -358,8 +381,17 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 int ls = -1;
                 for (int jj = 0; jj < k; ++jj)
                     if (prec[jj] == e) ls = jj;
-                for (int jj = ls + 1; jj < k; ++jj)
-                    if (prec[jj] >= 0) ds4_add_expert<W>(acc, prec[jj]);
+                if (s_free[pl]) {  // no repeated id: the record's set less its slots 0 .. ls
+                    if (ls + 1 < k) {
+                        const unsigned* row = s_tab + pl * W;
+                        const unsigned* pre = s_ps + (pl * k + ls + 1) * W;
+#pragma unroll
+                        for (int w = 0; w < W; ++w) acc[w] |= row[w] & ~pre[w];
+                    }
+                } else {
+                    for (int jj = ls + 1; jj < k; ++jj)
+                        if (prec[jj] >= 0) ds4_add_expert<W>(acc, prec[jj]);
+                }
                 d = ds4_popc<W>(acc);
             } else {
                 if (i > 0) ds4_or_range<W>(acc, s_tab, RB, 0, i - 1);  // the block's records before r

@@ -49,15 +49,15 @@ def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
     at the top of that kernel)."""
     levels = rb.bit_length() - 1  # ranges inside the block are shorter than rb
     return (8 * (E + E + 1 + E) + 4 * (E + E + 1 + adj_len + W) + 4 * (rb // 32) * E + 4 * rb * k
-            + 4 * levels * rb * W)
+            + 4 * levels * rb * W + 4 * rb * k * W + 4 * rb)
 
 
 def _accumulate_block(E: int, W: int, k: int, adj_len: int, records: int, sms: int) -> tuple[int, int]:
     """Records per accumulate block and its shared memory for a call of ``records`` records in all
-    (T times layers): 256 (fewer counter flushes per access) while that still gives two blocks per
-    SM and a block needs at most ~100 kB, else fewer (down to 32: small calls are latency-bound,
-    more blocks finish sooner)."""
-    fits = [rb for rb in (256, 128, 64, 32) if _accumulate_smem(E, W, k, adj_len, rb) <= 100 * 1024] or [32]
+    (T times layers): the most (fewer counter flushes per access) that fits three blocks per SM
+    (~74 kB each) and still gives two blocks per SM, else fewer (down to 32: small calls are
+    latency-bound, more blocks finish sooner)."""
+    fits = [rb for rb in (256, 128, 64, 32) if _accumulate_smem(E, W, k, adj_len, rb) <= 74 * 1024] or [32]
     rb = next((rb for rb in fits if -(-records // rb) >= 2 * sms), fits[-1])
     return rb, _accumulate_smem(E, W, k, adj_len, rb)
 

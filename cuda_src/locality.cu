@@ -46,6 +46,14 @@ __device__ __forceinline__ void ds4_add_expert(unsigned (&acc)[W], int e) {
     for (int w = 0; w < W; ++w) acc[w] |= bit & (0u - (unsigned)(word == w));
 }
 
+#define DS4_LOC_WIN 32  // chunks before an accumulate block whose suffix ORs it keeps
+
+// t / k for 0 <= t < 2^16, k <= 32, rk = 1/k: (t + 1/2) / k lies at least 1/(2k) from an
+// integer, far beyond the float rounding there (an integer division is ~20 instructions)
+__device__ __forceinline__ int ds4_div(int t, int k, float rk) {
+    return (int)(((float)t + 0.5f) * rk);
+}
+
 // Whether e is in the set (a select per word, as ds4_add_expert, keeps the array in registers).
 template <int W>
 __device__ __forceinline__ bool ds4_has_expert(const unsigned (&acc)[W], int e) {
@@ -262,8 +270,10 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     unsigned* s_tab = reinterpret_cast<unsigned*>(s_ids + RB * k);
     unsigned* s_ps = s_tab + (31 - __clz(RB)) * RB * W;  // [RB][k][W]: experts of slots 0 .. j-1
     int* s_free = reinterpret_cast<int*>(s_ps + RB * k * W);  // record without a repeated id
+    unsigned* s_sfx = reinterpret_cast<unsigned*>(s_free + RB);  // [2][DS4_LOC_WIN][W]: see below
 
     const int tid = threadIdx.x, nt = blockDim.x;
+    const float rk = 1.0f / (float)k;
     const long long li = blockIdx.y, layer = layer0 + li;
     const long long R0 = (long long)blockIdx.x * RB;
     const int nrec = (int)min((long long)RB, T - R0);
@@ -294,7 +304,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     if (tid < W) s_zrow[tid] = 0u;
     for (int t = tid; t < nch * E; t += nt) s_occ[t] = occ[cb * E + t];
     for (int t = tid; t < nrec * k; t += nt) {
-        const int i = t / k, j = t - i * k;
+        const int i = ds4_div(t, k, rk), j = t - i * k;
         const int e = ds4_load_index(ids, idx_kind, ioff + (R0 + i) * i_rs + j * i_cs);
         s_ids[t] = (e >= 0 && e < E) ? e : -1;
     }
@@ -308,6 +318,20 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
         for (int w = 0; w < W; ++w)
             if (z[w]) atomicOr(&s_zrow[w], z[w]);
     }
+    // the ORs of chunks c .. cb - 1 for the DS4_LOC_WIN chunks c before the block (a doubling
+    // suffix scan, two buffers): whole chunks between an earlier record and the block in one row
+    const long long cw0 = cb > DS4_LOC_WIN ? cb - DS4_LOC_WIN : 0;
+    const int nw = (int)(cb - cw0);
+    for (int t = tid; t < nw * W; t += nt) s_sfx[t] = chunkbits[cw0 * W + t];
+    int buf = 0;
+    for (int off = 1; off < nw; off <<= 1) {  // block-uniform
+        __syncthreads();
+        const unsigned* src = s_sfx + buf * DS4_LOC_WIN * W;
+        unsigned* dst = s_sfx + (buf ^ 1) * DS4_LOC_WIN * W;
+        for (int t = tid; t < nw * W; t += nt) dst[t] = src[t] | (t + off * W < nw * W ? src[t + off * W] : 0u);
+        buf ^= 1;
+    }
+    const unsigned* sfx = s_sfx + buf * DS4_LOC_WIN * W;  // row c - cw0: chunks c .. cb - 1
     for (int i = tid; i < nrec; i += nt) {  // level 0: the records' bitsets, and their slot prefixes
         unsigned bits[W];
 #pragma unroll
@@ -342,7 +366,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     for (int t = tid; t < nrec * k; t += nt) {
         const int e = s_ids[t];
         if (e < 0) continue;
-        const int i = t / k, j = t - i * k;
+        const int i = ds4_div(t, k, rk), j = t - i * k;
         const long long r = R0 + i;
         const int* rec = s_ids + i * k;
         unsigned acc[W];  // the experts of the earlier slots
@@ -413,8 +437,10 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     const int b = 31 - __clz(pm);
                     const long long p = pc * 32 + b;
                     if (b < 31) ds4_or_into<W>(acc, srow + (p + 1) * W);  // the rest of chunk pc
-                    for (long long c2 = pc + 1; c2 < cb; c2 += 8) {  // whole chunks up to the block
-                        const int n = (int)min(8LL, cb - c2);
+                    // whole chunks up to the block: the window's row, and before it 8 a round
+                    if (pc + 1 < cb) ds4_or_into<W>(acc, sfx + max(pc + 1 - cw0, 0LL) * W);
+                    for (long long c2 = pc + 1; c2 < cw0; c2 += 8) {
+                        const int n = (int)min(8LL, cw0 - c2);
 #pragma unroll
                         for (int u = 0; u < 8; ++u)
                             if (u < n) ds4_or_into<W>(acc, chunkbits + (c2 + u) * W);

@@ -37,6 +37,7 @@ __all__ = ["LocalityRecorder"]
 
 _IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
 _WORDS = (1, 2, 4, 8, 16)  # bitset words: E <= 32 * W
+_WINDOW = 32  # DS4_LOC_WIN in locality.cu
 
 LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
     "locality.cu",
@@ -49,7 +50,7 @@ def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
     at the top of that kernel)."""
     levels = rb.bit_length() - 1  # ranges inside the block are shorter than rb
     return (8 * (E + E + 1 + E) + 4 * (E + E + 1 + adj_len + W) + 4 * (rb // 32) * E + 4 * rb * k
-            + 4 * levels * rb * W + 4 * rb * k * W + 4 * rb)
+            + 4 * levels * rb * W + 4 * rb * k * W + 4 * rb + 4 * 2 * _WINDOW * W)
 
 
 def _accumulate_block(E: int, W: int, k: int, adj_len: int, records: int, sms: int) -> tuple[int, int]:

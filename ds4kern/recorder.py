@@ -63,6 +63,11 @@ def _accumulate_block(E: int, W: int, k: int, adj_len: int, records: int, sms: i
     return rb, _accumulate_smem(E, W, k, adj_len, rb)
 
 
+def _smem_optin(attrs) -> int:
+    """The most dynamic shared memory one block may opt in to on a device (48 kB if not listed)."""
+    return int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+
+
 class LocalityRecorder:
     """Accumulates locality statistics of router outputs on the current CUDA device.
 
@@ -105,7 +110,13 @@ class LocalityRecorder:
         self.clock = [0] * L
         self.parity = [0] * L
         self.has_weights = [False] * L
-        self._sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
+        attrs = cp.cuda.Device(self.device).attributes
+        self._sms = attrs["MultiProcessorCount"]
+        need = _accumulate_smem(E, self.W, k, self.adj.shape[1], 32)  # the smallest block
+        have = _smem_optin(attrs)
+        if need > have:
+            raise ValueError(f"num_experts={E} with topk={k} needs {need} bytes of shared memory per block; this "
+                             f"device allows {have}: use fewer experts or a smaller topk")
         self._records_per_block = None  # tests may force 32, 64, 128 or 256
 
     def reset(self) -> None:

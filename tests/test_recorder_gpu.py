@@ -188,3 +188,16 @@ def test_validation(cp):
         rec.record(0, cp.zeros((3, 4), cp.int32), weights=cp.zeros((3, 4), cp.float64))
     with pytest.raises(ValueError, match="num_experts"):
         ds4kern.LocalityRecorder(1, 513, 4)
+    big = ds4kern.LocalityRecorder(1, 512, 32)  # the largest configuration: >48 kB per block
+    ids = cp.asarray(np.random.default_rng(5).integers(-1, 512, (300, 1, 32)).astype(np.int32))
+    big.record(0, ids[:, 0])
+    compare(big.report(), analyze(cp.asnumpy(ids), 512))
+
+
+def test_shared_memory_limit_is_checked(cp, monkeypatch):
+    import ds4kern.recorder as r
+
+    monkeypatch.setattr(r, "_smem_optin", lambda attrs: 32 * 1024)
+    with pytest.raises(ValueError, match="num_experts=512 with topk=32 needs"):
+        ds4kern.LocalityRecorder(1, 512, 32)
+    ds4kern.LocalityRecorder(1, 64, 4)  # small enough

@@ -413,7 +413,7 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
     w_all = None if weights is None else np.asarray(weights)
 
     kw = dict(positions=positions, seq_ids=seq_ids, hashed=hashed, cache_sizes=cache_sizes, top_n=top_n)
-    n_workers = max(1, min(L, workers if workers is not None else min(16, os.cpu_count() or 1)))
+    n_workers = max(1, min(L, workers if workers is not None else _default_workers(R, k, num_experts, L)))
     layers = [None] * L
     if n_workers == 1:
         ws = Workspace()
@@ -464,6 +464,35 @@ def _one_layer(arr, w_all, layer, ws, *, num_experts, positions, seq_ids, hashed
         weights=None if w_all is None else np.ascontiguousarray(w_all[:, layer, :]),
         positions=positions, seq_ids=seq_ids, hash_router=layer in hashed, cache_sizes=cache_sizes,
         top_n=top_n, workspace=ws)}
+
+
+def _scratch_bytes(records: int, k: int, num_experts: int) -> int:
+    """About what one worker's scratch holds for one layer (slot prefix / suffix rows, the record
+    table's levels, previous-access links, the sort): ~0.8 GB per million records at k = 6,
+    E = 256."""
+    W = (num_experts + 63) // 64
+    return 8 * W * records * (2 * k + 9) + 24 * records * k
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _default_workers(records: int, k: int, num_experts: int, layers: int) -> int:
+    """min(16, cores, layers), and no more than 70% of the available memory holds in scratch."""
+    n = min(16, os.cpu_count() or 1, layers)
+    avail = _available_memory()
+    if avail is not None:
+        n = min(n, int(0.7 * avail // max(1, _scratch_bytes(records, k, num_experts))))
+    return max(1, n)
 
 
 def _can_fork() -> bool:

@@ -236,3 +236,20 @@ def test_workers_processes_threads_and_serial_agree(rng, monkeypatch):
     threaded = analyze(arr, E, workers=3, **kw)
     assert forked == serial and threaded == serial
     assert serial["layers_detail"][2]["records"] == R
+
+
+def test_default_workers_fit_in_memory(monkeypatch):
+    import os
+
+    import ds4kern.locality as loc
+
+    per = loc._scratch_bytes(1_000_000, 6, 256)
+    assert 0.6e9 < per < 1.0e9  # ~0.8 GB per million records (measured ~0.65 GB of workspace + the sort)
+    monkeypatch.setattr(loc, "_available_memory", lambda: 3 * per)
+    assert loc._default_workers(1_000_000, 6, 256, 43) == min(2, os.cpu_count() or 1)
+    monkeypatch.setattr(loc, "_available_memory", lambda: per // 10)
+    assert loc._default_workers(1_000_000, 6, 256, 43) == 1
+    monkeypatch.setattr(loc, "_available_memory", lambda: None)
+    assert loc._default_workers(1_000_000, 6, 256, 43) == min(16, os.cpu_count() or 1)
+    assert loc._default_workers(10, 6, 256, 3) == min(3, os.cpu_count() or 1)
+    assert loc._available_memory() is None or loc._available_memory() > 0

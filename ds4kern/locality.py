@@ -181,20 +181,12 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
             np.take(unit, e2[:, s], axis=0, out=one)
             np.bitwise_or(s3[s + 1], one, out=s3[s])
 
-    # previous access of the same expert: stable (radix) sort by id, then back to time order
-    # (large scratch arrays come from the workspace: fresh pages cost more than the work)
-    srt = np.argsort(e, kind="stable")
-    es = e[srt]
-    same = es[1:] == es[:-1]
-    if not all_valid:
-        same &= es[1:] != E
-    vals = ws.get("vals", (N,), np.int64)
-    vals.fill(-1)
-    np.copyto(vals[1:], srt[:-1], where=same)
-    prev_of = ws.get("prev", (N,), np.int64)
-    prev_of[srt] = vals
-    del srt, es, same
-    has_prev = prev_of >= 0
+    # previous accesses of the same expert come chunk by chunk in the loop below: a stable
+    # (radix) sort of the chunk's keys links each access to the one before it in the chunk, and
+    # `last` (each expert's latest access before the chunk, -1 for none and for the invalid
+    # marker E) links the first ones; everything stays cache-sized (a sort of all N keys and the
+    # scatter back to time order cost ~190 ms per million records)
+    last = np.full(E + 1, -1, np.int64)
 
     # record-range ORs, one stacked table of rows: levels 0.._BLOCK_LEVELS-1 of a sparse table
     # (ranges shorter than a block), then per-block suffix and prefix ORs (longer ranges, with
@@ -221,10 +213,26 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
         log2[1 << l:] = l
 
     for c0 in range(0, N, chunk):  # chunks of accesses (small arrays: no fresh pages per call)
-        cur = c0 + np.flatnonzero(has_prev[c0:c0 + chunk])
-        if cur.size == 0:
+        ek = e[c0:c0 + chunk]
+        srt = np.argsort(ek, kind="stable")
+        es = ek[srt]
+        link = np.empty(len(ek), np.int64)  # in sorted order: the previous access, or -1
+        link[0] = last[es[0]]
+        np.copyto(link[1:], last[es[1:]])
+        same = es[1:] == es[:-1]
+        if not all_valid:
+            same &= es[1:] != E
+        np.copyto(link[1:], srt[:-1] + c0, where=same)
+        ends = np.flatnonzero(np.append(es[1:] != es[:-1], True))  # each key's last access here
+        last[es[ends]] = srt[ends] + c0
+        last[E] = -1
+        prev_chunk = np.empty_like(link)
+        prev_chunk[srt] = link
+        has = np.flatnonzero(prev_chunk >= 0)
+        if has.size == 0:
             continue
-        prv = prev_of[cur]
+        cur = c0 + has
+        prv = prev_chunk[has]
         rc, sc = np.divmod(cur, k)
         rp, sp = np.divmod(prv, k)
         ia = np.where(sp < k - 1, (sp + 1) * R + rp, N)  # slot-major rows of sin / pin
@@ -468,10 +476,9 @@ def _one_layer(arr, w_all, layer, ws, *, num_experts, positions, seq_ids, hashed
 
 def _scratch_bytes(records: int, k: int, num_experts: int) -> int:
     """About what one worker's scratch holds for one layer (slot prefix / suffix rows, the record
-    table's levels, previous-access links, the sort): ~0.8 GB per million records at k = 6,
-    E = 256."""
+    table's levels, the sort keys): ~0.7 GB per million records at k = 6, E = 256."""
     W = (num_experts + 63) // 64
-    return 8 * W * records * (2 * k + 9) + 24 * records * k
+    return 8 * W * records * (2 * k + 9) + 2 * records * k
 
 
 def _available_memory() -> Optional[int]:

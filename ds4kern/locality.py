@@ -145,6 +145,7 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     """Yields ``(positions, distances)`` in time order for every valid access that has a previous
     access (flat positions r * k + s); the rest are first accesses or invalid."""
     R, k = ids.shape
+    ws.record_rows = None
     if R == 0 or not valid.any():
         return
     W = (E + 63) // 64
@@ -167,19 +168,15 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     p3 = pin[:N].reshape(k, R, W)
     s3 = sin[:N].reshape(k, R, W)
     e2 = e.reshape(R, k)
-    one = ws.get("one", (R, W))
-    for s in range(k):
+    for s in range(k):  # each slot's one-hot rows once (into sin's rows), then the prefixes
+        np.take(unit, e2[:, s], axis=0, out=s3[s])
         if s == 0:
-            np.take(unit, e2[:, 0], axis=0, out=p3[0])
+            np.copyto(p3[0], s3[0])
         else:
-            np.take(unit, e2[:, s], axis=0, out=one)
-            np.bitwise_or(p3[s - 1], one, out=p3[s])
-    for s in range(k - 1, -1, -1):
-        if s == k - 1:
-            np.take(unit, e2[:, s], axis=0, out=s3[s])
-        else:
-            np.take(unit, e2[:, s], axis=0, out=one)
-            np.bitwise_or(s3[s + 1], one, out=s3[s])
+            np.bitwise_or(p3[s - 1], s3[s], out=p3[s])
+    for s in range(k - 2, -1, -1):  # and the suffixes in place
+        np.bitwise_or(s3[s + 1], s3[s], out=s3[s])
+    ws.record_rows = p3[k - 1]  # each record's expert set (layer_counts' adjacency reads it)
 
     # previous accesses of the same expert come chunk by chunk in the loop below: a stable
     # (radix) sort of the chunk's keys links each access to the one before it in the chunk, and
@@ -308,41 +305,36 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
     wsum = None if w is None else np.bincount(e, weights=w[valid], minlength=E)[:E]
     pos = np.arange(R) if positions is None else np.asarray(positions).astype(np.int64)
     sq = np.zeros(R, np.int64) if seq_ids is None else np.asarray(seq_ids).astype(np.int64)
-    a, b = _adjacent_pairs(pos, sq)
-    iu = np.zeros((k + 1, 2 * k + 1), np.int64)
-    eq_sum = 0
-    if len(a):
-        # distinct valid ids per record: a slot counts unless an earlier slot holds the same id
-        first = valid.copy()
-        for s in range(1, k):
-            for t in range(s):
-                first[:, s] &= ids[:, s] != ids[:, t]
-        nd = first.sum(1)  # distinct valid ids per record
-        if len(a) == R - 1 and a[0] == 0 and a[-1] == R - 2:  # every record pairs with the next: views
-            A, B, va, vb, fa, nda, ndb = ids[:-1], ids[1:], valid[:-1], valid[1:], first[:-1], nd[:-1], nd[1:]
-        else:
-            A, B, va, vb, fa, nda, ndb = ids[a], ids[b], valid[a], valid[b], first[a], nd[a], nd[b]
-        inter = np.zeros(len(a), np.int64)
-        for s in range(k):  # distinct ids of A found among B's valid ids
-            found = np.zeros(len(a), bool)
-            for t in range(k):
-                found |= (A[:, s] == B[:, t]) & vb[:, t]
-            inter += found & fa[:, s]
-        union = nda + ndb - inter
-        np.add.at(iu, (inter, union), 1)
-        eq_sum = int(((A == B) & va & vb).sum())
     # LRU stack-distance histogram, bin E: first accesses
     dist = np.zeros(E + 1, np.int64)
     wdist = None if w is None else np.zeros(E + 1, np.float64)
     wflat = None if w is None else w.ravel()
     first_access = None if w is None else valid.ravel().copy()  # valid accesses with no previous one
     n_q = 0
-    for cur, d in _distance_chunks(ids, E, valid, workspace if workspace is not None else Workspace(), _CHUNK):
+    ws = workspace if workspace is not None else Workspace()
+    for cur, d in _distance_chunks(ids, E, valid, ws, _CHUNK):
         dist += np.bincount(d, minlength=E + 1)
         n_q += len(d)
         if w is not None:
             wdist += np.bincount(d, wflat[cur], E + 1)
             first_access[cur] = False
+    # adjacent pairs: |A & B| and |A | B| are popcounts of the records' expert sets (distinct
+    # valid ids), which the distance pass built
+    a, b = _adjacent_pairs(pos, sq)
+    iu = np.zeros((k + 1, 2 * k + 1), np.int64)
+    eq_sum = 0
+    if len(a):
+        views = len(a) == R - 1 and a[0] == 0 and a[-1] == R - 2  # every record pairs with the next
+        rows = ws.record_rows
+        if rows is None:  # no valid id at all
+            inter = union = np.zeros(len(a), np.int64)
+        else:
+            ra, rb = (rows[:-1], rows[1:]) if views else (np.take(rows, a, axis=0), np.take(rows, b, axis=0))
+            inter = _popcount_rows(ra & rb)
+            union = _popcount_rows(ra | rb)
+        iu += np.bincount(inter * (2 * k + 1) + union, minlength=iu.size).reshape(iu.shape)
+        A, B, va, vb = (ids[:-1], ids[1:], valid[:-1], valid[1:]) if views else (ids[a], ids[b], valid[a], valid[b])
+        eq_sum = int(((A == B) & va & vb).sum())
     dist[E] += int(hist.sum()) - n_q
     if w is not None:
         wdist[E] += float(wflat[first_access].sum())

@@ -205,9 +205,14 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
     nbl = max(1, int(nb - 1).bit_length())
     BT = _sparse_levels(blk, nbl)
     BZERO = nbl * nb
-    log2 = np.zeros(_BLOCK, np.int64)
+    # per range length 0.._BLOCK (the last: any long range): the two rows' offsets from lo / hi
+    # (sparse-table level l: l * Rp and l * Rp - 2^l + 1; long: the block suffix / prefix rows)
+    lvl = np.zeros(_BLOCK + 1, np.int64)
     for l in range(1, L):
-        log2[1 << l:] = l
+        lvl[1 << l:] = l
+    off1 = lvl * Rp
+    off2 = lvl * Rp - (1 << lvl) + 1
+    off1[_BLOCK], off2[_BLOCK] = L * Rp, (L + 1) * Rp
 
     for c0 in range(0, N, chunk):  # chunks of accesses (small arrays: no fresh pages per call)
         ek = e[c0:c0 + chunk]
@@ -238,9 +243,9 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
         hi = rc - 1
         ln = hi - lo + 1  # >= -1 (-1: same record)
         short = ln < _BLOCK
-        lv = log2[np.clip(ln, 0, _BLOCK - 1)]
-        i1 = np.where(short, lv * Rp + lo, L * Rp + lo)
-        i2 = np.where(short, lv * Rp + hi - (1 << lv) + 1, (L + 1) * Rp + hi)
+        lc = np.clip(ln, 0, _BLOCK)
+        i1 = lo + off1[lc]
+        i2 = hi + off2[lc]
         empty = ln <= 0
         i1[empty] = ZERO
         i2[empty] = ZERO

@@ -14,14 +14,16 @@
 // access" is one row; it also carries `last` into the next step's buffer.
 //
 // locality_accumulate<W>: blocks of RB records (a multiple of 32) with the block's ids, chunk
-// masks and a sparse table of its records' bitsets in shared memory; one thread per access, then
-// one per record.  Per access: histogram and weight sum; the LRU stack distance (distinct experts
-// since the previous access of the same expert, in record order then slot order) = popcount of
-// the OR of: earlier slots of the record, or the records since the previous one holding e (found
-// by the chunk masks: the block's in shared memory, earlier chunks 8 loads a round) as two
-// sparse-table rows inside the block, or the block's prefix + the suffix row of that record's
-// chunk + the whole chunks between, or, when e is not in this step, the block's prefix + the
-// earlier chunks + rb[rank[e]].  Per record: the adjacency with the previous record of its
+// masks, a sparse table of its records' bitsets, each slot's prefix set within its record and the
+// suffix ORs of the DS4_LOC_WIN chunks before the block in shared memory; one thread per access,
+// then one per record.  Per access: histogram and weight sum; the LRU stack distance (distinct
+// experts since the previous access of the same expert, in record order then slot order) =
+// popcount of the OR of the earlier slots of the record (its prefix set) and: the slots between
+// an earlier slot holding e, or the records since the previous one holding e (found by the chunk
+// masks: the block's in shared memory, earlier chunks 8 loads a round) as two sparse-table rows
+// inside the block, or the block's prefix + the suffix row of that record's chunk + the whole
+// chunks between (one window row, a loop beyond it), or, when e is not in this step, the block's
+// prefix + the earlier chunks + rb[rank[e]].  Per record: the adjacency with the previous record of its
 // sequence (intersection / union histogram, same-slot matches).  Counters gather in shared memory
 // and go out with one global atomic per non-zero bin; integers (exact, order-free) and float64
 // weight sums (equal up to rounding order).
@@ -87,9 +89,13 @@ __device__ __forceinline__ long long ds4_pos_of(const void* pos, int pos64, long
 template <int W, typename A, typename B, typename C, typename D, typename F, typename G, typename H, typename J,
           typename K>
 __device__ __forceinline__ void ds4_to_layer(long long li, long long layer, long long T, int E, int k,
-                                             long long num_seqs, A& srow, B& chunkbits, C& occ, D& rb, F& rank,
-                                             G& snap_pos, H& snap_ids, J& prev_pos, K& prev_ids) {
+                                             long long num_seqs, long long* last, int parity,
+                                             const long long*& last_cur, long long*& last_next, A& srow,
+                                             B& chunkbits, C& occ, D& rb, F& rank, G& snap_pos, H& snap_ids,
+                                             J& prev_pos, K& prev_ids) {
     const long long chunks = (T + 31) / 32;
+    last_cur = last + layer * 2 * E + parity * E;  // `last` double-buffered: read one, write the other
+    last_next = last + layer * 2 * E + (1 - parity) * E;
     srow += li * T * W;
     chunkbits += li * chunks * W;
     occ += li * chunks * E;
@@ -113,10 +119,10 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     // blockIdx.y: the layer within this call (scratch, ids); layer0 + blockIdx.y: the recorder's layer (state)
     const long long li = blockIdx.y, layer = layer0 + li;
     const long long ioff = li * i_ls;  // ids of this layer
-    const long long* last_cur = last + layer * 2 * E + parity * E;
-    long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, srow, chunkbits, occ, rb, rank, snap_pos, snap_ids, prev_pos,
-                    prev_ids);
+    const long long* last_cur;
+    long long* last_next;
+    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, last, parity, last_cur, last_next, srow, chunkbits, occ, rb, rank,
+                    snap_pos, snap_ids, prev_pos, prev_ids);
     if ((int)blockIdx.x == chunk_blocks) {
         // ranks of the experts by last access before this step (0 = most recent; accessed experts
         // have distinct times, so their ranks are 0..A-1) and the prefix sets rb[i] = {experts of
@@ -281,10 +287,10 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     const int nch = (nrec + 31) / 32;
     const long long ioff = li * i_ls;
     if (weights != nullptr) weights += li * w_ls;
-    const long long* last_cur = last + layer * 2 * E + parity * E;
-    long long* last_next = last + layer * 2 * E + (1 - parity) * E;
-    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, srow, chunkbits, occ, rb, rank, snap_pos, snap_ids, prev_pos,
-                    prev_ids);
+    const long long* last_cur;
+    long long* last_next;
+    ds4_to_layer<W>(li, layer, T, E, k, num_seqs, last, parity, last_cur, last_next, srow, chunkbits, occ, rb, rank,
+                    snap_pos, snap_ids, prev_pos, prev_ids);
     hist += layer * E;
     wsum += layer * E;
     dist += layer * (E + 1);
@@ -455,11 +461,11 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     d = ds4_popc<W>(acc);
                 } else {
                     const long long le = last_cur[e];
-                    const int rk = rank[e];  // loaded beside le, not after it
+                    const int re = rank[e];  // loaded beside le, not after it
                     if (le >= 0) {
                         // not in this step: the experts used since e's last access before it
                         ds4_or_into<W>(acc, s_zrow);
-                        ds4_or_into<W>(acc, rb + (long long)rk * W);
+                        ds4_or_into<W>(acc, rb + (long long)re * W);
                         d = ds4_popc<W>(acc);
                     } else {
                         d = E;  // never seen before: a miss at every cache size

@@ -79,6 +79,7 @@ class Workspace:
 
     def __init__(self):
         self.arrays = {}
+        self.record_rows = None  # the last layer's record expert sets ([R, W] view), see _distance_chunks
 
     def get(self, name, shape, dtype=np.uint64):
         """Scratch array ``name`` (uninitialised when new; kept contents are reused)."""
@@ -218,14 +219,13 @@ def _distance_chunks(ids: np.ndarray, E: int, valid: np.ndarray, ws: Workspace, 
         ek = e[c0:c0 + chunk]
         srt = np.argsort(ek, kind="stable")
         es = ek[srt]
-        link = np.empty(len(ek), np.int64)  # in sorted order: the previous access, or -1
-        link[0] = last[es[0]]
-        np.copyto(link[1:], last[es[1:]])
-        same = es[1:] == es[:-1]
+        link = last[es]  # in sorted order: the previous access, or -1
+        new_key = es[1:] != es[:-1]
+        same = ~new_key
         if not all_valid:
             same &= es[1:] != E
         np.copyto(link[1:], srt[:-1] + c0, where=same)
-        ends = np.flatnonzero(np.append(es[1:] != es[:-1], True))  # each key's last access here
+        ends = np.flatnonzero(np.append(new_key, True))  # each key's last access here
         last[es[ends]] = srt[ends] + c0
         last[E] = -1
         prev_chunk = np.empty_like(link)
@@ -417,17 +417,25 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
     hashed = set(hash_layers)
     w_all = None if weights is None else np.asarray(weights)
 
-    kw = dict(positions=positions, seq_ids=seq_ids, hashed=hashed, cache_sizes=cache_sizes, top_n=top_n)
+    kw = dict(num_experts=num_experts, positions=positions, seq_ids=seq_ids, hashed=hashed, cache_sizes=cache_sizes,
+              top_n=top_n)
     n_workers = max(1, min(L, workers if workers is not None else _default_workers(R, k, num_experts, L)))
     layers = [None] * L
+    for done, out in enumerate(_layer_results(arr, w_all, L, n_workers, kw), 1):
+        layers[out["layer"]] = out
+        if progress is not None:
+            progress(done, L)
+    return assemble_report(layers, num_experts, k, R, source=source, model=model)
+
+
+def _layer_results(arr, w_all, L, n_workers, kw):
+    """Each layer's statistics as they finish: in this thread (one worker), in forked worker
+    processes, or in threads where fork is not available or other Python threads run."""
     if n_workers == 1:
         ws = Workspace()
         for layer in range(L):
-            layers[layer] = _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
-            if progress is not None:
-                progress(layer + 1, L)
-        return assemble_report(layers, num_experts, k, R, source=source, model=model)
-    if _can_fork():
+            yield _one_layer(arr, w_all, layer, ws, **kw)
+    elif _can_fork():
         # worker processes forked with the arrays in memory (nothing copied or pickled on the way
         # in; each result is a small dict): no GIL between them, unlike threads, which spend most
         # of their time waiting for it between numpy calls on many cores.  multiprocessing.Pool
@@ -437,12 +445,9 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
         with warnings.catch_warnings():  # Python >= 3.12 warns on fork with native threads (see _can_fork)
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
             pool = multiprocessing.get_context("fork").Pool(n_workers, initializer=_fork_job,
-                                                            initargs=(arr, w_all, num_experts, kw))
+                                                            initargs=(arr, w_all, kw))
         with pool:
-            for done, out in enumerate(pool.imap_unordered(_forked_layer, range(L)), 1):
-                layers[out["layer"]] = out
-                if progress is not None:
-                    progress(done, L)
+            yield from pool.imap_unordered(_forked_layer, range(L))
     else:
         local = threading.local()  # one scratch workspace per worker thread, freed with the pool
 
@@ -450,15 +455,11 @@ def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_i
             ws = getattr(local, "ws", None)
             if ws is None:
                 ws = local.ws = Workspace()
-            return _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
+            return _one_layer(arr, w_all, layer, ws, **kw)
 
         with ThreadPoolExecutor(max_workers=n_workers) as ex:
-            futures = {ex.submit(in_thread, layer): layer for layer in range(L)}
-            for done, fut in enumerate(as_completed(futures), 1):
-                layers[futures[fut]] = fut.result()
-                if progress is not None:
-                    progress(done, L)
-    return assemble_report(layers, num_experts, k, R, source=source, model=model)
+            for fut in as_completed([ex.submit(in_thread, layer) for layer in range(L)]):
+                yield fut.result()
 
 
 def _one_layer(arr, w_all, layer, ws, *, num_experts, positions, seq_ids, hashed, cache_sizes, top_n):
@@ -508,17 +509,17 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
-_job = None  # in a forked worker: (arr, w_all, num_experts, kw, workspace)
+_job = None  # in a forked worker: (arr, w_all, kw, workspace)
 
 
-def _fork_job(arr, w_all, num_experts, kw):
+def _fork_job(arr, w_all, kw):
     global _job
-    _job = (arr, w_all, num_experts, kw, Workspace())
+    _job = (arr, w_all, kw, Workspace())
 
 
 def _forked_layer(layer):
-    arr, w_all, num_experts, kw, ws = _job
-    return _one_layer(arr, w_all, layer, ws, num_experts=num_experts, **kw)
+    arr, w_all, kw, ws = _job
+    return _one_layer(arr, w_all, layer, ws, **kw)
 
 
 def assemble_report(layers: list, num_experts: int, k: int, records: int, *, source: str = "", model: str = "") -> dict:

@@ -13,8 +13,9 @@ report when you want one.
 Per layer the device keeps: expert histogram and weight sums, the LRU stack-distance histogram
 (and its weight sums), adjacent-pair counters (intersection/union histogram, same-slot matches),
 the last access time of every expert, and each sequence's previous record.  ``record`` (one
-layer) and ``record_step`` (several layers of one step) each launch two kernels (``cuda_src/locality.cu``) on the current stream and never synchronises; ``report``
-copies the counters to the host.  Every count equals what :func:`ds4kern.locality.analyze` finds
+layer) and ``record_step`` (several layers of one step) each launch two kernels
+(``cuda_src/locality.cu``) on the current stream and never synchronise; ``report`` copies the
+counters to the host.  Every count equals what :func:`ds4kern.locality.analyze` finds
 in the same selections (weight sums are float64 atomics: equal up to rounding order).
 
 Semantics as offline, with one condition: within one call the records of a sequence
@@ -170,7 +171,8 @@ class LocalityRecorder:
             raise ValueError(f"indices are on device {frame.device_id}, the recorder's counters on device {self.device}")
         ids = frame.array
         want = f"[T, {n}, {self.k}]" if step else f"[T, {self.k}]"
-        ok_shape = ids.ndim == 3 and ids.shape[1:] == (n, self.k) if step else ids.ndim == 2 and ids.shape[1] == self.k
+        want_shape = (n, self.k) if step else (self.k,)
+        ok_shape = ids.ndim == 1 + len(want_shape) and tuple(ids.shape[1:]) == want_shape
         if not ok_shape or dtype_name(ids.dtype) not in _IDX_KIND:
             raise ValueError(f"indices must be an integer array of shape {want}, got "
                              f"{dtype_name(ids.dtype)} {tuple(ids.shape)}")

@@ -2,7 +2,7 @@
 //
 // router_topk_rows<T, SF, KMAX, LPT>: sigmoid or sqrtsoftplus (+ bias), no group-limited
 // routing, E % 8 == 0, E <= 256, k <= KMAX, rows 16-byte aligned (the host checks all of it).
-// LPT lanes per token (1 or 2; 2 needs E % 16 == 0): with 2, each lane takes half the chunks,
+// LPT lanes per token (1 or 2; 2 needs E % 16 == 0): with 2, each lane takes every other chunk,
 // the two lanes' sorted chunk bounds merge (one bitonic step) into the exact k-th largest, and
 // their exact lists merge the same way on (key, expert) at the end.
 //
@@ -40,7 +40,9 @@
 
 #include "router_common.cuh"
 
+#ifndef DS4_ROWS_WARPS
 #define DS4_ROWS_WARPS 2     // warps per block (one tile of 32 / LPT tokens each)
+#endif
 #ifdef DS4_ROWS_DEBUG        // path counters for bench/rows_paths.py (not in the library's builds)
 __device__ unsigned long long ds4_rows_dbg[24];
 #define DS4_DBG(i, v) atomicAdd(&ds4_rows_dbg[i], (unsigned long long)(v))
@@ -54,17 +56,24 @@ template <typename T>
 struct Ds4Row {
     const T* p;
 
+    static constexpr int RAW = sizeof(T) == 4 ? 2 : 1;  // 16-byte loads per chunk of 8
+
+    // the raw bytes of chunk h (issued now, used later: loads in flight while other work runs)
+    __device__ __forceinline__ void raw(int h, uint4 (&r)[RAW]) const {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < RAW; ++i) r[i] = __ldg(q + RAW * h + i);
+    }
+    static __device__ __forceinline__ void unpack(const uint4 (&r)[RAW], float (&x)[8]) {
+#pragma unroll
+        for (int i = 0; i < RAW; ++i) ds4_unpack16<T, 8>(r[i], i, x);
+    }
     // the 8 logits of chunk h
     __device__ __forceinline__ void chunk(int h, float (&x)[8]) const {
-        const uint4* q = reinterpret_cast<const uint4*>(p);
-        if constexpr (sizeof(T) == 4) {
-            ds4_unpack16<T, 8>(__ldg(q + 2 * h), 0, x);
-            ds4_unpack16<T, 8>(__ldg(q + 2 * h + 1), 1, x);
-        } else {
-            ds4_unpack16<T, 8>(__ldg(q + h), 0, x);
-        }
+        uint4 r[RAW];
+        raw(h, r);
+        unpack(r, x);
     }
-    __device__ __forceinline__ float value(int e) const { return ds4_to_float(p[e]); }
 };
 
 template <int SF>
@@ -107,7 +116,7 @@ __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&b
 }
 
 template <typename T, int SF, int KMAX, int LPT>
-__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS)
+__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, 8)  // (without the 8, ptxas spilled at 64-72 registers)
 router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
                  float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
                  void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
@@ -115,11 +124,12 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     constexpr int TPW = 32 / LPT;                    // tokens per warp
     constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
     extern __shared__ __align__(16) unsigned char smem[];
-    // layout: candidates [W][CAP][32] | bias [256] | max |bias|
+    // layout: candidates' logits [W][CAP][32] | their experts [W][CAP][32] (bytes) | bias [256] | max |bias|
     const int lane = threadIdx.x & 31;
     const int wib = threadIdx.x >> 5;
-    int* cand = reinterpret_cast<int*>(smem) + wib * CAP * 32;
-    float* sb = reinterpret_cast<float*>(smem) + DS4_ROWS_WARPS * CAP * 32;
+    float* candx = reinterpret_cast<float*>(smem) + wib * CAP * 32;
+    unsigned char* cand = smem + DS4_ROWS_WARPS * CAP * 32 * 4 + wib * CAP * 32;
+    float* sb = reinterpret_cast<float*>(smem + DS4_ROWS_WARPS * CAP * 32 * 5);
     unsigned* sbabs = reinterpret_cast<unsigned*>(sb + 256);
     const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * TPW;
     const int rows = (int)max(0LL, min((long long)TPW, num_tokens - tile0));
@@ -137,11 +147,13 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     __syncthreads();
     if (rows == 0) return;  // the whole warp (no block-wide barriers below)
     const int t = lane / LPT;  // token of this lane in the tile
-    const int q = lane % LPT;  // which part of the row: chunks [q * ncl, (q + 1) * ncl)
+    const int q = lane % LPT;  // which chunks of the row: q, q + LPT, q + 2 LPT, ...
     const bool valid = t < rows;  // lanes past the last token redo it and write nothing (shuffles)
     const long long token = tile0 + min(t, rows - 1);
+    // (alternate chunks, not halves: the two lanes of a token read 32 consecutive bytes per load,
+    // whole sectors, instead of two half sectors whose other halves must wait in L1 for the next
+    // chunk's load; the list keys (key, expert) make the merge independent of which lane had what)
     const int ncl = E / 8 / LPT;
-    const int h0 = q * ncl;
     Ds4Row<T> row;
     row.p = logits + token * E;
     const float babs = __uint_as_float(*sbabs);
@@ -152,15 +164,25 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     float tl[KMAX];
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) tl[j] = DS4_NEG_INF;
+    // A ring of PD chunks in flight: chunk hh + PD is requested before chunk hh is worked on (the
+    // compiler did not hoist the loads past the per-chunk work by itself: one round trip to L2 per
+    // chunk, bench/NOTES.md).  Loads are clamped into the lane's chunks, so always in bounds.
+#ifdef DS4_ROWS_PD
+    constexpr int PD = DS4_ROWS_PD;  // (bench/rows_ab.py sweeps)
+#else
+    constexpr int PD = sizeof(T) == 4 ? 8 : 4;  // 256 / 64 bytes per lane (measured best, NOTES)
+#endif
+    uint4 ring[PD][Ds4Row<T>::RAW];
+#pragma unroll
+    for (int p = 0; p < PD; ++p) row.raw(q + LPT * min(p, ncl - 1), ring[p]);
 #pragma unroll
     for (int hh = 0; hh < MAXC; ++hh) {
         up[hh] = DS4_NEG_INF;
-        // loaded unconditionally (clamped into the lane's chunks) so the compiler can issue the
-        // loads ahead of the work: bf16 T=65536 40.6 -> 37.9 us (bench/NOTES.md)
         float x[8];
-        row.chunk(h0 + min(hh, ncl - 1), x);
+        Ds4Row<T>::unpack(ring[hh % PD], x);
+        if (hh + PD < MAXC) row.raw(q + LPT * min(hh + PD, ncl - 1), ring[hh % PD]);
         if (hh < ncl) {
-            const int h = h0 + hh;
+            const int h = q + LPT * hh;
             float lo;
             if (plain) {  // no bias: the score of the largest logit is the chunk's best
                 const float mx = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])),
@@ -230,20 +252,32 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
 
         // 2. screen the live chunks' experts
         int n = 0;
+        // one chunk ahead: the next live chunk's load is in flight while this one is screened
+        int h = q + LPT * (live ? __ffs(live) - 1 : 0);
+        uint4 cur[Ds4Row<T>::RAW];
+        if (live) row.raw(h, cur);
         while (live) {
-            const int h = h0 + __ffs(live) - 1;
             live &= live - 1u;
+            const int hn = live ? q + LPT * (__ffs(live) - 1) : h;
+            uint4 nxt[Ds4Row<T>::RAW];
+            row.raw(hn, nxt);
             float x[8];
-            row.chunk(h, x);
+            Ds4Row<T>::unpack(cur, x);
             float bb[8];
             ds4_chunk_bias(sb, h, bb);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 if (ds4_screen<SF>(x[j]) + bb[j] >= lo_c) {
-                    if (n < CAP) cand[n * 32 + lane] = 8 * h + j;
+                    if (n < CAP) {  // the logit goes along: step 3 reads no global memory
+                        cand[n * 32 + lane] = (unsigned char)(8 * h + j);
+                        candx[n * 32 + lane] = x[j];
+                    }
                     ++n;
                 }
             }
+            h = hn;
+#pragma unroll
+            for (int i = 0; i < Ds4Row<T>::RAW; ++i) cur[i] = nxt[i];
         }
 #ifdef DS4_ROWS_DEBUG
         if (token == (long long)ds4_rows_dbg[7] && q == 0) {
@@ -265,7 +299,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         if (!over && n_all >= k) {  // (fewer than k would break the error bound: never seen, but safe)
             for (int i = 0; i < n; ++i) {
                 const int e = cand[i * 32 + lane];
-                const float u = ds4_unbiased<SF>(row.value(e));
+                const float u = ds4_unbiased<SF>(candx[i * 32 + lane]);
                 ds4_list_insert<KMAX>(kk, ke, ku, ds4_order_key(u + sb[e]), e, u);
             }
         } else {
@@ -275,7 +309,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
 
     if (exact_all) {  // every expert of this lane's part, exactly
 #pragma unroll 1
-        for (int h = h0; h < h0 + ncl; ++h) {
+        for (int h = q; h < E / 8; h += LPT) {
             float x[8];
             row.chunk(h, x);
 #pragma unroll

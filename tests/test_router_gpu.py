@@ -163,6 +163,8 @@ def test_screening_hard_cases(cp, rng, mode, variant):
         np.repeat(rng.standard_normal((400, 1)), E, 1),      # one value per row: all tied
         rng.standard_normal((400, E)) * 30,                  # past the x > 20 switch
         np.where(rng.random((400, E)) < 0.1, 25.0, -25.0),   # two clusters
+        rng.standard_normal((400, E)) * 4,                   # wide logits (top scores from x ~ 10)
+        rng.standard_normal((400, E)) * 0.4,                 # narrow logits: small score gaps
     ]
     for x in cases:
         for k in (1, 6, 8, 16, 31, 32, 40):

@@ -535,8 +535,8 @@ def rows_lanes(E: int, kmax: int) -> int:
 
 
 def rows_smem(kmax: int) -> int:
-    """Dynamic shared memory of one block: candidate lists, bias table, max |bias|."""
-    return ROWS_WARPS * (kmax + 16) * 32 * 4 + (256 + 4) * 4
+    """Dynamic shared memory of one block: candidate lists (logit and expert), bias table, max |bias|."""
+    return ROWS_WARPS * (kmax + 16) * 32 * 5 + (256 + 4) * 4
 
 
 ROWS_KERNELS = kernels.register_family(kernels.KernelFamily(

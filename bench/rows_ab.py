@@ -1,0 +1,124 @@
+"""A/B of builds of the rows router kernel, DeepSeek-V4-Flash (E=256, k=6, sqrtsoftplus + bias)
+(GPU machine): the library's build ("lib") beside another version of the source (--baseline,
+e.g. the last commit's) and builds with extra defines (--form name=-DDS4_ROWS_PD=8,...).
+
+    python bench/rows_ab.py [--tokens 16384 65536 131072] [--scales 1 3]
+                            [--baseline old_router_rows.cu --baseline-smem BYTES] [--form ...]
+    ncu --kernel-name regex:rows --launch-skip 2 --launch-count 1 python bench/rows_ab.py --profile lib
+
+For each dtype, T and logit scale (logits = scale * randn, bias = 0.1 * randn as in
+router_bench): every build's outputs compared bit for bit, CUDA-graph replay medians with the
+inputs rotating past the L2 cache, % of the copy bandwidth measured in the same run (best
+build), and the path counters of -DDS4_ROWS_DEBUG builds (mean candidates per row).
+"""
+
+import argparse
+
+import cupy as cp
+import numpy as np
+
+from ds4kern import kernels
+from ds4kern._arrays import BFLOAT16
+from ds4kern.ops import router as R
+from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
+
+E, K = 256, 6
+DTYPES = {"float32": np.float32, "bfloat16": BFLOAT16}
+
+
+def modules(baseline=None, extra_forms=()):
+    code = kernels.load_source("router_rows.cu")
+    names = [R.rows_name(d, 2, 8, 2) for d in DTYPES]
+    base = R.ROWS_KERNELS.options
+    out = {}
+    forms = [("lib", code, ())]
+    for spec in extra_forms:  # name=-DA=1,-DB  (defines added to the library's build)
+        name, defs = spec.split("=", 1)
+        forms.append((name, code, tuple(defs.split(","))))
+    if baseline:  # another version of the source (e.g. the last commit's), MUFU screen
+        text = open(baseline).read().replace('#include "common.cuh"', "")
+        text = text.replace('#include "router_common.cuh"', kernels.load_source("router_common.cuh"))
+        forms.append(("base", text, ()))
+    for form, src, extra in forms:
+        for dbg in (False, True):
+            opts = base + extra + (("-DDS4_ROWS_DEBUG",) if dbg else ())
+            out[form, dbg] = cp.RawModule(code=src, options=opts, name_expressions=names)
+    return out
+
+
+def launch(mod, dt, x, b, w, i, smem=None, warps=None):
+    T = x.shape[0]
+    kern = mod.get_function(R.rows_name(dt, 2, 8, 2))
+    tiles = (T + 15) // 16
+    warps = warps or R.ROWS_WARPS
+    kern(((tiles + warps - 1) // warps,), (32 * warps,),
+         (x, b, np.int64(T), np.int32(E), np.int32(K), np.float32(1.5), w, np.int64(K), np.int64(1),
+          i, np.int64(K), np.int64(1), np.int32(3)), shared_mem=smem or (R.rows_smem(8) + (warps - R.ROWS_WARPS) * (8 + 16) * 32 * 5))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
+    ap.add_argument("--baseline", help="a .cu file with another version of router_rows.cu, timed beside")
+    ap.add_argument("--form", action="append", default=[], help="extra build: name=-DX=1,-DY (DS4_ROWS_WARPS=n sets the block)")
+    ap.add_argument("--baseline-smem", type=int, default=0, help="its dynamic shared memory per block")
+    ap.add_argument("--profile", choices=("lib", "base"), help="only launch one form 4 times (bf16, T=65536)")
+    ap.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    a = ap.parse_args()
+    mods = modules(a.baseline, a.form)
+    forms = (("base",) if a.baseline else ()) + ("lib",) + tuple(f.split("=", 1)[0] for f in a.form)
+    smem = {"base": a.baseline_smem}
+    warps = {f.split("=", 1)[0]: int(f.split("DS4_ROWS_WARPS=")[1].split(",")[0]) for f in a.form if "DS4_ROWS_WARPS=" in f}
+    if a.profile:
+        T = 65536
+        x = cp.asarray(np.random.default_rng(0).standard_normal((T, E), dtype=np.float32).astype(DTYPES[a.dtype]))
+        b = cp.asarray((0.1 * np.random.default_rng(1).standard_normal(E)).astype(np.float32))
+        w, i = cp.empty((T, K), cp.float32), cp.empty((T, K), cp.int32)
+        for _ in range(4):
+            launch(mods[a.profile, False], a.dtype, x, b, w, i, smem.get(a.profile))
+        cp.cuda.Device().synchronize()
+        return
+    bw = copy_bandwidth()
+    print(f"device: {device_name()}, copy {bw / 1e9:.0f} GB/s")
+    print("| dtype | T | scale | " + " | ".join(f"{f} µs" for f in forms) + " | % copy (best) | equal | "
+          + " | ".join(f"cand/row {f}" for f in forms) + " |")
+    print("|---" * (5 + 2 * len(forms)) + "|")
+    rng = np.random.default_rng(0)
+    for dt, npdt in DTYPES.items():
+        for T in a.tokens:
+            for scale in a.scales:
+                nsets = max(1, -(-(256 << 20) // (T * E * np.dtype(npdt).itemsize)))
+                xs = [cp.asarray((scale * rng.standard_normal((T, E), dtype=np.float32)).astype(npdt))
+                      for _ in range(min(nsets, 16))]
+                b = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+                outs = {}
+                times = {}
+                counts = {}
+                for form in forms:
+                    w = cp.full((T, K), cp.nan, cp.float32)
+                    i = cp.full((T, K), -1, cp.int32)
+                    sm, wp = smem.get(form), warps.get(form)
+                    launch(mods[form, False], dt, xs[0], b, w, i, sm, wp)
+                    outs[form] = (cp.asnumpy(w), cp.asnumpy(i))
+                    times[form] = cuda_graph_time(lambda j, form=form: launch(mods[form, False], dt, xs[j % len(xs)], b, w, i, sm, wp),
+                                                  inner=min(20, max(2, len(xs))), repeat=30)
+                    dm = mods[form, True]
+                    D = cp.ndarray((24,), cp.uint64, dm.get_global("ds4_rows_dbg"))
+                    D.fill(0)
+                    D[7] = np.uint64(1 << 62)
+                    launch(dm, dt, xs[0], b, w, i, sm, wp)
+                    c = D.get()
+                    counts[form] = c[1] / max(1, c[0])
+                ref = outs[forms[0]]
+                eq = all(np.array_equal(ref[1], o[1]) and np.array_equal(ref[0].view(np.uint32), o[0].view(np.uint32))
+                         for o in outs.values())
+                nbytes = T * E * np.dtype(npdt).itemsize + T * K * 8
+                pct = 100 * nbytes / min(times.values()) / bw
+                print(f"| {dt} | {T} | {scale:g} | " + " | ".join(f"{times[f] * 1e6:.1f}" for f in forms)
+                      + f" | {pct:.1f} | {'yes' if eq else 'NO'} | " + " | ".join(f"{counts[f]:.2f}" for f in forms)
+                      + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -115,8 +115,11 @@ __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&b
     bb[4] = b1.x; bb[5] = b1.y; bb[6] = b1.z; bb[7] = b1.w;
 }
 
+#ifndef DS4_ROWS_MINB
+#define DS4_ROWS_MINB 8      // blocks per SM for __launch_bounds__ (without a count ptxas spilled at 64-72 registers)
+#endif
 template <typename T, int SF, int KMAX, int LPT>
-__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, 8)  // (without the 8, ptxas spilled at 64-72 registers)
+__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, DS4_ROWS_MINB)
 router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
                  float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
                  void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
@@ -184,6 +187,11 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         if (hh < ncl) {
             const int h = q + LPT * hh;
             float lo;
+#ifdef DS4_ROWS_LOADS_ONLY  // (the loads and a max per chunk: the floor of step 1)
+            if (true) {
+                lo = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+            } else
+#endif
             if (plain) {  // no bias: the score of the largest logit is the chunk's best
                 const float mx = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])),
                                        fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
@@ -228,6 +236,10 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     float tau = tl[0];  // tl[k - 1] (the list is sorted: a min, so no indexed register read)
 #pragma unroll
     for (int j = 1; j < KMAX; ++j) tau = fminf(tau, j < k ? tl[j] : tl[0]);
+#if defined(DS4_ROWS_PASS1_ONLY) || defined(DS4_ROWS_LOADS_ONLY)  // bench/rows_ab.py: step 1's cost alone
+    if (valid && q == 0) weights[token * w_rs] = tau;
+    return;
+#endif
 
     unsigned kk[KMAX];
     int ke[KMAX];

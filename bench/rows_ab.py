@@ -35,7 +35,7 @@ def modules(baseline=None, extra_forms=()):
     for spec in extra_forms:  # name=-DA=1,-DB  (defines added to the library's build)
         name, defs = spec.split("=", 1)
         forms.append((name, code, tuple(defs.split(","))))
-    if baseline:  # another version of the source (e.g. the last commit's), MUFU screen
+    if baseline:  # another version of the source (e.g. the last commit's), its headers from cuda_src
         text = open(baseline).read().replace('#include "common.cuh"', "")
         text = text.replace('#include "router_common.cuh"', kernels.load_source("router_common.cuh"))
         forms.append(("base", text, ()))
@@ -53,7 +53,7 @@ def launch(mod, dt, x, b, w, i, smem=None, warps=None):
     warps = warps or R.ROWS_WARPS
     kern(((tiles + warps - 1) // warps,), (32 * warps,),
          (x, b, np.int64(T), np.int32(E), np.int32(K), np.float32(1.5), w, np.int64(K), np.int64(1),
-          i, np.int64(K), np.int64(1), np.int32(3)), shared_mem=smem or (R.rows_smem(8) + (warps - R.ROWS_WARPS) * (8 + 16) * 32 * 5))
+          i, np.int64(K), np.int64(1), np.int32(3)), shared_mem=smem or R.rows_smem(8, warps))
 
 
 def main():

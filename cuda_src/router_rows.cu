@@ -107,6 +107,10 @@ __device__ __forceinline__ bool ds4_entry_before(unsigned ka, int ea, unsigned k
     return ka > kb || (ka == kb && ea < eb);
 }
 
+__device__ __forceinline__ float ds4_max8(const float (&x)[8]) {
+    return fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+}
+
 // The bias of chunk h's 8 experts from the block's shared-memory table (two 16-byte reads).
 __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&bb)[8]) {
     const float4 b0 = *reinterpret_cast<const float4*>(sb + 8 * h);
@@ -188,14 +192,10 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
             const int h = q + LPT * hh;
             float lo;
 #ifdef DS4_ROWS_LOADS_ONLY  // (the loads and a max per chunk: the floor of step 1)
-            if (true) {
-                lo = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
-            } else
-#endif
+            lo = ds4_max8(x);
+#else
             if (plain) {  // no bias: the score of the largest logit is the chunk's best
-                const float mx = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])),
-                                       fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
-                lo = ds4_screen<SF>(mx);
+                lo = ds4_screen<SF>(ds4_max8(x));
             } else {  // with bias every expert is screened (the bias reorders the chunk)
                 float bb[8];
                 ds4_chunk_bias(sb, h, bb);
@@ -203,6 +203,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
 #pragma unroll
                 for (int j = 1; j < 8; ++j) lo = fmaxf(lo, ds4_screen<SF>(x[j]) + bb[j]);
             }
+#endif
             lo = lo == lo ? lo : DS4_NEG_INF;  // an all-NaN chunk bounds nothing
             up[hh] = lo;
 #pragma unroll

@@ -534,9 +534,10 @@ def rows_lanes(E: int, kmax: int) -> int:
     return 2 if _ROWS_LPT_ENV == 2 and E % 16 == 0 and kmax == 8 else 1
 
 
-def rows_smem(kmax: int) -> int:
-    """Dynamic shared memory of one block: candidate lists (logit and expert), bias table, max |bias|."""
-    return ROWS_WARPS * (kmax + 16) * 32 * 5 + (256 + 4) * 4
+def rows_smem(kmax: int, warps: int = ROWS_WARPS) -> int:
+    """Dynamic shared memory of one block of ``warps`` warps (DS4_ROWS_WARPS): candidate lists
+    (logit and expert), bias table, max |bias|."""
+    return warps * (kmax + 16) * 32 * 5 + (256 + 4) * 4
 
 
 ROWS_KERNELS = kernels.register_family(kernels.KernelFamily(

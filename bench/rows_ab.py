@@ -1,5 +1,5 @@
-"""A/B of builds of the rows router kernel, DeepSeek-V4-Flash (E=256, k=6, sqrtsoftplus + bias)
-(GPU machine): the library's build ("lib") beside another version of the source (--baseline,
+"""A/B of builds of the rows router kernel, DeepSeek-V4-Flash (E=256, k=6, sqrtsoftplus + bias;
+``--config v3``: the grouped form, E=256, k=8, sigmoid + bias, 8 groups, top 4) (GPU machine): the library's build ("lib") beside another version of the source (--baseline,
 e.g. the last commit's) and builds with extra defines (--form name=-DDS4_ROWS_PD=8,...).
 
     python bench/rows_ab.py [--tokens 16384 65536 131072] [--scales 1 3]
@@ -9,7 +9,8 @@ e.g. the last commit's) and builds with extra defines (--form name=-DDS4_ROWS_PD
 For each dtype, T and logit scale (logits = scale * randn, bias = 0.1 * randn as in
 router_bench): every build's outputs compared bit for bit, CUDA-graph replay medians with the
 inputs rotating past the L2 cache, % of the copy bandwidth measured in the same run (best
-build), and the path counters of -DDS4_ROWS_DEBUG builds (mean candidates per row).
+build), and the path counters of -DDS4_ROWS_DEBUG builds (mean candidates per row, % of rows on
+the exact path, and for v3 % of rows whose screened group choice was not certain).
 """
 
 import argparse
@@ -23,12 +24,14 @@ from ds4kern.ops import router as R
 from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
 
 E, K = 256, 6
+CFG = dict(flash=dict(k=6, sf=2, groups=(0, 0), scaling=1.5), v3=dict(k=8, sf=1, groups=(8, 4), scaling=2.5))
+cfg = CFG["flash"]
 DTYPES = {"float32": np.float32, "bfloat16": BFLOAT16}
 
 
 def modules(baseline=None, extra_forms=()):
     code = kernels.load_source("router_rows.cu")
-    names = [R.rows_name(d, 2, 8, 2) for d in DTYPES]
+    names = [kname(d) for d in DTYPES]
     base = R.ROWS_KERNELS.options
     out = {}
     forms = [("lib", code, ())]
@@ -46,14 +49,20 @@ def modules(baseline=None, extra_forms=()):
     return out
 
 
+def kname(dt):
+    return R.rows_grouped_name(dt, cfg["sf"]) if cfg["groups"][0] else R.rows_name(dt, cfg["sf"], 8, 2)
+
+
 def launch(mod, dt, x, b, w, i, smem=None, warps=None):
     T = x.shape[0]
-    kern = mod.get_function(R.rows_name(dt, 2, 8, 2))
+    kern = mod.get_function(kname(dt))
     tiles = (T + 15) // 16
     warps = warps or R.ROWS_WARPS
+    K = cfg["k"]
+    extra = tuple(np.int32(g) for g in cfg["groups"]) if cfg["groups"][0] else ()
     kern(((tiles + warps - 1) // warps,), (32 * warps,),
-         (x, b, np.int64(T), np.int32(E), np.int32(K), np.float32(1.5), w, np.int64(K), np.int64(1),
-          i, np.int64(K), np.int64(1), np.int32(3)), shared_mem=smem or R.rows_smem(8, warps))
+         (x, b, np.int64(T), np.int32(E), np.int32(K), np.float32(cfg["scaling"]), w, np.int64(K), np.int64(1),
+          i, np.int64(K), np.int64(1), np.int32(3)) + extra, shared_mem=smem or R.rows_smem(8, warps, bool(cfg["groups"][0])))
 
 
 def main():
@@ -63,9 +72,13 @@ def main():
     ap.add_argument("--baseline", help="a .cu file with another version of router_rows.cu, timed beside")
     ap.add_argument("--form", action="append", default=[], help="extra build: name=-DX=1,-DY (DS4_ROWS_WARPS=n sets the block)")
     ap.add_argument("--baseline-smem", type=int, default=0, help="its dynamic shared memory per block")
-    ap.add_argument("--profile", choices=("lib", "base"), help="only launch one form 4 times (bf16, T=65536)")
+    ap.add_argument("--profile", help="only launch this form (lib, base or a --form name) 4 times (T=65536)")
     ap.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    ap.add_argument("--config", default="flash", choices=tuple(CFG))
     a = ap.parse_args()
+    global cfg
+    cfg = CFG[a.config]
+    K = cfg["k"]
     mods = modules(a.baseline, a.form)
     forms = (("base",) if a.baseline else ()) + ("lib",) + tuple(f.split("=", 1)[0] for f in a.form)
     smem = {"base": a.baseline_smem}
@@ -81,9 +94,10 @@ def main():
         return
     bw = copy_bandwidth()
     print(f"device: {device_name()}, copy {bw / 1e9:.0f} GB/s")
+    print(f"config {a.config}: {cfg}")
     print("| dtype | T | scale | " + " | ".join(f"{f} µs" for f in forms) + " | % copy (best) | equal | "
-          + " | ".join(f"cand/row {f}" for f in forms) + " |")
-    print("|---" * (5 + 2 * len(forms)) + "|")
+          + " | ".join(f"cand/row {f}" for f in forms) + " | % exact rows | % unsure groups |")
+    print("|---" * (7 + 2 * len(forms)) + "|")
     rng = np.random.default_rng(0)
     for dt, npdt in DTYPES.items():
         for T in a.tokens:
@@ -110,6 +124,8 @@ def main():
                     launch(dm, dt, xs[0], b, w, i, sm, wp)
                     c = D.get()
                     counts[form] = c[1] / max(1, c[0])
+                    if form == "lib":
+                        paths = (100 * (1 - c[0] / T), 100 * c[2] / T)
                 ref = outs[forms[0]]
                 eq = all(np.array_equal(ref[1], o[1]) and np.array_equal(ref[0].view(np.uint32), o[0].view(np.uint32))
                          for o in outs.values())
@@ -117,7 +133,7 @@ def main():
                 pct = 100 * nbytes / min(times.values()) / bw
                 print(f"| {dt} | {T} | {scale:g} | " + " | ".join(f"{times[f] * 1e6:.1f}" for f in forms)
                       + f" | {pct:.1f} | {'yes' if eq else 'NO'} | " + " | ".join(f"{counts[f]:.2f}" for f in forms)
-                      + " |", flush=True)
+                      + f" | {paths[0]:.2f} | {paths[1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,17 +36,6 @@ __device__ __forceinline__ float ds4_sel_score(float x, int e, int score_fn, boo
     return s;
 }
 
-// Inverse of ds4_order_key for keys >= 2 (numbers).
-__device__ __forceinline__ float ds4_key_to_float(unsigned key) {
-    const unsigned u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-    return __uint_as_float(u);
-}
-
-// Value of a key in a group sum (key 1 is NaN).
-__device__ __forceinline__ float ds4_key_value(unsigned key) {
-    return key == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(key);
-}
-
 // Rank of group `mine` among the num_groups group keys (lane h * stride holds group h's key; every
 // lane calls it): the groups with a larger key, or an equal key and a lower id, before it.  The
 // top group_topk groups are those of rank < group_topk.  One round of independent shuffles and

@@ -15,6 +15,17 @@ __device__ __forceinline__ float ds4_score_fn(float x, int score_fn) {
     return sqrtf(sp);
 }
 
+// Inverse of ds4_order_key for keys >= 2 (numbers).
+__device__ __forceinline__ float ds4_key_to_float(unsigned key) {
+    const unsigned u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    return __uint_as_float(u);
+}
+
+// Value of a key in a group sum (key 1 is NaN).
+__device__ __forceinline__ float ds4_key_value(unsigned key) {
+    return key == 1u ? __int_as_float(0x7fffffff) : ds4_key_to_float(key);
+}
+
 // ---- screening approximations and 16-byte unpacking (warp and rows kernels) ----
 // Fast screening score for sqrtsoftplus: |approx - exact| <= DS4_SSP_ABS + DS4_SSP_REL * |s|.
 // Error budget: softplus via ex2.approx/lg2.approx is within ~1e-5 absolute (rounding of 1 + t

@@ -122,12 +122,74 @@ __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&b
 #ifndef DS4_ROWS_MINB
 #define DS4_ROWS_MINB 8      // blocks per SM for __launch_bounds__ (without a count ptxas spilled at 64-72 registers)
 #endif
-template <typename T, int SF, int KMAX, int LPT>
-__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, DS4_ROWS_MINB)
-router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
-                 float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
-                 void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
-    constexpr int CAP = KMAX + 16;                   // candidates per lane
+// Exact group scores of a token's row, as the reference computes them (the keys of each group's top
+// m experts, their values added largest first), and the top group_topk groups by those (larger
+// key first, lower group on ties): the kept-group mask.  Both lanes of the token call it together
+// (LPT == 2; each has cpl chunks of every group); sgs is the lane's column of group keys.
+// `finite`: every kept group's score is a number (else experts outside them may be selected).
+template <typename T, int SF, int LPT>
+__device__ __forceinline__ unsigned ds4_rows_exact_groups(const Ds4Row<T>& row, const float* sb, float* sgs, int lane,
+                                                          int q, int E, int cpl, int m, int num_groups,
+                                                          int group_topk, bool& finite) {
+    const unsigned pair = 3u << (lane & ~1);
+    unsigned k0 = 0u, k1 = 0u;  // the lane's top two keys of the current group
+    int c = 0, g = 0;
+#pragma unroll 2
+    for (int h = q; h < E / 8; h += LPT) {
+        float x[8];
+        row.chunk(h, x);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const unsigned key = ds4_order_key(ds4_unbiased<SF>(x[j]) + sb[8 * h + j]);
+            k1 = max(k1, min(k0, key));
+            k0 = max(k0, key);
+        }
+        if (++c == cpl) {
+            const unsigned o0 = __shfl_xor_sync(pair, k0, 1);
+            const unsigned o1 = __shfl_xor_sync(pair, k1, 1);
+            const float a = ds4_key_value(max(k0, o0));
+            const float sum = m == 1 ? a : a + ds4_key_value(max(min(k0, o0), max(k1, o1)));
+            sgs[g * 32 + lane] = __uint_as_float(ds4_order_key(sum));
+            k0 = k1 = 0u;
+            c = 0;
+            ++g;
+        }
+    }
+    unsigned kept = 0u;
+    finite = true;
+    for (int g2 = 0; g2 < num_groups; ++g2) {
+        const unsigned gk = __float_as_uint(sgs[g2 * 32 + lane]);
+        int r = 0;
+        for (int o = 0; o < num_groups; ++o) {
+            const unsigned ok = __float_as_uint(sgs[o * 32 + lane]);
+            r += (ok > gk || (ok == gk && o < g2)) ? 1 : 0;
+        }
+        if (r < group_topk) {
+            kept |= 1u << g2;
+            finite = finite && fabsf(ds4_key_value(gk)) < __int_as_float(0x7f800000);
+        }
+    }
+    return kept;
+}
+
+// Group-limited routing (GROUPED, router_topk_rows_grouped): num_groups groups of E / num_groups
+// experts, a multiple of 16 (each lane holds whole chunks of every group), m = k / group_topk <= 2.
+// Step 1 also keeps, per group, the top two screened selection scores of the lane's chunks; at a
+// group's last chunk the two lanes of the token merge theirs and add the top m (the group score,
+// within m * eps of the exact one).  The top group_topk groups by those screened sums are the
+// exact ones when the last kept sum is more than 2 m eps above the first dropped one; otherwise
+// (near-ties, ~0.5% of random rows; non-finite sums) the group scores are computed exactly, as the
+// reference does (ds4_rows_exact_groups: one more pass over the row, no list), and the row goes on
+// screened with those groups; only where a kept group's score is not a number (experts of the
+// other groups, -inf, can then win over NaN scores) does the row take the exact path.  tau and
+// the live chunks come from the kept groups' chunks only; the rest is as without groups.
+template <typename T, int SF, int KMAX, int LPT, bool GROUPED>
+__device__ __forceinline__ void
+ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
+              float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
+              void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
+              int group_topk) {
+    constexpr int CAP = KMAX + (GROUPED ? 24 : 16);  // candidates per lane (grouped: 2 x 16 group rows)
     constexpr int TPW = 32 / LPT;                    // tokens per warp
     constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
     extern __shared__ __align__(16) unsigned char smem[];
@@ -164,7 +226,14 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     Ds4Row<T> row;
     row.p = logits + token * E;
     const float babs = __uint_as_float(*sbabs);
-    const bool plain = bias == nullptr;
+    const bool plain = !GROUPED && bias == nullptr;
+    // (grouped) chunks per lane in a group, top m per group; the lane's group scores go to a column
+    // of the candidates' table (read before step 2 writes candidates, each lane its own column)
+    const int cpl = GROUPED ? E / num_groups / (8 * LPT) : 1;
+    const int m = GROUPED ? k / group_topk : 1;
+    float* sgs = candx;
+    float g0 = DS4_NEG_INF, g1 = DS4_NEG_INF;  // the lane's top two of the current group
+    int gc = 0, gi = 0;                         // chunks of the current group seen, group index
 
     // 1. chunk bounds and tau
     float up[MAXC];
@@ -194,7 +263,28 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
 #ifdef DS4_ROWS_LOADS_ONLY  // (the loads and a max per chunk: the floor of step 1)
             lo = ds4_max8(x);
 #else
-            if (plain) {  // no bias: the score of the largest logit is the chunk's best
+            if constexpr (GROUPED) {  // every expert screened; the group's top two as well
+                float bb[8];
+                ds4_chunk_bias(sb, h, bb);
+                lo = DS4_NEG_INF;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float v = fmaxf(ds4_screen<SF>(x[j]) + bb[j], DS4_NEG_INF);  // NaN -> -inf
+                    lo = fmaxf(lo, v);
+                    g1 = fmaxf(g1, fminf(g0, v));
+                    g0 = fmaxf(g0, v);
+                }
+                if (++gc == cpl) {  // the lane's last chunk of group gi: merge with the other lane's
+                    const float o0 = __shfl_xor_sync(0xffffffffu, g0, 1);
+                    const float o1 = __shfl_xor_sync(0xffffffffu, g1, 1);
+                    const float a = fmaxf(g0, o0), b = fmaxf(fminf(g0, o0), fmaxf(g1, o1));
+                    sgs[gi * 32 + lane] = m == 1 ? a : a + b;
+                    sgs[(16 + gi) * 32 + lane] = m == 1 ? a : b;  // the group's m-th screened score
+                    g0 = g1 = DS4_NEG_INF;
+                    gc = 0;
+                    ++gi;
+                }
+            } else if (plain) {  // no bias: the score of the largest logit is the chunk's best
                 lo = ds4_screen<SF>(ds4_max8(x));
             } else {  // with bias every expert is screened (the bias reorders the chunk)
                 float bb[8];
@@ -206,11 +296,128 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
 #endif
             lo = lo == lo ? lo : DS4_NEG_INF;  // an all-NaN chunk bounds nothing
             up[hh] = lo;
+            if constexpr (!GROUPED) {  // (grouped: after the group choice, over the kept chunks)
 #pragma unroll
-            for (int j = 0; j < KMAX; ++j) {
-                const float tv = tl[j];
-                tl[j] = fmaxf(tv, lo);
-                lo = fminf(tv, lo);
+                for (int j = 0; j < KMAX; ++j) {
+                    const float tv = tl[j];
+                    tl[j] = fmaxf(tv, lo);
+                    lo = fminf(tv, lo);
+                }
+            }
+        }
+    }
+    bool gsure = true;  // (grouped) the screened group choice is the exact one
+    if constexpr (GROUPED) {
+        // the top group_topk groups (larger sum first, lower group on ties), the smallest kept
+        // and the largest dropped sum
+        unsigned kept = 0u;
+        float kmin = __int_as_float(0x7f800000), dmax = DS4_NEG_INF;
+        for (int g = 0; g < num_groups; ++g) {
+            const float sg = sgs[g * 32 + lane];
+            int r = 0;
+            for (int o = 0; o < num_groups; ++o) {
+                const float so = sgs[o * 32 + lane];
+                r += (so > sg || (so == sg && o < g)) ? 1 : 0;
+            }
+            gsure = gsure && fabsf(sg) < __int_as_float(0x7f800000);  // no NaN / inf sums
+            if (r < group_topk) {
+                kept |= 1u << g;
+                kmin = fminf(kmin, sg);
+            } else {
+                dmax = fmaxf(dmax, sg);
+            }
+        }
+        // each of the m screened terms of a sum S is within ABS + REL (|s| + rounding) of the exact
+        // one, |s| <= |S| + 2 max |bias|; 2x on REL covers the float32 roundings of both sums
+        const float eabs = SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS;
+        const float erel = SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL;
+        auto dl = [&](float S) { return (float)m * (eabs + 2.0f * erel * (fabsf(S) + 2.0f * babs)); };
+        const bool sfin = gsure;  // every screened sum a number
+        if (sfin && group_topk < num_groups) gsure = kmin - dl(kmin) > dmax + dl(dmax);
+        DS4_DBG(2, q == 0 && !gsure);
+#ifdef DS4_ROWS_GROUPS_TRUST  // (bench/rows_ab.py: the cost of the near-tie pass; results may differ)
+        gsure = true;
+#endif
+        if (!gsure && sfin) {
+            // Near-tie: only the groups whose exact sum may fall on the other side get exact sums
+            // (a kept group within 2 delta of the largest dropped sum, a dropped one within 2 delta
+            // of the smallest kept); the others keep their side.  A group's exact top m are among
+            // its experts screened at or above its m-th screened score minus 2 eps, so only those
+            // are scored exactly; the keys and the sum are the reference's.  Both lanes of the
+            // token are here (same sums); each has cpl chunks of the group, re-read from L1 / L2.
+            const unsigned pair = 3u << (lane & ~1);
+            unsigned unc = 0u, sure = 0u;
+            for (int g = 0; g < num_groups; ++g) {
+                const float sg = sgs[g * 32 + lane];
+                const bool in = (kept >> g) & 1u;
+                if (in ? sg - dl(sg) > dmax + dl(dmax) : sg + dl(sg) < kmin - dl(kmin)) {
+                    if (in) sure |= 1u << g;
+                } else {
+                    unc |= 1u << g;
+                }
+            }
+            for (unsigned u = unc; u; u &= u - 1u) {
+                const int g = __ffs(u) - 1;
+                const float bm = sgs[(16 + g) * 32 + lane];
+                const float th = bm - 2.0f * (eabs + 2.0f * erel * (fabsf(bm) + 2.0f * babs));
+                unsigned k0 = 0u, k1 = 0u;
+                for (int c = 0; c < cpl; ++c) {
+                    const int h = q + LPT * (g * cpl + c);
+                    float x[8], bb[8];
+                    row.chunk(h, x);
+                    ds4_chunk_bias(sb, h, bb);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        if (ds4_screen<SF>(x[j]) + bb[j] >= th) {
+                            const unsigned key = ds4_order_key(ds4_unbiased<SF>(x[j]) + bb[j]);
+                            k1 = max(k1, min(k0, key));
+                            k0 = max(k0, key);
+                        }
+                    }
+                }
+                const unsigned o0 = __shfl_xor_sync(pair, k0, 1);
+                const unsigned o1 = __shfl_xor_sync(pair, k1, 1);
+                const float a = ds4_key_value(max(k0, o0));
+                const float sum = m == 1 ? a : a + ds4_key_value(max(min(k0, o0), max(k1, o1)));
+                sgs[(16 + g) * 32 + lane] = __uint_as_float(ds4_order_key(sum));
+            }
+            // the uncertain groups compete for the places the sure ones leave (key, then group)
+            const int need = group_topk - __popc(sure);
+            kept = sure;
+            for (unsigned u = unc; u; u &= u - 1u) {
+                const int g = __ffs(u) - 1;
+                const unsigned gk = __float_as_uint(sgs[(16 + g) * 32 + lane]);
+                int r = 0;
+                for (unsigned v = unc; v; v &= v - 1u) {
+                    const int o = __ffs(v) - 1;
+                    const unsigned ok = __float_as_uint(sgs[(16 + o) * 32 + lane]);
+                    r += (ok > gk || (ok == gk && o < g)) ? 1 : 0;
+                }
+                if (r < need) kept |= 1u << g;
+            }
+            gsure = true;
+        } else if (!gsure) {  // NaN / inf sums: the whole exact group pass
+            bool finite;
+            kept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+            gsure = finite;  // (else the exact path)
+        }
+        // tau from the kept groups' chunks only; the other chunks are never live
+        int c = 0, g = 0;
+#pragma unroll
+        for (int hh = 0; hh < MAXC; ++hh) {
+            if (hh < ncl) {
+                float lo = (kept >> g) & 1u ? up[hh] : DS4_NEG_INF;
+                up[hh] = lo;
+#pragma unroll
+                for (int j = 0; j < KMAX; ++j) {
+                    const float tv = tl[j];
+                    tl[j] = fmaxf(tv, lo);
+                    lo = fminf(tv, lo);
+                }
+                if (++c == cpl) {
+                    c = 0;
+                    ++g;
+                }
             }
         }
     }
@@ -252,7 +459,7 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
         ku[j] = 0.0f;
     }
     // (the same on both lanes of a token: tau is)
-    bool exact_all = !(fabsf(tau) < __int_as_float(0x7f800000));  // NaN / inf: no screening
+    bool exact_all = !(fabsf(tau) < __int_as_float(0x7f800000)) || !gsure;  // NaN / inf / near-tied groups
     if (!exact_all) {
         const float eps = (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS) +
                           (SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL) * (2.0f * fabsf(tau) + babs);
@@ -321,14 +528,27 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
     }
 
     if (exact_all) {  // every expert of this lane's part, exactly
+        unsigned xkept = 0xffffffffu;
+        if constexpr (GROUPED) {  // the exact group choice (both lanes of the token are here)
+            bool finite;
+            xkept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+        }
+        int c = 0, g = 0;
 #pragma unroll 1
         for (int h = q; h < E / 8; h += LPT) {
             float x[8];
             row.chunk(h, x);
+            const bool in = !GROUPED || ((xkept >> g) & 1u);  // other groups' experts: -inf
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float u = ds4_unbiased<SF>(x[j]);
-                ds4_list_insert<KMAX>(kk, ke, ku, ds4_order_key(u + sb[8 * h + j]), 8 * h + j, u);
+                ds4_list_insert<KMAX>(kk, ke, ku, ds4_order_key(in ? u + sb[8 * h + j] : DS4_NEG_INF), 8 * h + j, u);
+            }
+            if constexpr (GROUPED) {
+                if (++c == cpl) {
+                    c = 0;
+                    ++g;
+                }
             }
         }
     }
@@ -385,4 +605,24 @@ router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, l
             ds4_store_index(indices, idx_kind, token * i_rs + j * i_cs, ke[j]);
         }
     }
+}
+
+template <typename T, int SF, int KMAX, int LPT>
+__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, DS4_ROWS_MINB)
+router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
+                 float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
+                 void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind) {
+    ds4_rows_topk<T, SF, KMAX, LPT, false>(logits, bias, num_tokens, E, k, scaling, weights, w_rs, w_cs, indices,
+                                           i_rs, i_cs, idx_kind, 0, 0);
+}
+
+// Group-limited form: two lanes per token, k <= 8 (the host checks the group shapes above).
+template <typename T, int SF>
+__global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, DS4_ROWS_MINB)
+router_topk_rows_grouped(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E,
+                         int k, float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
+                         void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
+                         int group_topk) {
+    ds4_rows_topk<T, SF, 8, 2, true>(logits, bias, num_tokens, E, k, scaling, weights, w_rs, w_cs, indices, i_rs,
+                                     i_cs, idx_kind, num_groups, group_topk);
 }

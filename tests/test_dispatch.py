@@ -125,7 +125,7 @@ def test_router_static_rule_threshold_vs_naive():
 
 def test_router_static_rule_between_cuda_variants():
     """The measured rule (bench/NOTES.md): rows from 32768 tokens where it
-    applies, screened for E <= 512 and k < 32 otherwise, grouped
+    applies (group-limited routing included), screened for E <= 512 and k < 32 otherwise, grouped
     for group-limited routing on whole lanes, threshold from 4096 tokens for 512 < E <= 1024,
     naive below that, radix from k = 32 (or k >= 16 above E = 1024) and beyond E = 3072.
     Decided without a GPU."""
@@ -145,7 +145,15 @@ def test_router_static_rule_between_cuda_variants():
     assert chosen(65536, 256, 6, dtype="bfloat16", sf="softmax") == "screened"
     assert chosen(65536, 512, 6, dtype="bfloat16") == "screened"
     assert chosen(65536, 256, 24, dtype="bfloat16") == "screened"
-    assert chosen(65536, 256, 8, groups=8, dtype="bfloat16") == "grouped"
+    # group-limited: rows' grouped form from 32768 tokens where groups are 16n experts, k <= 8 and
+    # k / group_topk <= 2; grouped otherwise
+    assert chosen(65536, 256, 8, groups=8, dtype="bfloat16") == "rows"
+    assert chosen(32768, 256, 8, groups=8) == "rows"
+    assert chosen(16384, 256, 8, groups=8) == "grouped"
+    assert chosen(65536, 256, 8, groups=8, gt=2) == "grouped"  # k / group_topk = 4
+    assert chosen(65536, 256, 16, groups=8) == "grouped"       # k > 8
+    assert chosen(65536, 256, 8, groups=32, gt=8) == "grouped"  # groups of 8 experts
+    assert chosen(65536, 256, 8, groups=8, sf="softmax") == "grouped"
 
     assert chosen(1, 256, 6) == "screened"
     assert chosen(128, 256, 6) == "screened"

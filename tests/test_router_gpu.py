@@ -436,16 +436,20 @@ def test_plugin_variant_equals_reference(cp, rng, variant, mode):
     run_and_check(cp, x, 7, MODES[mode], rng, variant=variant)
 
 
-GROUP_CASES = [(256, 8, 8, 4), (32, 4, 8, 4), (128, 16, 8, 4), (1024, 32, 8, 4), (130, 6, 13, 3), (64, 8, 8, 8)]
+GROUP_CASES = [(256, 8, 8, 4), (32, 4, 8, 4), (128, 16, 8, 4), (1024, 32, 8, 4), (130, 6, 13, 3), (64, 8, 8, 8),
+               (160, 8, 5, 4), (256, 8, 8, 8), (96, 6, 3, 3), (256, 4, 2, 2)]
 
 
-GROUP_VARIANTS = ["naive", "grouped"]
+GROUP_VARIANTS = ["naive", "grouped", "rows"]
 
 
-def skip_unsupported_groups(variant, E, G):
+def skip_unsupported_groups(variant, E, G, k=8, gt=4, mode="sigmoid"):
     from ds4kern.ops.router import group_lanes
     if variant == "grouped" and (E > 512 or group_lanes(E, G) is None):
         pytest.skip(f"grouped needs E <= 512 and groups on a power-of-two number of lanes (E={E}, G={G})")
+    if variant == "rows" and (E > 256 or (E // G) % 16 or k > 8 or k // gt > 2 or MODES[mode]["score_function"] == "softmax"):
+        pytest.skip("rows (grouped) needs sigmoid / sqrtsoftplus, E <= 256, groups of a multiple of 16 experts, "
+                    "k <= 8, k / group_topk <= 2")
 
 
 @pytest.mark.parametrize("variant", GROUP_VARIANTS)
@@ -453,20 +457,21 @@ def skip_unsupported_groups(variant, E, G):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("E,k,G,gt", GROUP_CASES, ids=lambda v: str(v))
 def test_group_limited_equals_reference(cp, rng, dtype, mode, E, k, G, gt, variant):
-    skip_unsupported_groups(variant, E, G)
+    skip_unsupported_groups(variant, E, G, k, gt, mode)
     T = int(rng.integers(1, 400))
     x = (rng.standard_normal((T, E)) * 2).astype(DTYPES[dtype])
     run_and_check(cp, x, k, MODES[mode], rng, scaling=2.5, groups=(G, gt), variant=variant)
 
 
 @pytest.mark.parametrize("variant", GROUP_VARIANTS)
-@pytest.mark.parametrize("G,gt", [(2, 1), (4, 2), (16, 4), (32, 8), (32, 32)])
+@pytest.mark.parametrize("G,gt", [(2, 1), (4, 2), (16, 4), (32, 8), (32, 32), (8, 8), (4, 4)])
 @pytest.mark.parametrize("mode", ["sigmoid-bias", "softmax-pre", "sqrtsoftplus"])
 def test_group_shapes_on_256_experts(cp, rng, variant, G, gt, mode):
     # groups of 128 ... 8 experts: 16 ... 1 lanes per group in the grouped kernel
-    skip_unsupported_groups(variant, 256, G)
+    k = 32 if gt == 32 else 8
+    skip_unsupported_groups(variant, 256, G, k, gt, mode)
     x = rng.standard_normal((777, 256)).astype(np.float32)
-    run_and_check(cp, x, 32 if gt == 32 else 8, MODES[mode], rng, scaling=1.5, groups=(G, gt), variant=variant)
+    run_and_check(cp, x, k, MODES[mode], rng, scaling=1.5, groups=(G, gt), variant=variant)
 
 
 @pytest.mark.parametrize("variant", GROUP_VARIANTS)
@@ -504,6 +509,50 @@ def test_grouped_direct_path_at_every_size(cp, rng, monkeypatch, dtype, mode, E,
     w, i = ds4kern.router_topk(cp.asarray(x), k, score_function=sf, num_groups=G, group_topk=gt, variant="grouped")
     _, i_ref = ds4kern.router_topk(x.astype(np.float32), k, score_function=sf, num_groups=G, group_topk=gt)
     np.testing.assert_array_equal(cp.asnumpy(i), i_ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sf", ["sigmoid", "sqrtsoftplus"])
+def test_rows_grouped_screen_fallbacks(cp, rng, dtype, sf):
+    """rows' grouped form: rows where the screened group choice is not certain (group sums tied
+    exactly or 1 ulp apart: the exact path), NaN-heavy rows where experts of dropped groups (-inf)
+    win over NaN scores, infinite logits and bias, mixed with normal rows in each tile; partial
+    tiles; group sizes 16 ... 128."""
+    E, k, G, gt = 256, 8, 8, 4
+    gs = E // G
+    for T in (1, 15, 17, 1000):
+        x = rng.standard_normal((T, E)).astype(DTYPES[dtype])
+        run_and_check(cp, x, k, MODES[f"{sf}-bias"], rng, scaling=2.5, groups=(G, gt), variant="rows")
+    x = rng.standard_normal((96, E)).astype(np.float32)
+    for r in range(0, 96, 3):  # group 5 = a copy of group 2 (tied sums), then 1 ulp up (rows r + 1)
+        x[r, 5 * gs:6 * gs] = x[r, 2 * gs:3 * gs]
+        x[r + 1, 5 * gs:6 * gs] = x[r + 1, 2 * gs:3 * gs]
+        j = 5 * gs + int(np.argmax(x[r + 1, 5 * gs:6 * gs]))
+        x[r + 1, j] = np.nextafter(x[r + 1, j], np.float32(np.inf))
+    x[2, :] = np.nan
+    x[2, 7 * gs:7 * gs + 3] = (1.0, 2.0, 3.0)  # one group with three numbers: dropped experts fill the list
+    x[5, :] = np.nan
+    x[5, ::37] = 0.5                           # a number here and there
+    x[8, 40] = np.inf
+    x[11, 3 * gs:4 * gs] = -np.inf
+    x[14, ::2] = np.nan
+    x = x.astype(DTYPES[dtype])
+    for bias in (None, (rng.standard_normal(E) * 0.2).astype(np.float32), np.where(np.arange(E) == 77, np.inf, 0.1)
+                 .astype(np.float32)):
+        for kk, gg in ((8, 4), (4, 4), (6, 3)):
+            _, i = ds4kern.router_topk(cp.asarray(x), kk, score_function=sf, num_groups=G, group_topk=gg,
+                                       expert_bias=None if bias is None else cp.asarray(bias), variant="rows")
+            _, i_ref = ds4kern.router_topk(x.astype(np.float32), kk, score_function=sf, num_groups=G, group_topk=gg,
+                                           expert_bias=bias)
+            # (rows r + 1: the 1-ulp copy may order its two experts either way after rounding)
+            exact_rows = np.arange(96) % 3 != 1
+            np.testing.assert_array_equal(cp.asnumpy(i)[exact_rows], i_ref[exact_rows],
+                                          err_msg=f"k={kk} gt={gg} bias={bias is not None}")
+        run_and_check(cp, x[1::3], 8, dict(score_function=sf), rng, groups=(G, 4), variant="rows",
+                      max_tie_rows=32)
+    for G2, k2, gt2 in ((16, 8, 4), (2, 4, 2), (4, 8, 4)):
+        x = rng.integers(-2, 3, size=(500, E)).astype(DTYPES[dtype])  # ties everywhere
+        run_and_check(cp, x, k2, dict(score_function=sf), rng, exact=True, groups=(G2, gt2), variant="rows")
 
 
 def test_group_limited_dispatch(cp):

@@ -534,16 +534,25 @@ def rows_lanes(E: int, kmax: int) -> int:
     return 2 if _ROWS_LPT_ENV == 2 and E % 16 == 0 and kmax == 8 else 1
 
 
-def rows_smem(kmax: int, warps: int = ROWS_WARPS) -> int:
+def rows_grouped_name(dtype: str, sf: int) -> str:
+    return f"router_topk_rows_grouped<{_CTYPE[dtype]}, {sf}>"
+
+
+ROWS_GROUPED_MAX_M = 2  # group score = sum of the top k / group_topk <= 2 (two registers per lane)
+
+
+def rows_smem(kmax: int, warps: int = ROWS_WARPS, grouped: bool = False) -> int:
     """Dynamic shared memory of one block of ``warps`` warps (DS4_ROWS_WARPS): candidate lists
-    (logit and expert), bias table, max |bias|."""
-    return warps * (kmax + 16) * 32 * 5 + (256 + 4) * 4
+    (logit and expert; grouped: 8 more rows, the group sums and m-th scores share them), bias
+    table, max |bias|."""
+    return warps * (kmax + (24 if grouped else 16)) * 32 * 5 + (256 + 4) * 4
 
 
 ROWS_KERNELS = kernels.register_family(kernels.KernelFamily(
     "router_rows.cu",
     tuple(rows_name(d, sf, km, lp) for d in _CTYPE for sf in sorted(_ROWS_SF.values()) for km in ROWS_KMAX
-          for lp in ROWS_LPT if lp == 1 or km == 8),
+          for lp in ROWS_LPT if lp == 1 or km == 8)
+    + tuple(rows_grouped_name(d, sf) for d in _CTYPE for sf in sorted(_ROWS_SF.values())),
 ))
 
 AUX_VPL = tuple(v for v in NAIVE_VPL if v <= 32)  # one selection bit per register slot
@@ -655,7 +664,16 @@ def _warp(a: RouterArgs) -> None:
 
 def _rows_supports(p: RouterProblem) -> Optional[str]:
     if p.num_groups:
-        return "group-limited routing is the grouped variant's"
+        E, G = p.num_experts, p.num_groups
+        if p.score_function not in _ROWS_SF or p.use_pre_softmax:
+            return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
+        if E > ROWS_MAX_E or (E // G) % 16:
+            return (f"group-limited routing needs E <= {ROWS_MAX_E} and groups of a multiple of 16 experts "
+                    f"(E/num_groups={E // G}: whole chunks of 8 for both lanes of a token)")
+        if p.topk > ROWS_KMAX[0] or p.topk // p.group_topk > ROWS_GROUPED_MAX_M:
+            return (f"group-limited routing needs k <= {ROWS_KMAX[0]} and k/group_topk <= {ROWS_GROUPED_MAX_M} "
+                    f"(k={p.topk}, group_topk={p.group_topk})")
+        return None
     if p.score_function not in _ROWS_SF or p.use_pre_softmax:
         return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
     if p.num_experts % 8 or p.num_experts > ROWS_MAX_E:
@@ -671,14 +689,21 @@ def _rows(a: RouterArgs) -> None:
         return _warp(a)
     p = a.problem
     kmax = next(km for km in ROWS_KMAX if km >= a.topk)
-    lpt = rows_lanes(E, kmax)
-    kern = ROWS_KERNELS.kernel(rows_name(p.dtype, _ROWS_SF[a.score_function], kmax, lpt))
-    smem = rows_smem(kmax)
+    sf = _ROWS_SF[a.score_function]
+    if p.num_groups:  # two lanes per token, 8-entry list
+        kmax, lpt = ROWS_KMAX[0], 2
+        kern = ROWS_KERNELS.kernel(rows_grouped_name(p.dtype, sf))
+        extra = (np.int32(a.num_groups), np.int32(a.group_topk))
+    else:
+        lpt = rows_lanes(E, kmax)
+        kern = ROWS_KERNELS.kernel(rows_name(p.dtype, sf, kmax, lpt))
+        extra = ()
+    smem = rows_smem(kmax, grouped=bool(p.num_groups))
     tiles = (T + 32 // lpt - 1) // (32 // lpt)
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
     kern(((tiles + ROWS_WARPS - 1) // ROWS_WARPS,), (32 * ROWS_WARPS,),
          (a.logits, bias, np.int64(T), np.int32(E), np.int32(a.topk), np.float32(a.scaling_factor))
-         + _output_args(a), shared_mem=smem)
+         + _output_args(a) + extra, shared_mem=smem)
 
 
 def _radix_supports(p: RouterProblem) -> Optional[str]:
@@ -720,7 +745,17 @@ def _screened_cost(p: RouterProblem) -> float:
 ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "32768"))
 
 
+# Group-limited routing, rows' grouped form against `grouped` (bench/NOTES.md, H100, 2026-11-25, V3
+# style): rows wins from T = 16384 (float32 23.6 vs 28.6 us, bf16 21.8 vs 28.1; T=65536 58.2 vs
+# 99.7 / 48.4 vs 99.5) and loses at 4096 (18.1 vs 9.8).  As for Flash the bucket below 32768
+# (8193-16384 tokens) is only measured at its top, so the rule starts at 32768.  Override with
+# DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS or DS4KERN_VARIANT.
+ROWS_GROUPED_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS", "32768"))
+
+
 def _rows_cost(p: RouterProblem) -> float:
+    if p.num_groups:
+        return 0.6 if p.tokens_bucket >= ROWS_GROUPED_MIN_TOKENS else 1.5
     return 0.6 if p.tokens_bucket >= ROWS_MIN_TOKENS else 1.5
 
 
@@ -940,7 +975,8 @@ def ds4kern_register_variants(register):
                                  "vector loads; screened threshold, candidates selected exactly (E <= 512, k <= 32)"))
     register(Variant(OP, "rows", "cuda", _rows, supports=_rows_supports, cost=_rows_cost,
                      description="one or two threads per token: chunk bounds, "
-                                 "screened candidates, exact list (sigmoid/sqrtsoftplus, E <= 256, k <= 16)"))
+                                 "screened candidates, exact list (sigmoid/sqrtsoftplus, E <= 256, k <= 16; "
+                                 "group-limited: groups of 16n experts, k <= 8, k/group_topk <= 2)"))
     register(Variant(OP, "grouped", "cuda", _warp, supports=_grouped_supports, cost=0.7,  # rule above _screened_cost
                      description="group-limited routing in one pass: each group's lanes find its top scores "
                                  "together, then group rounds and exact selection (E <= 512, k <= 32)"))

@@ -2,6 +2,8 @@
 //
 // router_topk_rows<T, SF, KMAX, LPT>: sigmoid or sqrtsoftplus (+ bias), no group-limited
 // routing, E % 8 == 0, E <= 256, k <= KMAX, rows 16-byte aligned (the host checks all of it).
+// router_topk_rows_grouped<T, SF>: the same with group-limited routing (LPT 2, KMAX 8; groups of
+// a multiple of 16 experts, k / group_topk <= 2; see ds4_rows_topk below).
 // LPT lanes per token (1 or 2; 2 needs E % 16 == 0): with 2, each lane takes every other chunk,
 // the two lanes' sorted chunk bounds merge (one bitonic step) into the exact k-th largest, and
 // their exact lists merge the same way on (key, expert) at the end.

@@ -28,9 +28,15 @@ __device__ __forceinline__ float ds4_key_value(unsigned key) {
 
 // ---- screening approximations and 16-byte unpacking (warp and rows kernels) ----
 // Fast screening score for sqrtsoftplus: |approx - exact| <= DS4_SSP_ABS + DS4_SSP_REL * |s|.
-// Error budget: softplus via ex2.approx/lg2.approx is within ~1e-5 absolute (rounding of 1 + t
-// and of x*log2(e) included); sqrt turns an absolute error d into at most sqrt(d) ~ 3.2e-3.
-// The bound used is about 1.6x that.
+// softplus(x) = max(x, 0) + log1p(t), t = e^-|x| in (0, 1] (one ex2.approx, no overflow), and
+// log1p(t) = t * P(t) with P a degree-6 polynomial fit of log1p(t) / t on [0, 1] (FMA pipe instead
+// of a second MUFU op: the screen is MUFU-bound at 3 ops per value, bench/NOTES.md): absolute
+// error ~2e-6 and relative ~3e-6 near t = 0, so tiny scores keep their relative accuracy; then
+// sqrt.approx.  Float32 emulation with ex2 / sqrt at 2^-22 relative error: worst 0.09 of the
+// bound below (the GPU probe test asks for at most 1/3).  -DDS4_SSP_MUFU_LOG builds the former
+// screen (1 + e^x through lg2.approx: absolute error ~1e-5 in softplus, ~3e-3 after the sqrt near
+// 0, hence its bound of 5e-3) for A/B timing.
+#ifdef DS4_SSP_MUFU_LOG
 #define DS4_SSP_ABS 5e-3f
 #define DS4_SSP_REL 1e-5f
 __device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
@@ -42,6 +48,25 @@ __device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
     asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sp));
     return r;
 }
+#else
+#define DS4_SSP_ABS 1e-5f
+#define DS4_SSP_REL 1e-5f
+__device__ __forceinline__ float ds4_sqrtsoftplus_approx(float x) {
+    float t, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fabsf(x) * -1.4426950408889634f));
+    float p = 0.01402662880718708f;
+    p = fmaf(p, t, -0.06576914340257645f);
+    p = fmaf(p, t, 0.1481052041053772f);
+    p = fmaf(p, t, -0.234172523021698f);
+    p = fmaf(p, t, 0.3307874798774719f);
+    p = fmaf(p, t, -0.4998254179954529f);
+    p = fmaf(p, t, 0.999997079372406f);
+    // (x > 20: log1p(t) < 2.1e-9 vanishes in the addition, so sp = x as in the exact score)
+    const float sp = fmaxf(x, 0.0f) + t * p;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sp));
+    return r;
+}
+#endif
 
 #define DS4_SF_SOFTMAX_POST 0
 #define DS4_SF_SIGMOID 1

@@ -310,24 +310,34 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
     }
     bool gsure = true;  // (grouped) the screened group choice is the exact one
     if constexpr (GROUPED) {
-        // the top group_topk groups (larger sum first, lower group on ties), the smallest kept
-        // and the largest dropped sum
-        unsigned kept = 0u;
-        float kmin = __int_as_float(0x7f800000), dmax = DS4_NEG_INF;
+        // kmin / dmax: the group_topk-th and (group_topk + 1)-th largest screened sums (a sorted
+        // list of 8: group_topk <= 7, or every group kept); the kept groups are those >= kmin
+        // (exactly group_topk of them when kmin > dmax, the only case used without the exact sums)
+        float gl[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gl[j] = DS4_NEG_INF;
         for (int g = 0; g < num_groups; ++g) {
-            const float sg = sgs[g * 32 + lane];
-            int r = 0;
-            for (int o = 0; o < num_groups; ++o) {
-                const float so = sgs[o * 32 + lane];
-                r += (so > sg || (so == sg && o < g)) ? 1 : 0;
+            float v = sgs[g * 32 + lane];
+            gsure = gsure && fabsf(v) < __int_as_float(0x7f800000);  // no NaN / inf sums
+            v = fmaxf(v, DS4_NEG_INF);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float tv = gl[j];
+                gl[j] = fmaxf(tv, v);
+                v = fminf(tv, v);
             }
-            gsure = gsure && fabsf(sg) < __int_as_float(0x7f800000);  // no NaN / inf sums
-            if (r < group_topk) {
-                kept |= 1u << g;
-                kmin = fminf(kmin, sg);
-            } else {
-                dmax = fmaxf(dmax, sg);
-            }
+        }
+        float kmin = gl[0], dmax = DS4_NEG_INF;
+#pragma unroll
+        for (int j = 1; j < 8; ++j) {
+            kmin = j < group_topk ? gl[j] : kmin;
+            dmax = j == group_topk ? gl[j] : dmax;
+        }
+        unsigned kept = 0xffffffffu;
+        if (group_topk < num_groups) {
+            kept = 0u;
+            for (int g = 0; g < num_groups; ++g)
+                if (sgs[g * 32 + lane] >= kmin) kept |= 1u << g;
         }
         // each of the m screened terms of a sum S is within ABS + REL (|s| + rounding) of the exact
         // one, |s| <= |S| + 2 max |bias|; 2x on REL covers the float32 roundings of both sums
@@ -351,10 +361,9 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
             unsigned unc = 0u, sure = 0u;
             for (int g = 0; g < num_groups; ++g) {
                 const float sg = sgs[g * 32 + lane];
-                const bool in = (kept >> g) & 1u;
-                if (in ? sg - dl(sg) > dmax + dl(dmax) : sg + dl(sg) < kmin - dl(kmin)) {
-                    if (in) sure |= 1u << g;
-                } else {
+                if (sg - dl(sg) > dmax + dl(dmax)) {         // above every group not in the top group_topk
+                    sure |= 1u << g;
+                } else if (!(sg + dl(sg) < kmin - dl(kmin))) {  // (else below the top group_topk)
                     unc |= 1u << g;
                 }
             }

@@ -670,6 +670,8 @@ def _rows_supports(p: RouterProblem) -> Optional[str]:
         if E > ROWS_MAX_E or (E // G) % 16:
             return (f"group-limited routing needs E <= {ROWS_MAX_E} and groups of a multiple of 16 experts "
                     f"(E/num_groups={E // G}: whole chunks of 8 for both lanes of a token)")
+        if p.group_topk > 7 and p.group_topk != G:
+            return f"group-limited routing needs group_topk <= 7 or all groups kept (group_topk={p.group_topk})"
         if p.topk > ROWS_KMAX[0] or p.topk // p.group_topk > ROWS_GROUPED_MAX_M:
             return (f"group-limited routing needs k <= {ROWS_KMAX[0]} and k/group_topk <= {ROWS_GROUPED_MAX_M} "
                     f"(k={p.topk}, group_topk={p.group_topk})")

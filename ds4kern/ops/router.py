@@ -748,10 +748,10 @@ ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "32768"))
 
 
 # Group-limited routing, rows' grouped form against `grouped` (bench/NOTES.md, H100, 2026-11-25, V3
-# style): rows wins from T = 16384 (float32 23.6 vs 28.6 us, bf16 21.8 vs 28.1; T=65536 58.2 vs
-# 99.7 / 48.4 vs 99.5) and loses at 4096 (18.1 vs 9.8).  As for Flash the bucket below 32768
-# (8193-16384 tokens) is only measured at its top, so the rule starts at 32768.  Override with
-# DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS or DS4KERN_VARIANT.
+# style): rows wins from T = 12288 (float32 20.2 vs 22.2 us; 16384: 23.6 vs 28.6, bf16 21.8 vs
+# 28.1; 24576: 27.6 vs 41.3; T=65536 58.2 vs 99.7 / 48.4 vs 99.5) and loses at 8448 (18.2 vs 16.1)
+# and 4096 (18.1 vs 9.8).  The 8193-16384 bucket is mixed, the next one all rows: the rule starts
+# at 32768, as for Flash.  Override with DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS or DS4KERN_VARIANT.
 ROWS_GROUPED_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS", "32768"))
 
 

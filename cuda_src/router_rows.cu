@@ -59,6 +59,11 @@ struct Ds4Row {
     const T* p;
 
     static constexpr int RAW = sizeof(T) == 4 ? 2 : 1;  // 16-byte loads per chunk of 8
+#ifdef DS4_ROWS_PD
+    static constexpr int PD = DS4_ROWS_PD;  // (bench/rows_ab.py sweeps)
+#else
+    static constexpr int PD = sizeof(T) == 4 ? 8 : 4;  // chunks in flight in step 1: 256 / 64 bytes per lane (NOTES)
+#endif
 
     // the raw bytes of chunk h (issued now, used later: loads in flight while other work runs)
     __device__ __forceinline__ void raw(int h, uint4 (&r)[RAW]) const {
@@ -129,8 +134,8 @@ __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&b
 // key first, lower group on ties): the kept-group mask.  Both lanes of the token call it together
 // (LPT == 2; each has cpl chunks of every group); sgs is the lane's column of group keys.
 // `finite`: every kept group's score is a number (else experts outside them may be selected).
-template <typename T, int SF, int LPT>
-__device__ __forceinline__ unsigned ds4_rows_exact_groups(const Ds4Row<T>& row, const float* sb, float* sgs, int lane,
+template <typename ROW, int SF, int LPT>
+__device__ __forceinline__ unsigned ds4_rows_exact_groups(const ROW& row, const float* sb, float* sgs, int lane,
                                                           int q, int E, int cpl, int m, int num_groups,
                                                           int group_topk, bool& finite) {
     const unsigned pair = 3u << (lane & ~1);
@@ -185,50 +190,42 @@ __device__ __forceinline__ unsigned ds4_rows_exact_groups(const Ds4Row<T>& row, 
 // screened with those groups; only where a kept group's score is not a number (experts of the
 // other groups, -inf, can then win over NaN scores) does the row take the exact path.  tau and
 // the live chunks come from the kept groups' chunks only; the rest is as without groups.
-template <typename T, int SF, int KMAX, int LPT, bool GROUPED>
-__device__ __forceinline__ void
-ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
-              float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
-              void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
-              int group_topk) {
-    constexpr int CAP = KMAX + (GROUPED ? 24 : 16);  // candidates per lane (grouped: 2 x 16 group rows)
-    constexpr int TPW = 32 / LPT;                    // tokens per warp
-    constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
-    extern __shared__ __align__(16) unsigned char smem[];
-    // layout: candidates' logits [W][CAP][32] | their experts [W][CAP][32] (bytes) | bias [256] | max |bias|
-    const int lane = threadIdx.x & 31;
-    const int wib = threadIdx.x >> 5;
-    float* candx = reinterpret_cast<float*>(smem) + wib * CAP * 32;
-    unsigned char* cand = smem + DS4_ROWS_WARPS * CAP * 32 * 4 + wib * CAP * 32;
-    float* sb = reinterpret_cast<float*>(smem + DS4_ROWS_WARPS * CAP * 32 * 5);
-    unsigned* sbabs = reinterpret_cast<unsigned*>(sb + 256);
-    const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * TPW;
-    const int rows = (int)max(0LL, min((long long)TPW, num_tokens - tile0));
+// The block's bias table and max |bias| in shared memory (every thread of the block; two barriers).
+__device__ __forceinline__ void ds4_rows_bias_table(const float* __restrict__ bias, int E, float* sb, unsigned* sbabs,
+                                                    int nthreads) {
     if (threadIdx.x == 0) *sbabs = 0u;
     __syncthreads();
-    {
-        float ab = 0.0f;
-        for (int e = threadIdx.x; e < E; e += 32 * DS4_ROWS_WARPS) {
-            const float b = bias != nullptr ? bias[e] : 0.0f;
-            sb[e] = b;
-            ab = fmaxf(ab, fabsf(b));
-        }
-        atomicMax(sbabs, __float_as_uint(ab));  // non-negative floats order as their bits
+    float ab = 0.0f;
+    for (int e = threadIdx.x; e < E; e += nthreads) {
+        const float b = bias != nullptr ? bias[e] : 0.0f;
+        sb[e] = b;
+        ab = fmaxf(ab, fabsf(b));
     }
+    atomicMax(sbabs, __float_as_uint(ab));  // non-negative floats order as their bits
     __syncthreads();
-    if (rows == 0) return;  // the whole warp (no block-wide barriers below)
-    const int t = lane / LPT;  // token of this lane in the tile
+}
+
+// Candidates per lane (grouped: 2 x 16 group rows share the table).
+template <int KMAX, bool GROUPED>
+__host__ __device__ constexpr int ds4_rows_cap() { return KMAX + (GROUPED ? 24 : 16); }
+
+// One token's row (LPT lanes): steps 1-3 and the stores.  `row` is this lane's token's row (global
+// or shared memory); lanes with !valid redo a token of the tile and write nothing.
+template <typename T, typename ROW, int SF, int KMAX, int LPT, bool GROUPED>
+__device__ __forceinline__ void
+ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned char* cand, const float* sb,
+              float babs, bool has_bias, int E, int k, float scaling, float* __restrict__ weights, long long w_rs,
+              long long w_cs, void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind,
+              int num_groups, int group_topk) {
+    constexpr int CAP = ds4_rows_cap<KMAX, GROUPED>();
+    constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
+    const int lane = threadIdx.x & 31;
     const int q = lane % LPT;  // which chunks of the row: q, q + LPT, q + 2 LPT, ...
-    const bool valid = t < rows;  // lanes past the last token redo it and write nothing (shuffles)
-    const long long token = tile0 + min(t, rows - 1);
     // (alternate chunks, not halves: the two lanes of a token read 32 consecutive bytes per load,
     // whole sectors, instead of two half sectors whose other halves must wait in L1 for the next
     // chunk's load; the list keys (key, expert) make the merge independent of which lane had what)
     const int ncl = E / 8 / LPT;
-    Ds4Row<T> row;
-    row.p = logits + token * E;
-    const float babs = __uint_as_float(*sbabs);
-    const bool plain = !GROUPED && bias == nullptr;
+    const bool plain = !GROUPED && !has_bias;
     // (grouped) chunks per lane in a group, top m per group; the lane's group scores go to a column
     // of the candidates' table (read before step 2 writes candidates, each lane its own column)
     const int cpl = GROUPED ? E / num_groups / (8 * LPT) : 1;
@@ -245,19 +242,15 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
     // A ring of PD chunks in flight: chunk hh + PD is requested before chunk hh is worked on (the
     // compiler did not hoist the loads past the per-chunk work by itself: one round trip to L2 per
     // chunk, bench/NOTES.md).  Loads are clamped into the lane's chunks, so always in bounds.
-#ifdef DS4_ROWS_PD
-    constexpr int PD = DS4_ROWS_PD;  // (bench/rows_ab.py sweeps)
-#else
-    constexpr int PD = sizeof(T) == 4 ? 8 : 4;  // 256 / 64 bytes per lane (measured best, NOTES)
-#endif
-    uint4 ring[PD][Ds4Row<T>::RAW];
+    constexpr int PD = ROW::PD;
+    uint4 ring[PD][ROW::RAW];
 #pragma unroll
     for (int p = 0; p < PD; ++p) row.raw(q + LPT * min(p, ncl - 1), ring[p]);
 #pragma unroll
     for (int hh = 0; hh < MAXC; ++hh) {
         up[hh] = DS4_NEG_INF;
         float x[8];
-        Ds4Row<T>::unpack(ring[hh % PD], x);
+        ROW::unpack(ring[hh % PD], x);
         if (hh + PD < MAXC) row.raw(q + LPT * min(hh + PD, ncl - 1), ring[hh % PD]);
         if (hh < ncl) {
             const int h = q + LPT * hh;
@@ -409,7 +402,7 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
             gsure = true;
         } else if (!gsure) {  // NaN / inf sums: the whole exact group pass
             bool finite;
-            kept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+            kept = ds4_rows_exact_groups<ROW, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
             gsure = finite;  // (else the exact path)
         }
         // tau from the kept groups' chunks only; the other chunks are never live
@@ -485,15 +478,15 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
         int n = 0;
         // one chunk ahead: the next live chunk's load is in flight while this one is screened
         int h = q + LPT * (live ? __ffs(live) - 1 : 0);
-        uint4 cur[Ds4Row<T>::RAW];
+        uint4 cur[ROW::RAW];
         if (live) row.raw(h, cur);
         while (live) {
             live &= live - 1u;
             const int hn = live ? q + LPT * (__ffs(live) - 1) : h;
-            uint4 nxt[Ds4Row<T>::RAW];
+            uint4 nxt[ROW::RAW];
             row.raw(hn, nxt);
             float x[8];
-            Ds4Row<T>::unpack(cur, x);
+            ROW::unpack(cur, x);
             float bb[8];
             ds4_chunk_bias(sb, h, bb);
 #pragma unroll
@@ -508,7 +501,7 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
             }
             h = hn;
 #pragma unroll
-            for (int i = 0; i < Ds4Row<T>::RAW; ++i) cur[i] = nxt[i];
+            for (int i = 0; i < ROW::RAW; ++i) cur[i] = nxt[i];
         }
 #ifdef DS4_ROWS_DEBUG
         if (token == (long long)ds4_rows_dbg[7] && q == 0) {
@@ -542,7 +535,7 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
         unsigned xkept = 0xffffffffu;
         if constexpr (GROUPED) {  // the exact group choice (both lanes of the token are here)
             bool finite;
-            xkept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+            xkept = ds4_rows_exact_groups<ROW, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
         }
         int c = 0, g = 0;
 #pragma unroll 1
@@ -618,6 +611,37 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
     }
 }
 
+// One tile of 32 / LPT tokens per warp, rows read from global memory.
+template <typename T, int SF, int KMAX, int LPT, bool GROUPED>
+__device__ __forceinline__ void
+ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
+              float scaling, float* __restrict__ weights, long long w_rs, long long w_cs,
+              void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind, int num_groups,
+              int group_topk) {
+    constexpr int CAP = ds4_rows_cap<KMAX, GROUPED>();
+    constexpr int TPW = 32 / LPT;                    // tokens per warp
+    extern __shared__ __align__(16) unsigned char smem[];
+    // layout: candidates' logits [W][CAP][32] | their experts [W][CAP][32] (bytes) | bias [256] | max |bias|
+    const int lane = threadIdx.x & 31;
+    const int wib = threadIdx.x >> 5;
+    float* candx = reinterpret_cast<float*>(smem) + wib * CAP * 32;
+    unsigned char* cand = smem + DS4_ROWS_WARPS * CAP * 32 * 4 + wib * CAP * 32;
+    float* sb = reinterpret_cast<float*>(smem + DS4_ROWS_WARPS * CAP * 32 * 5);
+    unsigned* sbabs = reinterpret_cast<unsigned*>(sb + 256);
+    const long long tile0 = ((long long)blockIdx.x * DS4_ROWS_WARPS + wib) * TPW;
+    const int rows = (int)max(0LL, min((long long)TPW, num_tokens - tile0));
+    ds4_rows_bias_table(bias, E, sb, sbabs, 32 * DS4_ROWS_WARPS);
+    if (rows == 0) return;  // the whole warp (no block-wide barriers below)
+    const int t = lane / LPT;  // token of this lane in the tile
+    const bool valid = t < rows;  // lanes past the last token redo it and write nothing (shuffles)
+    const long long token = tile0 + min(t, rows - 1);
+    Ds4Row<T> row;
+    row.p = logits + token * E;
+    ds4_rows_tile<T, Ds4Row<T>, SF, KMAX, LPT, GROUPED>(row, token, valid, candx, cand, sb, __uint_as_float(*sbabs),
+                                                       bias != nullptr, E, k, scaling, weights, w_rs, w_cs, indices,
+                                                       i_rs, i_cs, idx_kind, num_groups, group_topk);
+}
+
 template <typename T, int SF, int KMAX, int LPT>
 __global__ void __launch_bounds__(32 * DS4_ROWS_WARPS, DS4_ROWS_MINB)
 router_topk_rows(const T* __restrict__ logits, const float* __restrict__ bias, long long num_tokens, int E, int k,
@@ -637,3 +661,4 @@ router_topk_rows_grouped(const T* __restrict__ logits, const float* __restrict__
     ds4_rows_topk<T, SF, 8, 2, true>(logits, bias, num_tokens, E, k, scaling, weights, w_rs, w_cs, indices, i_rs,
                                      i_cs, idx_kind, num_groups, group_topk);
 }
+

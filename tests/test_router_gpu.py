@@ -418,7 +418,12 @@ def test_radix_beyond_register_limits(cp, rng, E, k, mode):
     x = (rng.standard_normal((int(rng.integers(1, 200)), E)) * 2).astype(np.float32)
     run_and_check(cp, x, k, MODES[mode], rng, variant="radix")
     x = rng.integers(-3, 4, size=(64, E)).astype(np.float32)  # ties everywhere: identical to the reference
-    run_and_check(cp, x, k, MODES[mode], rng, variant="radix", exact=True)
+    plain = {key: v for key, v in MODES[mode].items() if key != "bias"}
+    run_and_check(cp, x, k, plain, rng, variant="radix", exact=True)
+    if MODES[mode].get("bias"):
+        # with a random bias two experts' s + b can fall within one ulp of each other, where the
+        # GPU's and numpy's sigmoid (1 ulp apart) round the sums apart: compared tie-aware
+        run_and_check(cp, x, k, MODES[mode], rng, variant="radix", max_tie_rows=64)
 
 
 def test_host_bias_with_device_logits_is_refused(cp):

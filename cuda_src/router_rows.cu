@@ -209,8 +209,9 @@ __device__ __forceinline__ void ds4_rows_bias_table(const float* __restrict__ bi
 template <int KMAX, bool GROUPED>
 __host__ __device__ constexpr int ds4_rows_cap() { return KMAX + (GROUPED ? 24 : 16); }
 
-// One token's row (LPT lanes): steps 1-3 and the stores.  `row` is this lane's token's row (global
-// or shared memory); lanes with !valid redo a token of the tile and write nothing.
+// One token's row (LPT lanes): steps 1-3 and the stores.  `row` reads this lane's token's row (ROW:
+// Ds4Row; a shared-memory reader was tried, bench/NOTES.md); lanes with !valid redo a token of the
+// tile and write nothing.
 template <typename T, typename ROW, int SF, int KMAX, int LPT, bool GROUPED>
 __device__ __forceinline__ void
 ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned char* cand, const float* sb,

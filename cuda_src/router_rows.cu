@@ -245,14 +245,29 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
     // chunk, bench/NOTES.md).  Loads are clamped into the lane's chunks, so always in bounds.
     constexpr int PD = ROW::PD;
     uint4 ring[PD][ROW::RAW];
+#ifdef DS4_ROWS_LOADS_COALESCED  // (bench only, with DS4_ROWS_LOADS_ONLY and full tiles: the warp streams its
+    // tile as one flat array, 512 contiguous bytes per load instruction, instead of 16 rows x 32 bytes)
+    const uint4* tile_u4 = reinterpret_cast<const uint4*>(row.p - (long long)(lane / LPT) * E);
+    auto cload = [&](int hh, uint4 (&r)[ROW::RAW]) {
+#pragma unroll
+        for (int i = 0; i < ROW::RAW; ++i) r[i] = __ldg(tile_u4 + (min(hh, ncl - 1) * ROW::RAW + i) * 32 + lane);
+    };
+#pragma unroll
+    for (int p = 0; p < PD; ++p) cload(p, ring[p]);
+#else
 #pragma unroll
     for (int p = 0; p < PD; ++p) row.raw(q + LPT * min(p, ncl - 1), ring[p]);
+#endif
 #pragma unroll
     for (int hh = 0; hh < MAXC; ++hh) {
         up[hh] = DS4_NEG_INF;
         float x[8];
         ROW::unpack(ring[hh % PD], x);
+#ifdef DS4_ROWS_LOADS_COALESCED
+        if (hh + PD < MAXC) cload(hh + PD, ring[hh % PD]);
+#else
         if (hh + PD < MAXC) row.raw(q + LPT * min(hh + PD, ncl - 1), ring[hh % PD]);
+#endif
         if (hh < ncl) {
             const int h = q + LPT * hh;
             float lo;

@@ -74,6 +74,30 @@ __device__ __forceinline__ int ds4_select_round(unsigned (&key)[VPL], int base, 
 
 // The k rounds over all experts, then the weights: the naive algorithm, also the fallback of
 // the threshold kernel.  x[] holds this lane's logits (experts lane + 32 i).
+// A group score: the sum of the group's top m keys' values, added largest first (as the reference
+// does).  Each round takes this lane's best key not yet counted among the slots `in(i)` admits
+// (expert `expert(i)`), `best(bk, be)` makes it the best of the group's lanes (larger key, then
+// lower expert), and the owner's slot is marked counted (a bit per slot: VPL <= 32).
+template <int VPL, typename In, typename Expert, typename Best>
+__device__ __forceinline__ float ds4_group_score(const unsigned (&key)[VPL], int m, In in, Expert expert, Best best) {
+    unsigned taken = 0u;
+    float sum = 0.0f;
+    for (int r = 0; r < m; ++r) {
+        unsigned bk = 0u;
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (in(i) && !((taken >> i) & 1u) && key[i] > bk) { bk = key[i]; be = expert(i); }
+        best(bk, be);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+            if (expert(i) == be) taken |= 1u << i;
+        const float v = ds4_key_value(bk);
+        sum = r == 0 ? v : sum + v;
+    }
+    return sum;
+}
+
 // Group-limited routing: group score = sum of the group's top m = k / group_topk selection
 // scores (added in descending order, as the reference does); the top group_topk groups stay,
 // every other expert's key becomes that of -inf.  Lane g holds group g's score (num_groups <= 32),
@@ -85,25 +109,14 @@ __device__ __forceinline__ void ds4_group_mask(unsigned (&key)[VPL], int lane, i
         const int gs = E / num_groups, m = k / group_topk;
         float gscore = 0.0f;
         for (int g = 0; g < num_groups; ++g) {
-            unsigned taken = 0u;
-            float sum = 0.0f;
-            for (int r = 0; r < m; ++r) {
-                unsigned bk = 0u;
-                int be = 0x7fffffff;
-#pragma unroll
-                for (int i = 0; i < VPL; ++i) {
-                    const int e = lane + 32 * i;
-                    const bool in = e >= g * gs && e < (g + 1) * gs && !((taken >> i) & 1u);
-                    if (in && key[i] > bk) { bk = key[i]; be = e; }
-                }
-                const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
-                const int we = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
-#pragma unroll
-                for (int i = 0; i < VPL; ++i)
-                    if (lane + 32 * i == we) taken |= 1u << i;
-                const float v = ds4_key_value(wk);
-                sum = r == 0 ? v : sum + v;
-            }
+            const float sum = ds4_group_score<VPL>(
+                key, m, [&](int i) { const int e = lane + 32 * i; return e >= g * gs && e < (g + 1) * gs; },
+                [&](int i) { return lane + 32 * i; },
+                [](unsigned& bk, int& be) {  // the whole warp
+                    const unsigned wk = __reduce_max_sync(0xffffffffu, bk);
+                    be = (int)__reduce_min_sync(0xffffffffu, bk == wk ? (unsigned)be : 0xffffffffu);
+                    bk = wk;
+                });
             if (lane == g) gscore = sum;
         }
         const unsigned gk = lane < num_groups ? ds4_order_key(gscore) : 0u;
@@ -404,25 +417,15 @@ __device__ __forceinline__ void ds4_load_contig(const T* __restrict__ row, int e
 template <int VPL>
 __device__ __forceinline__ void ds4_group_mask_contig(unsigned (&key)[VPL], int e0, int lpg, int my_group,
                                                       int num_groups, int m, int group_topk) {
-    unsigned taken = 0u;
-    float sum = 0.0f;
-    for (int r = 0; r < m; ++r) {
-        unsigned bk = 0u;
-        int be = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (!((taken >> i) & 1u) && key[i] > bk) { bk = key[i]; be = e0 + i; }
-        for (int off = 1; off < lpg; off <<= 1) {
-            const unsigned ok = __shfl_xor_sync(0xffffffffu, bk, off);
-            const int oe = __shfl_xor_sync(0xffffffffu, be, off);
-            if (ok > bk || (ok == bk && oe < be)) { bk = ok; be = oe; }
-        }
-#pragma unroll
-        for (int i = 0; i < VPL; ++i)
-            if (e0 + i == be) taken |= 1u << i;
-        const float v = ds4_key_value(bk);
-        sum = r == 0 ? v : sum + v;
-    }
+    const float sum = ds4_group_score<VPL>(
+        key, m, [](int) { return true; }, [&](int i) { return e0 + i; },
+        [&](unsigned& bk, int& be) {  // the group's lpg lanes
+            for (int off = 1; off < lpg; off <<= 1) {
+                const unsigned ok = __shfl_xor_sync(0xffffffffu, bk, off);
+                const int oe = __shfl_xor_sync(0xffffffffu, be, off);
+                if (ok > bk || (ok == bk && oe < be)) { bk = ok; be = oe; }
+            }
+        });
     const int rank = ds4_group_rank(my_group < num_groups ? ds4_order_key(sum) : 0u, my_group, lpg, num_groups);
     if (my_group < num_groups && rank >= group_topk) {
         const unsigned masked = ds4_order_key(DS4_NEG_INF);

@@ -86,6 +86,22 @@ class RouterComparison:
                 f"weights_ok={self.weight_ok}")
 
 
+def group_tie_rows(i, i_ref, sel64, k, G, gt, tol=1e-5):
+    """Rows whose kept groups differ from the reference's only in groups scored (float64) within
+    ``tol`` (relative) of the group_topk-th group score: two group sums that float32 rounds to the
+    same value (or orders the other way) legitimately keep either group."""
+    T, E = sel64.shape
+    gs, m = E // G, k // gt
+    gscore = -np.sort(-sel64.reshape(T, G, gs), axis=2)[:, :, :m].sum(2)
+    kth = -np.sort(-gscore, axis=1)[:, gt - 1]
+    out = set()
+    for t in range(T):
+        diff = sorted(set((i[t] // gs).tolist()) ^ set((i_ref[t] // gs).tolist()))
+        if diff and np.all(np.abs(gscore[t, diff] - kth[t]) <= tol * max(abs(kth[t]), 1e-30)):
+            out.add(t)
+    return out
+
+
 def router_tolerances(E: int, dtype: str = "float32") -> tuple[float, float]:
     """(atol, rtol) of spec/router.md for float32 logits."""
     return max(1e-5, 4e-7 * E), max(1.3e-6, 4e-7 * E)

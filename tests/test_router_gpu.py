@@ -8,7 +8,7 @@ import pytest
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
-from ds4kern.checks import compare_router, router_scores64, router_tolerances
+from ds4kern.checks import compare_router, group_tie_rows, router_scores64, router_tolerances
 from ds4kern.ops.router import reference_router_topk
 
 pytestmark = pytest.mark.gpu
@@ -84,21 +84,6 @@ def run_and_check(cp, x_host, k, mode, rng, variant="naive", index_dtype="int32"
     assert cmp.tie_rows <= limit, cmp
     assert not np.isnan(w).any()
     return w, i
-
-
-def group_tie_rows(i, i_ref, sel64, k, G, gt, tol=1e-5):
-    """Rows whose kept groups differ from the reference's only in groups scored (float64) within
-    ``tol`` (relative) of the group_topk-th group score."""
-    T, E = sel64.shape
-    gs, m = E // G, k // gt
-    gscore = -np.sort(-sel64.reshape(T, G, gs), axis=2)[:, :, :m].sum(2)
-    kth = -np.sort(-gscore, axis=1)[:, gt - 1]
-    out = set()
-    for t in range(T):
-        diff = sorted(set((i[t] // gs).tolist()) ^ set((i_ref[t] // gs).tolist()))
-        if diff and np.all(np.abs(gscore[t, diff] - kth[t]) <= tol * max(abs(kth[t]), 1e-30)):
-            out.add(t)
-    return out
 
 
 def assert_same_up_to_ties(w, i, x32, k, sf, bias=None, scaling=1.0, max_tie_rows=4):

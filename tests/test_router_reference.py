@@ -6,7 +6,7 @@ import pytest
 
 import ds4kern
 from ds4kern._arrays import BFLOAT16
-from ds4kern.checks import compare_router, router_tolerances, router_topk64
+from ds4kern.checks import compare_router, group_tie_rows, router_scores64, router_tolerances, router_topk64
 
 MODES = [
     dict(score_function="softmax", use_pre_softmax=False),
@@ -235,7 +235,15 @@ def test_group_limited_matches_float64(E, k, G, gt, mode, rng):
     w64, i64, sel = router_topk64(x, k, mode["score_function"], mode.get("use_pre_softmax", False), bias, 2.5,
                                   num_groups=G, group_topk=gt)
     cmp = compare_router(w, i, w64, i64, sel, *router_tolerances(E))
-    assert cmp.ok, cmp
+    if not cmp.ok and cmp.weight_ok:
+        # a row may keep another group where two group sums tie within float32 rounding (float64
+        # orders them); every other row must match
+        near = group_tie_rows(i, i64, router_scores64(x, mode["score_function"], mode.get("use_pre_softmax", False),
+                                                      bias)[0], k, G, gt)
+        rest = sorted(set(cmp.bad_set_rows + cmp.bad_order_rows) - near)
+        assert not rest and len(near) <= 2, (cmp, rest, sorted(near))
+    else:
+        assert cmp.ok, cmp
     # every chosen expert lies in one of at most group_topk groups
     assert (np.array([len(set((row // (E // G)).tolist())) for row in i]) <= gt).all()
 

@@ -30,7 +30,7 @@
 //      sorted register list of k (order key, expert, unbiased score): larger key first; as
 //      candidates come in expert order and an equal key goes after the entries already there,
 //      the lower expert stays first on ties.
-// Screening uses the MUFU approximations of the warp kernels (DS4_SIG_* / DS4_SSP_*, tested by
+// Screening uses the fast approximations of the warp kernels (DS4_SIG_* / DS4_SSP_*, tested by
 // the probes); eps bounds their error at the scores that matter: ABS + REL * (2 |tau| + max
 // |bias|) (the function's own value is at most |s| + |bias|).  Rows where tau is not finite (NaN
 // chunks, infinities) or with more than CAP candidates (heavy ties) take the exact path over

@@ -12,6 +12,28 @@ from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
 E, K = 256, 6
 
 
+def backward_inputs(cp, rng, T, dt):
+    """Inputs of the backward from dense indices, enough copies to rotate beyond L2: (copies,
+    gradients [T, E] in dt, float32 intermediates, distinct random indices [T, K], outputs)."""
+    size = np.dtype(dt).itemsize
+    n = max(2, min(16, (256 << 20) // (T * E * (2 * size + 4))))
+    gs = [cp.asarray(rng.standard_normal((T, E)).astype(dt)) for _ in range(n)]
+    acts = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(n)]
+    idx = [cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)) for _ in range(n)]
+    outs = [cp.empty((T, E), dt) for _ in range(n)]
+    return n, gs, acts, idx, outs
+
+
+def minimal_bytes(T, size):
+    """The k gathered gradients, intermediates and indices, and the written [T, E] gradient."""
+    return T * K * (size + 4 + 4) + T * E * size
+
+
+def zero_fill(cp, out):
+    """The output's zero fill alone (the write floor), on the current stream."""
+    cp.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, cp.cuda.get_current_stream().ptr)
+
+
 def main():
     import cupy as cp
     ap = argparse.ArgumentParser()
@@ -23,17 +45,12 @@ def main():
     print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}")
     for dt_name, dt in (("float32", np.float32), ("bfloat16", BFLOAT16)):
         size = np.dtype(dt).itemsize
-        n = max(2, min(16, (256 << 20) // (T * E * (2 * size + 4))))
-        gs = [cp.asarray(rng.standard_normal((T, E)).astype(dt)) for _ in range(n)]
-        acts = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(n)]
-        idx = [cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)) for _ in range(n)]
-        outs = [cp.empty((T, E), dt) for _ in range(n)]
-        minimal = T * K * (size + 4 + 4) + T * E * size
+        n, gs, acts, idx, outs = backward_inputs(cp, rng, T, dt)
+        minimal = minimal_bytes(T, size)
         kern = r.ROUTER_KERNELS.kernel
 
         forms = {
-            "zero fill (memset)": lambda j: cp.cuda.runtime.memsetAsync(outs[j % n].data.ptr, 0, outs[j % n].nbytes,
-                                                                       cp.cuda.get_current_stream().ptr),
+            "zero fill (memset)": lambda j: zero_fill(cp, outs[j % n]),
             "warp per row (naive<.,4>)": lambda j: kern(r.backward_name(dt_name, 4))(
                 (T // 4,), (128,), (gs[j % n], acts[j % n], idx[j % n], np.int32(3), np.int32(3), np.int64(K),
                                     np.int64(1), np.int64(T), np.int32(E), np.int32(K), np.int32(2), np.int32(0),

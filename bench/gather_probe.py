@@ -16,10 +16,10 @@ import argparse
 
 import numpy as np
 
+from bwd_idx_probe import E, K, backward_inputs, minimal_bytes, zero_fill  # (bench/ is the script's folder)
 from ds4kern._arrays import BFLOAT16
 from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
 
-E, K = 256, 6
 SRC = r"""
 #include <cuda_bf16.h>
 template <typename T>
@@ -49,12 +49,7 @@ def main():
     print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}")
     mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["gathers<float>", "gathers<__nv_bfloat16>"])
     for dt_name, dt, cname in (("float32", np.float32, "float"), ("bfloat16", BFLOAT16, "__nv_bfloat16")):
-        size = np.dtype(dt).itemsize
-        n = max(2, min(16, (256 << 20) // (T * E * (2 * size + 4))))
-        gs = [cp.asarray(rng.standard_normal((T, E)).astype(dt)) for _ in range(n)]
-        acts = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(n)]
-        idx = [cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)) for _ in range(n)]
-        outs = [cp.empty((T, E), dt) for _ in range(n)]
+        n, gs, acts, idx, outs = backward_inputs(cp, rng, T, dt)
         sink = cp.empty(T * K, cp.float32)
         kern = mod.get_function(f"gathers<{cname}>")
         m = T * K
@@ -64,13 +59,13 @@ def main():
                                                np.int32(K), sink))
 
         def fill(j):
-            cp.cuda.runtime.memsetAsync(outs[j % n].data.ptr, 0, outs[j % n].nbytes, cp.cuda.get_current_stream().ptr)
+            zero_fill(cp, outs[j % n])
 
         def both(j):
             gather(j)
             fill(j)
 
-        minimal = T * K * (size + 4 + 4) + T * E * size
+        minimal = minimal_bytes(T, np.dtype(dt).itemsize)
         sectors = 2 * T * K  # one 32-byte sector per gathered value
         for name, fn in (("gathers alone", gather), ("zero fill alone", fill), ("gathers, then the fill", both)):
             t = cuda_graph_time(fn, inner=max(10, n))

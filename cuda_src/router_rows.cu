@@ -114,6 +114,27 @@ __device__ __forceinline__ bool ds4_entry_before(unsigned ka, int ea, unsigned k
     return ka > kb || (ka == kb && ea < eb);
 }
 
+// Insert v into a list sorted largest first (the smallest falls off; NaN must be mapped first).
+template <int N>
+__device__ __forceinline__ void ds4_insert_desc(float (&l)[N], float v) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float tv = l[j];
+        l[j] = fmaxf(tv, v);
+        v = fminf(tv, v);
+    }
+}
+
+// The group score's key from both lanes' top two keys (the lanes of `pair`): the top m <= 2 of the
+// four, their values added largest first, as the reference does.
+__device__ __forceinline__ unsigned ds4_pair_group_key(unsigned k0, unsigned k1, unsigned pair, int m) {
+    const unsigned o0 = __shfl_xor_sync(pair, k0, 1);
+    const unsigned o1 = __shfl_xor_sync(pair, k1, 1);
+    const float a = ds4_key_value(max(k0, o0));
+    const float sum = m == 1 ? a : a + ds4_key_value(max(min(k0, o0), max(k1, o1)));
+    return ds4_order_key(sum);
+}
+
 __device__ __forceinline__ float ds4_max8(const float (&x)[8]) {
     return fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
 }
@@ -134,8 +155,8 @@ __device__ __forceinline__ void ds4_chunk_bias(const float* sb, int h, float (&b
 // key first, lower group on ties): the kept-group mask.  Both lanes of the token call it together
 // (LPT == 2; each has cpl chunks of every group); sgs is the lane's column of group keys.
 // `finite`: every kept group's score is a number (else experts outside them may be selected).
-template <typename ROW, int SF, int LPT>
-__device__ __forceinline__ unsigned ds4_rows_exact_groups(const ROW& row, const float* sb, float* sgs, int lane,
+template <typename T, int SF, int LPT>
+__device__ __forceinline__ unsigned ds4_rows_exact_groups(const Ds4Row<T>& row, const float* sb, float* sgs, int lane,
                                                           int q, int E, int cpl, int m, int num_groups,
                                                           int group_topk, bool& finite) {
     const unsigned pair = 3u << (lane & ~1);
@@ -152,11 +173,7 @@ __device__ __forceinline__ unsigned ds4_rows_exact_groups(const ROW& row, const 
             k0 = max(k0, key);
         }
         if (++c == cpl) {
-            const unsigned o0 = __shfl_xor_sync(pair, k0, 1);
-            const unsigned o1 = __shfl_xor_sync(pair, k1, 1);
-            const float a = ds4_key_value(max(k0, o0));
-            const float sum = m == 1 ? a : a + ds4_key_value(max(min(k0, o0), max(k1, o1)));
-            sgs[g * 32 + lane] = __uint_as_float(ds4_order_key(sum));
+            sgs[g * 32 + lane] = __uint_as_float(ds4_pair_group_key(k0, k1, pair, m));
             k0 = k1 = 0u;
             c = 0;
             ++g;
@@ -179,17 +196,6 @@ __device__ __forceinline__ unsigned ds4_rows_exact_groups(const ROW& row, const 
     return kept;
 }
 
-// Group-limited routing (GROUPED, router_topk_rows_grouped): num_groups groups of E / num_groups
-// experts, a multiple of 16 (each lane holds whole chunks of every group), m = k / group_topk <= 2.
-// Step 1 also keeps, per group, the top two screened selection scores of the lane's chunks; at a
-// group's last chunk the two lanes of the token merge theirs and add the top m (the group score,
-// within m * eps of the exact one).  The top group_topk groups by those screened sums are the
-// exact ones when the last kept sum is more than 2 m eps above the first dropped one; otherwise
-// (near-ties, ~0.5% of random rows; non-finite sums) the group scores are computed exactly, as the
-// reference does (ds4_rows_exact_groups: one more pass over the row, no list), and the row goes on
-// screened with those groups; only where a kept group's score is not a number (experts of the
-// other groups, -inf, can then win over NaN scores) does the row take the exact path.  tau and
-// the live chunks come from the kept groups' chunks only; the rest is as without groups.
 // The block's bias table and max |bias| in shared memory (every thread of the block; two barriers).
 __device__ __forceinline__ void ds4_rows_bias_table(const float* __restrict__ bias, int E, float* sb, unsigned* sbabs,
                                                     int nthreads) {
@@ -209,15 +215,26 @@ __device__ __forceinline__ void ds4_rows_bias_table(const float* __restrict__ bi
 template <int KMAX, bool GROUPED>
 __host__ __device__ constexpr int ds4_rows_cap() { return KMAX + (GROUPED ? 24 : 16); }
 
-// One token's row (LPT lanes): steps 1-3 and the stores.  `row` reads this lane's token's row (ROW:
-// Ds4Row; a shared-memory reader was tried, bench/NOTES.md); lanes with !valid redo a token of the
-// tile and write nothing.
-template <typename T, typename ROW, int SF, int KMAX, int LPT, bool GROUPED>
+// One token's row (LPT lanes): steps 1-3 and the stores.  `row` reads this lane's token's row;
+// lanes with !valid redo a token of the tile and write nothing.
+// Group-limited routing (GROUPED, router_topk_rows_grouped): num_groups groups of E / num_groups
+// experts, a multiple of 16 (each lane holds whole chunks of every group), m = k / group_topk <= 2.
+// Step 1 also keeps, per group, the top two screened selection scores of the lane's chunks; at a
+// group's last chunk the two lanes of the token merge theirs and add the top m (the group score,
+// within m * eps of the exact one).  The top group_topk groups by those screened sums are the
+// exact ones when the last kept sum is more than 2 m eps above the first dropped one; otherwise
+// (near-ties, ~0.5% of random rows; non-finite sums) the group scores are computed exactly, as the
+// reference does (ds4_rows_exact_groups: one more pass over the row, no list), and the row goes on
+// screened with those groups; only where a kept group's score is not a number (experts of the
+// other groups, -inf, can then win over NaN scores) does the row take the exact path.  tau and
+// the live chunks come from the kept groups' chunks only; the rest is as without groups.
+template <typename T, int SF, int KMAX, int LPT, bool GROUPED>
 __device__ __forceinline__ void
-ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned char* cand, const float* sb,
+ds4_rows_tile(const Ds4Row<T> row, long long token, bool valid, float* candx, unsigned char* cand, const float* sb,
               float babs, bool has_bias, int E, int k, float scaling, float* __restrict__ weights, long long w_rs,
               long long w_cs, void* __restrict__ indices, long long i_rs, long long i_cs, int idx_kind,
               int num_groups, int group_topk) {
+    using ROW = Ds4Row<T>;
     constexpr int CAP = ds4_rows_cap<KMAX, GROUPED>();
     constexpr int MAXC = DS4_ROWS_MAX_CH / LPT;      // chunks per lane
     const int lane = threadIdx.x & 31;
@@ -307,14 +324,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
 #endif
             lo = lo == lo ? lo : DS4_NEG_INF;  // an all-NaN chunk bounds nothing
             up[hh] = lo;
-            if constexpr (!GROUPED) {  // (grouped: after the group choice, over the kept chunks)
-#pragma unroll
-                for (int j = 0; j < KMAX; ++j) {
-                    const float tv = tl[j];
-                    tl[j] = fmaxf(tv, lo);
-                    lo = fminf(tv, lo);
-                }
-            }
+            if constexpr (!GROUPED) ds4_insert_desc(tl, lo);  // (grouped: after the group choice, kept chunks)
         }
     }
     bool gsure = true;  // (grouped) the screened group choice is the exact one
@@ -328,13 +338,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
         for (int g = 0; g < num_groups; ++g) {
             float v = sgs[g * 32 + lane];
             gsure = gsure && fabsf(v) < __int_as_float(0x7f800000);  // no NaN / inf sums
-            v = fmaxf(v, DS4_NEG_INF);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float tv = gl[j];
-                gl[j] = fmaxf(tv, v);
-                v = fminf(tv, v);
-            }
+            ds4_insert_desc(gl, fmaxf(v, DS4_NEG_INF));
         }
         float kmin = gl[0], dmax = DS4_NEG_INF;
 #pragma unroll
@@ -352,7 +356,8 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
         // one, |s| <= |S| + 2 max |bias|; 2x on REL covers the float32 roundings of both sums
         const float eabs = SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS;
         const float erel = SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL;
-        auto dl = [&](float S) { return (float)m * (eabs + 2.0f * erel * (fabsf(S) + 2.0f * babs)); };
+        auto ev = [&](float S) { return eabs + 2.0f * erel * (fabsf(S) + 2.0f * babs); };  // one term
+        auto dl = [&](float S) { return (float)m * ev(S); };                                // a sum
         const bool sfin = gsure;  // every screened sum a number
         if (sfin && group_topk < num_groups) gsure = kmin - dl(kmin) > dmax + dl(dmax);
         DS4_DBG(2, q == 0 && !gsure);
@@ -379,7 +384,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
             for (unsigned u = unc; u; u &= u - 1u) {
                 const int g = __ffs(u) - 1;
                 const float bm = sgs[(16 + g) * 32 + lane];
-                const float th = bm - 2.0f * (eabs + 2.0f * erel * (fabsf(bm) + 2.0f * babs));
+                const float th = bm - 2.0f * ev(bm);
                 unsigned k0 = 0u, k1 = 0u;
                 for (int c = 0; c < cpl; ++c) {
                     const int h = q + LPT * (g * cpl + c);
@@ -395,11 +400,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
                         }
                     }
                 }
-                const unsigned o0 = __shfl_xor_sync(pair, k0, 1);
-                const unsigned o1 = __shfl_xor_sync(pair, k1, 1);
-                const float a = ds4_key_value(max(k0, o0));
-                const float sum = m == 1 ? a : a + ds4_key_value(max(min(k0, o0), max(k1, o1)));
-                sgs[(16 + g) * 32 + lane] = __uint_as_float(ds4_order_key(sum));
+                sgs[(16 + g) * 32 + lane] = __uint_as_float(ds4_pair_group_key(k0, k1, pair, m));
             }
             // the uncertain groups compete for the places the sure ones leave (key, then group)
             const int need = group_topk - __popc(sure);
@@ -418,7 +419,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
             gsure = true;
         } else if (!gsure) {  // NaN / inf sums: the whole exact group pass
             bool finite;
-            kept = ds4_rows_exact_groups<ROW, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+            kept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
             gsure = finite;  // (else the exact path)
         }
         // tau from the kept groups' chunks only; the other chunks are never live
@@ -426,14 +427,9 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
 #pragma unroll
         for (int hh = 0; hh < MAXC; ++hh) {
             if (hh < ncl) {
-                float lo = (kept >> g) & 1u ? up[hh] : DS4_NEG_INF;
+                const float lo = (kept >> g) & 1u ? up[hh] : DS4_NEG_INF;
                 up[hh] = lo;
-#pragma unroll
-                for (int j = 0; j < KMAX; ++j) {
-                    const float tv = tl[j];
-                    tl[j] = fmaxf(tv, lo);
-                    lo = fminf(tv, lo);
-                }
+                ds4_insert_desc(tl, lo);
                 if (++c == cpl) {
                     c = 0;
                     ++g;
@@ -551,7 +547,7 @@ ds4_rows_tile(const ROW row, long long token, bool valid, float* candx, unsigned
         unsigned xkept = 0xffffffffu;
         if constexpr (GROUPED) {  // the exact group choice (both lanes of the token are here)
             bool finite;
-            xkept = ds4_rows_exact_groups<ROW, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
+            xkept = ds4_rows_exact_groups<T, SF, LPT>(row, sb, sgs, lane, q, E, cpl, m, num_groups, group_topk, finite);
         }
         int c = 0, g = 0;
 #pragma unroll 1
@@ -653,7 +649,7 @@ ds4_rows_topk(const T* __restrict__ logits, const float* __restrict__ bias, long
     const long long token = tile0 + min(t, rows - 1);
     Ds4Row<T> row;
     row.p = logits + token * E;
-    ds4_rows_tile<T, Ds4Row<T>, SF, KMAX, LPT, GROUPED>(row, token, valid, candx, cand, sb, __uint_as_float(*sbabs),
+    ds4_rows_tile<T, SF, KMAX, LPT, GROUPED>(row, token, valid, candx, cand, sb, __uint_as_float(*sbabs),
                                                        bias != nullptr, E, k, scaling, weights, w_rs, w_cs, indices,
                                                        i_rs, i_cs, idx_kind, num_groups, group_topk);
 }

@@ -663,10 +663,10 @@ def _warp(a: RouterArgs) -> None:
 
 
 def _rows_supports(p: RouterProblem) -> Optional[str]:
+    if p.score_function not in _ROWS_SF or p.use_pre_softmax:
+        return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
     if p.num_groups:
         E, G = p.num_experts, p.num_groups
-        if p.score_function not in _ROWS_SF or p.use_pre_softmax:
-            return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
         if E > ROWS_MAX_E or (E // G) % 16:
             return (f"group-limited routing needs E <= {ROWS_MAX_E} and groups of a multiple of 16 experts "
                     f"(E/num_groups={E // G}: whole chunks of 8 for both lanes of a token)")
@@ -676,8 +676,6 @@ def _rows_supports(p: RouterProblem) -> Optional[str]:
             return (f"group-limited routing needs k <= {ROWS_KMAX[0]} and k/group_topk <= {ROWS_GROUPED_MAX_M} "
                     f"(k={p.topk}, group_topk={p.group_topk})")
         return None
-    if p.score_function not in _ROWS_SF or p.use_pre_softmax:
-        return "only sigmoid and sqrtsoftplus scores (softmax needs the row's normaliser first)"
     if p.num_experts % 8 or p.num_experts > ROWS_MAX_E:
         return f"needs E a multiple of 8 and at most {ROWS_MAX_E} (chunks of 8 experts, 32-bit chunk masks)"
     if p.topk > ROWS_KMAX[-1]:
@@ -690,13 +688,13 @@ def _rows(a: RouterArgs) -> None:
     if a.logits.data.ptr % 16:  # rows are read in 16-byte loads
         return _warp(a)
     p = a.problem
-    kmax = next(km for km in ROWS_KMAX if km >= a.topk)
     sf = _ROWS_SF[a.score_function]
     if p.num_groups:  # two lanes per token, 8-entry list
         kmax, lpt = ROWS_KMAX[0], 2
         kern = ROWS_KERNELS.kernel(rows_grouped_name(p.dtype, sf))
         extra = (np.int32(a.num_groups), np.int32(a.group_topk))
     else:
+        kmax = next(km for km in ROWS_KMAX if km >= a.topk)
         lpt = rows_lanes(E, kmax)
         kern = ROWS_KERNELS.kernel(rows_name(p.dtype, sf, kmax, lpt))
         extra = ()

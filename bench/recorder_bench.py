@@ -10,8 +10,9 @@ same stream, and record alone.  Overhead = (router + record) / router - 1.
 With ``--layers L`` (e.g. 43) it also times one decode step of L layers: L routers writing their
 own int32 outputs, against L routers writing into a routing-capture buffer ``[T, L, k]`` (uint8
 ids and float32 weights, through their ``out=`` views: no extra kernel) followed by one
-``LocalityRecorder.record_step`` over the whole buffer (2 launches per step).  Overhead per layer
-= (step with recording - step without) / step without.
+``LocalityRecorder.record_step`` over the whole buffer (2 launches per step).  Overhead = (step
+with recording - step without) / step without; the baseline step is timed twice (before and
+after) for drift.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def step_row(L, T, E, k, rng, name):
     t_plain = cuda_graph_time(plain, inner=4, repeat=30)
     t_cap = cuda_graph_time(captured, inner=4, repeat=30)
     t_rec = cuda_graph_time(recorded, inner=4, repeat=30)
+    t_plain2 = cuda_graph_time(plain, inner=4, repeat=30)  # drift check: the baseline again
     t_only = cuda_graph_time(lambda j: rec.record_step(cap_i, weights=cap_w, positions=pos, seq_ids=seq), inner=4)
-    return dict(device=name, T=T, layers=L, step_routers_us=t_plain * 1e6, step_routers_capture_us=t_cap * 1e6,
-                step_recorded_us=t_rec * 1e6, record_step_alone_us=t_only * 1e6,
+    return dict(device=name, T=T, layers=L, step_routers_us=t_plain * 1e6, step_routers_again_us=t_plain2 * 1e6,
+                step_routers_capture_us=t_cap * 1e6, step_recorded_us=t_rec * 1e6, record_step_alone_us=t_only * 1e6,
                 overhead_pct=100 * (t_rec / t_plain - 1))
 
 

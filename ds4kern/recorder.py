@@ -38,7 +38,7 @@ __all__ = ["LocalityRecorder"]
 
 _IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
 _WORDS = (1, 2, 4, 8, 16)  # bitset words: E <= 32 * W
-_WINDOW = 32  # DS4_LOC_WIN in locality.cu
+_MAX_PARTS = 1024  # parts per layer and call: the accumulate blocks' walk back is at most this long
 
 LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
     "locality.cu",
@@ -46,27 +46,44 @@ LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
 ))
 
 
+def _a16(n: int) -> int:
+    return (n + 15) & ~15
+
+
 def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
-    """Bytes of shared memory of one ``locality_accumulate`` block of ``rb`` records (the layout
-    at the top of that kernel)."""
-    levels = rb.bit_length() - 1  # ranges inside the block are shorter than rb
-    return (8 * (E + E + 1 + E) + 4 * (E + E + 1 + adj_len + W) + 4 * (rb // 32) * E + 4 * rb * k
-            + 4 * levels * rb * W + 4 * rb * k * W + 4 * rb + 4 * 2 * _WINDOW * W)
+    """Bytes of shared memory of one ``locality_accumulate`` block with sub-segments of ``rb``
+    records (``ds4_acc_layout`` in locality.cu)."""
+    levels = rb.bit_length() - 1
+    return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len) + _a16(4 * E * W)
+            + _a16(4 * W) + _a16(4 * W) + _a16(4 * rb * k) + 16 * rb + _a16(4 * (rb // 32) * E)
+            + _a16(4 * levels * rb * W)
+            + _a16(4 * rb * (k - 1) * W) + _a16(4 * rb))
 
 
-def _accumulate_block(E: int, W: int, k: int, adj_len: int, records: int, sms: int) -> tuple[int, int]:
-    """Records per accumulate block and its shared memory for a call of ``records`` records in all
-    (T times layers): the most (fewer counter flushes per access) that fits three blocks per SM
-    (~74 kB each) and still gives two blocks per SM, else fewer (down to 32: small calls are
-    latency-bound, more blocks finish sooner)."""
-    fits = [rb for rb in (256, 128, 64, 32) if _accumulate_smem(E, W, k, adj_len, rb) <= 74 * 1024] or [32]
-    rb = next((rb for rb in fits if -(-records // rb) >= 2 * sms), fits[-1])
-    return rb, _accumulate_smem(E, W, k, adj_len, rb)
+def _prepare_smem(E: int, W: int, part: int) -> int:
+    """Bytes of shared memory of one ``locality_prepare`` part block (``ds4_prepare_smem``)."""
+    return _a16(4 * (part + 1) * W) + _a16(4 * (part // 32 + 1) * W) + _a16(4 * E)
 
 
 def _smem_optin(attrs) -> int:
     """The most dynamic shared memory one block may opt in to on a device (48 kB if not listed)."""
     return int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+
+
+def _plan(E: int, W: int, k: int, adj_len: int, T: int, layers: int, sms: int, have: int,
+          rb: int | None = None, part: int | None = None) -> tuple[int, int]:
+    """Sub-segment and part sizes (records) for a call of ``T`` records of ``layers`` layers: the
+    largest sub-segment (up to 128) whose accumulate block fits three per SM (~74 kB), parts of
+    whole sub-segments giving ~3 blocks per SM in all, at most ``_MAX_PARTS`` parts per layer."""
+    if rb is None:
+        rb = next((r for r in (128, 64, 32) if _accumulate_smem(E, W, k, adj_len, r) <= 74 * 1024), 32)
+    if part is None:
+        want = max(1, -(-3 * sms // layers))
+        part = rb * max(1, -(-T // (rb * want)), -(-T // (rb * _MAX_PARTS)))
+    if _prepare_smem(E, W, part) > have:
+        raise ValueError(f"a call of {T} records needs parts of {part} records ({_prepare_smem(E, W, part)} bytes of "
+                         f"shared memory); this device allows {have}: record fewer records per call")
+    return rb, part
 
 
 class LocalityRecorder:
@@ -118,7 +135,9 @@ class LocalityRecorder:
         if need > have:
             raise ValueError(f"num_experts={E} with topk={k} needs {need} bytes of shared memory per block; this "
                              f"device allows {have}: use fewer experts or a smaller topk")
-        self._records_per_block = None  # tests may force 32, 64, 128 or 256
+        self._smem_have = have
+        self._records_per_block = None  # tests may force the sub-segment (32 .. 256 records)
+        self._records_per_part = None  # and the part (a multiple of it)
 
     def reset(self) -> None:
         """Forget everything recorded."""
@@ -202,8 +221,7 @@ class LocalityRecorder:
         if w is not None:
             for x in span:
                 self.has_weights[x] = True
-        null = np.uint64(0)
-        E, k, W = self.E, self.k, self.W
+        k = self.k
         item = ids.itemsize
         i_rs, i_cs = ids.strides[0] // item, ids.strides[-1] // item
         i_ls = ids.strides[1] // item if step else 0
@@ -212,42 +230,54 @@ class LocalityRecorder:
             w_ls = w.strides[1] // 4 if step else 0
         else:
             w_rs = w_cs = w_ls = 0
-        chunks = (T + 31) // 32
-        srow = cp.empty((n, T, W), cp.uint32)
-        chunkbits = cp.empty((n, chunks, W), cp.uint32)
-        occ = cp.empty((n, chunks, E), cp.uint32)
-        snap_pos = cp.empty((n, T), cp.int64)
-        snap_ids = cp.empty((n, T, k), cp.int32)
-        chunk_blocks = (chunks + 7) // 8
-        kind = np.int32(_IDX_KIND[dtype_name(ids.dtype)])
-        seq_arg = seq if seq is not None else null
-        seq64 = np.int32(seq is not None and seq.dtype == np.int64)
-        parity = np.int32(self.parity[layer0])
+        if T * k >= 1 << 31:
+            raise ValueError(f"a call holds at most 2**31 - 1 slots (T * k); got T={T}, k={k}: split it")
         with frame.running():
-            prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
-            prep((chunk_blocks + 1, n), (256,),
-                 (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
-                  seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, srow,
-                  chunkbits, occ, self.rb, self.rank, snap_pos, snap_ids, np.int32(chunk_blocks), np.int32(layer0)))
-            acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-            rb_recs, smem = _accumulate_block(E, W, k, self.adj.shape[1], T * n, self._sms)
-            if self._records_per_block:  # tests: force a block size
-                rb_recs = self._records_per_block
-                smem = _accumulate_smem(E, W, k, self.adj.shape[1], rb_recs)
-            if smem > 48 * 1024:
-                acc.max_dynamic_shared_size_bytes = smem
-            acc(((T + rb_recs - 1) // rb_recs, n), (256,),
-                (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
-                 np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
-                 pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
-                 np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
-                 self.last, parity, srow, chunkbits, occ, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
-                 self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
-                 np.int32(self.adj.shape[1]), np.int32(layer0), np.int32(rb_recs)), shared_mem=smem)
+            self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
         for x in span:
             self.parity[x] ^= 1
             self.records[x] += T
             self.clock[x] += T * k
+
+    def _launch(self, ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls):
+        """The two kernels of one call, on the current stream."""
+        cp = self.cp
+        E, k, W = self.E, self.k, self.W
+        null = np.uint64(0)
+        adj_len = self.adj.shape[1]
+        RB, R = _plan(E, W, k, adj_len, T, n, self._sms, self._smem_have, self._records_per_block,
+                      self._records_per_part)
+        NP = -(-T // R)
+        plast = cp.empty((n, NP, E), cp.int32)
+        pend = cp.empty((n, NP, E, W), cp.uint32)
+        por = cp.empty((n, NP, W), cp.uint32)
+        snap_pos = cp.empty((n, T), cp.int64)
+        snap_ids = cp.empty((n, T, k), cp.int32)
+        kind = np.int32(_IDX_KIND[dtype_name(ids.dtype)])
+        seq_arg = seq if seq is not None else null
+        seq64 = np.int32(seq is not None and seq.dtype == np.int64)
+        parity = np.int32(self.parity[layer0])
+        prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
+        psmem = _prepare_smem(E, W, R)
+        if psmem > 48 * 1024:
+            prep.max_dynamic_shared_size_bytes = psmem
+        prep((NP + 1, n), (256,),
+             (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
+              seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, np.int32(R),
+              np.int32(NP), plast, pend, por, self.rb, self.rank, snap_pos, snap_ids, np.int32(layer0)),
+             shared_mem=psmem)
+        acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
+        smem = _accumulate_smem(E, W, k, adj_len, RB)
+        if smem > 48 * 1024:
+            acc.max_dynamic_shared_size_bytes = smem
+        acc((NP, n), (256,),
+            (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
+             np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
+             pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
+             np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
+             self.last, parity, plast, pend, por, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
+             self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
+             np.int32(adj_len), np.int32(layer0), np.int32(R), np.int32(RB), np.int32(NP)), shared_mem=smem)
 
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
         """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""

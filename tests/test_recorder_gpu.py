@@ -102,9 +102,11 @@ def test_strided_capture_slice_and_two_launches(cp, rng):
     E, k, T, L = 256, 6, 700, 2
     buf = cp.asarray(rng.integers(0, E, (T, L, k)).astype(np.uint8))
     off = analyze(cp.asnumpy(buf), E)
-    for rb in (None, 32, 64, 128, 256):  # records per accumulate block: the sparse table's depth
+    # records per sub-segment (the sparse table's depth) and per part (one block each: the walk
+    # back over earlier parts, the table carried across sub-segments)
+    for rb, part in ((None, None), (32, 32), (32, 96), (64, 64), (64, 256), (128, 128), (128, 384), (256, 256)):
         rec = ds4kern.LocalityRecorder(L, E, k)
-        rec._records_per_block = rb
+        rec._records_per_block, rec._records_per_part = rb, part
         for part in (slice(0, 100), slice(100, T)):  # two steps: the second also reaches into the first
             for layer in range(L):
                 rec.record(layer, buf[part, layer, :])
@@ -135,7 +137,8 @@ def test_record_step_equals_offline(cp, rng, E, k, idx_dtype, split):
             calls.append((ids, (w * (layer + 1)).astype(np.float32), p, sq))
         layer_calls.append(calls)
     rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
-    rec._records_per_block = 64 if split else None  # the 77-record prefill spans two blocks
+    if split:  # the 77-record prefill spans two sub-segments, and parts of two
+        rec._records_per_block, rec._records_per_part = 32, 64
     for j, (_, _, p, s) in enumerate(base):
         T = len(p)
         # a capture-like buffer with one spare layer and a column gap: strided in every dimension

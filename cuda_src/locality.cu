@@ -11,8 +11,8 @@
 //
 // locality_prepare<W>: per part q, plast[q][f] = the key of f's last access in the part (-1 if
 // none), por[q] = the part's experts and, for the experts it holds, pend[q][f] = the experts
-// accessed in the part after f's last access there (the slots after it in its record | the suffix
-// OR of the part's later records).  First records of a run of one sequence snapshot that
+// accessed in the part after f's last access there, i.e. those whose last access there is later
+// (the held experts ranked by last key through a bitmap of the part's keys, then an OR scan).  First records of a run of one sequence snapshot that
 // sequence's previous record (position, ids) before the second kernel overwrites it.  One extra
 // block per layer ranks the experts by their last access before this call (rank 0 = most
 // recent) and writes rb[i] = the set of experts of rank < i (an OR scan in rank order), and
@@ -151,39 +151,16 @@ __device__ __forceinline__ void ds4_to_layer(long long li, long long layer, int 
     prev_ids += layer * num_seqs * k;
 }
 
-// The ranks of the experts by last access before this call (0 = most recent; accessed experts
-// have distinct times, so their ranks are 0..A-1), the prefix sets rb[i] = {experts of rank < i}
-// (an OR scan over the experts in rank order), and `last` carried into the next buffer.
+// rows[n] for n = 0..E: the set of experts order[0 .. n-1] (only the first A entries of order
+// are experts; rows beyond A repeat row A): an OR scan over the experts in that order, warp scans
+// then the warps' totals.  Every thread of the block (256, as both kernels launch) calls it.
 template <int W>
-__device__ void ds4_rank_block(const long long* __restrict__ last_cur, long long* __restrict__ last_next, int E,
-                               unsigned* __restrict__ rb, int* __restrict__ rank) {
-    __shared__ long long sl[512];
-    __shared__ int order[512];
+__device__ __forceinline__ void ds4_or_scan(const int* order, int A, int E, unsigned* rows) {
     __shared__ unsigned wtot[8][W];
-    __shared__ int accessed;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (threadIdx.x == 0) accessed = 0;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        sl[e] = last_cur[e];
-        last_next[e] = sl[e];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const long long le = sl[e];
-        int n = 0;
-#pragma unroll 4
-        for (int f = 0; f < E; ++f) n += sl[f] > le;
-        rank[e] = n;
-        if (le >= 0) {
-            order[n] = e;
-            atomicAdd(&accessed, 1);
-        }
-    }
-    __syncthreads();
-    const int A = accessed;
     unsigned carry[W];
     ds4_clear<W>(carry);
-    if (threadIdx.x < W) rb[threadIdx.x] = 0u;
+    if (threadIdx.x < W) rows[threadIdx.x] = 0u;
     for (int base = 0; base < E; base += blockDim.x) {  // block-uniform
         const int n = base + threadIdx.x;
         unsigned v[W];
@@ -202,22 +179,56 @@ __device__ void ds4_rank_block(const long long* __restrict__ last_cur, long long
 #pragma unroll
         for (int w = 0; w < W; ++w) {
             unsigned all = carry[w];
-            for (int j = 0; j < (int)(blockDim.x >> 5); ++j) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {  // blockDim.x == 256
                 if (j < warp) v[w] |= wtot[j][w];
                 all |= wtot[j][w];
             }
             v[w] |= carry[w];
             carry[w] = all;
-            if (n < E) rb[(long long)(n + 1) * W + w] = v[w];
+            if (n < E) rows[(long long)(n + 1) * W + w] = v[w];
         }
         __syncthreads();
     }
 }
 
+// The ranks of the experts by last access before this call (0 = most recent; accessed experts
+// have distinct times, so their ranks are 0..A-1), the prefix sets rb[i] = {experts of rank < i},
+// and `last` carried into the next buffer.
+template <int W>
+__device__ __forceinline__ void ds4_rank_block(const long long* __restrict__ last_cur, long long* __restrict__ last_next, int E,
+                               unsigned* __restrict__ rb, int* __restrict__ rank) {
+    __shared__ long long sl[512];
+    __shared__ int order[512];
+    __shared__ int accessed;
+    if (threadIdx.x == 0) accessed = 0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        sl[e] = last_cur[e];
+        last_next[e] = sl[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const long long le = sl[e];
+        int n = 0;
+#pragma unroll 4
+        for (int f = 0; f < E; ++f) n += sl[f] > le;
+        rank[e] = n;
+        if (le >= 0) {
+            order[n] = e;
+            atomicAdd(&accessed, 1);
+        }
+    }
+    __syncthreads();
+    ds4_or_scan<W>(order, accessed, E, rb);
+}
+
 // Shared memory of one locality_prepare part block (ds4kern.recorder._prepare_smem mirrors it):
-// the part's suffix rows [R + 1][W], the chunk ORs' suffixes [R / 32 + 1][W], last keys [E].
-__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int W, int R) {
-    return ds4_align16(4LL * (R + 1) * W) + ds4_align16(4LL * (R / 32 + 1) * W) + ds4_align16(4LL * E);
+// prefix sets [E + 1][W], last keys [E], experts in recency order [E], the bitmap of the part's
+// last keys [ceil(R k / 32)] and its suffix popcounts [same].
+__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int W, int k, int R) {
+    const long long nw = ((long long)R * k + 31) / 32;
+    return ds4_align16(4LL * (E + 1) * W) + ds4_align16(4LL * E) + ds4_align16(4LL * E) + ds4_align16(4 * nw) +
+           ds4_align16(4 * nw);
 }
 
 template <int W>
@@ -239,28 +250,30 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
         return;
     }
     extern __shared__ __align__(16) unsigned char smem[];
-    unsigned* s_suf = reinterpret_cast<unsigned*>(smem);  // row i: experts of records i .. nrec-1
-    unsigned* s_csf = reinterpret_cast<unsigned*>(smem + ds4_align16(4LL * (R + 1) * W));  // chunks c ..
-    int* s_last = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_csf) + ds4_align16(4LL * (R / 32 + 1) * W));
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const int q = blockIdx.x;
     const long long r0 = (long long)q * R;
     const int nrec = (int)min((long long)R, T - r0), nch = (nrec + 31) / 32;
+    const long long K0 = r0 * k;  // the part's first key
+    const int nw = (nrec * k + 31) / 32;
+    const long long nwa = ((long long)R * k + 31) / 32;
+    unsigned* s_rows = reinterpret_cast<unsigned*>(smem);  // row n: the n most recent experts
+    int* s_last = reinterpret_cast<int*>(smem + ds4_align16(4LL * (E + 1) * W));
+    int* s_order = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_last) + ds4_align16(4LL * E));
+    unsigned* s_bm = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(s_order) + ds4_align16(4LL * E));
+    int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4 * nwa));
+    __shared__ int s_held;
     for (int e = tid; e < E; e += nt) s_last[e] = -1;
+    for (int w = tid; w < nw; w += nt) s_bm[w] = 0u;
     __syncthreads();
-    // warps own chunks of 32 records (lane = record): bitsets, last keys, the suffix within the chunk
+    // warps own chunks of 32 records (lane = record): last keys, adjacency snapshots
     for (int c = warp; c < nch; c += nt >> 5) {
         const int i = c * 32 + lane;
         const long long r = r0 + i;
-        unsigned bits[W];
-        ds4_clear<W>(bits);
         if (i < nrec) {
             for (int s = 0; s < k; ++s) {
                 const int e = ds4_load_index(ids, idx_kind, ioff + r * i_rs + s * i_cs);
-                if (e >= 0 && e < E) {
-                    ds4_add_expert<W>(bits, e);
-                    atomicMax(&s_last[e], (int)(r * k + s));
-                }
+                if (e >= 0 && e < E) atomicMax(&s_last[e], (int)(r * k + s));
             }
             // adjacency snapshot for the first record of a run of one sequence
             const long long sq = ds4_seq_of(seq, seq64, r);
@@ -270,41 +283,52 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
                 for (int s = 0; s < k; ++s) snap_ids[r * k + s] = prev_ids[sq * k + s];
             }
         }
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const unsigned u = __shfl_down_sync(0xffffffffu, bits[w], off);
-                if (lane + off < 32) bits[w] |= u;
-            }
-            if (lane == 0) s_csf[c * W + w] = bits[w];
-        }
-        if (i < nrec) ds4_store_row<W>(s_suf + i * W, bits);
-    }
-    if (tid < W) {
-        s_suf[nrec * W + tid] = 0u;
-        s_csf[nch * W + tid] = 0u;
     }
     __syncthreads();
-    if (tid < W)  // chunk ORs -> their suffixes (at most R / 32 rows)
-        for (int c = nch - 2; c >= 0; --c) s_csf[c * W + tid] |= s_csf[(c + 1) * W + tid];
-    __syncthreads();
-    for (int t = tid; t < nrec * W; t += nt) s_suf[t] |= s_csf[((t / W >> 5) + 1) * W + t % W];
-    __syncthreads();
-    if (tid < W) por[q * W + tid] = s_suf[tid];
+    // The experts accessed in the part after f's last access there are those whose last access
+    // there is later: rank the last keys (a bitmap over the part's keys, suffix popcounts), then an
+    // OR scan in that order.
     for (int f = tid; f < E; f += nt) {
         const int key = s_last[f];
         plast[(long long)q * E + f] = key;
+        if (key >= 0) atomicOr(&s_bm[(key - K0) >> 5], 1u << ((key - K0) & 31));
+    }
+    __syncthreads();
+    if (warp == 0) {  // s_sfx[w] = the bits set in the words after w
+        int carry = 0;
+        for (int base = (nw - 1) & ~31; base >= 0; base -= 32) {
+            const int w = base + lane;
+            const int v = w < nw ? __popc(s_bm[w]) : 0;
+            int incl = v;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int u = __shfl_down_sync(0xffffffffu, incl, off);
+                if (lane + off < 32) incl += u;
+            }
+            if (w < nw) s_sfx[w] = incl - v + carry;
+            carry += __shfl_sync(0xffffffffu, incl, 0);
+        }
+        if (lane == 0) s_held = carry;
+    }
+    __syncthreads();
+    for (int f = tid; f < E; f += nt) {  // the rank of f's last key: keys after it
+        const int key = s_last[f];
         if (key < 0) continue;
-        const long long p = key / k;
-        const int ls = key - (int)p * k;
+        const int x = (int)(key - K0);
+        s_order[s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1)] = f;
+    }
+    __syncthreads();
+    const int held = s_held;
+    ds4_or_scan<W>(s_order, held, E, s_rows);
+    if (tid < W) por[q * W + tid] = s_rows[held * W + tid];
+    for (int f = tid; f < E; f += nt) {
+        const int key = s_last[f];
+        if (key < 0) continue;
+        const int x = (int)(key - K0);
+        const int n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
         unsigned acc[W];
         ds4_clear<W>(acc);
-        ds4_or_into<W>(acc, s_suf + (p - r0 + 1) * W);
-        for (int s = ls + 1; s < k; ++s) {
-            const int g = ds4_load_index(ids, idx_kind, ioff + p * i_rs + s * i_cs);
-            if (g >= 0 && g < E) ds4_add_expert<W>(acc, g);
-        }
+        ds4_or_into<W>(acc, s_rows + n * W);
         ds4_store_row<W>(pend + ((long long)q * E + f) * W, acc);
     }
 }

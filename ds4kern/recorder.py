@@ -60,9 +60,10 @@ def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
             + _a16(4 * rb * (k - 1) * W) + _a16(4 * rb))
 
 
-def _prepare_smem(E: int, W: int, part: int) -> int:
+def _prepare_smem(E: int, W: int, k: int, part: int) -> int:
     """Bytes of shared memory of one ``locality_prepare`` part block (``ds4_prepare_smem``)."""
-    return _a16(4 * (part + 1) * W) + _a16(4 * (part // 32 + 1) * W) + _a16(4 * E)
+    nw = (part * k + 31) // 32
+    return _a16(4 * (E + 1) * W) + 2 * _a16(4 * E) + 2 * _a16(4 * nw)
 
 
 def _smem_optin(attrs) -> int:
@@ -80,8 +81,8 @@ def _plan(E: int, W: int, k: int, adj_len: int, T: int, layers: int, sms: int, h
     if part is None:
         want = max(1, -(-3 * sms // layers))
         part = rb * max(1, -(-T // (rb * want)), -(-T // (rb * _MAX_PARTS)))
-    if _prepare_smem(E, W, part) > have:
-        raise ValueError(f"a call of {T} records needs parts of {part} records ({_prepare_smem(E, W, part)} bytes of "
+    if _prepare_smem(E, W, k, part) > have:
+        raise ValueError(f"a call of {T} records needs parts of {part} records ({_prepare_smem(E, W, k, part)} bytes of "
                          f"shared memory); this device allows {have}: record fewer records per call")
     return rb, part
 
@@ -258,7 +259,7 @@ class LocalityRecorder:
         seq64 = np.int32(seq is not None and seq.dtype == np.int64)
         parity = np.int32(self.parity[layer0])
         prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
-        psmem = _prepare_smem(E, W, R)
+        psmem = _prepare_smem(E, W, k, R)
         if psmem > 48 * 1024:
             prep.max_dynamic_shared_size_bytes = psmem
         prep((NP + 1, n), (256,),

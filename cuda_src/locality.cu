@@ -12,11 +12,11 @@
 // locality_prepare<W>: per part q, plast[q][f] = the key of f's last access in the part (-1 if
 // none), por[q] = the part's experts and, for the experts it holds, pend[q][f] = the experts
 // accessed in the part after f's last access there, i.e. those whose last access there is later
-// (the held experts ranked by last key through a bitmap of the part's keys, then an OR scan).  First records of a run of one sequence snapshot that
-// sequence's previous record (position, ids) before the second kernel overwrites it.  One extra
-// block per layer ranks the experts by their last access before this call (rank 0 = most
-// recent) and writes rb[i] = the set of experts of rank < i (an OR scan in rank order), and
-// carries `last` into the next call's buffer.
+// (the held experts ranked by last key through a bitmap of the part's keys, then an OR scan).
+// First records of a run of one sequence snapshot that sequence's previous record (position,
+// ids) before the second kernel overwrites it.  One extra block per layer ranks the experts by
+// their last access before this call (rank 0 = most recent), writes rb[i] = the set of experts
+// of rank < i (the same OR scan, in rank order) and carries `last` into the next call's buffer.
 //
 // locality_accumulate<W>: per part, a table A[f] = the experts accessed since f's last access
 // (before the current sub-segment), started from the earlier parts (walk back to the latest part
@@ -63,7 +63,8 @@ template <int W>
 __device__ __forceinline__ void ds4_store_row(unsigned* __restrict__ row, const unsigned (&v)[W]) {
     if constexpr (W % 4 == 0) {
 #pragma unroll
-        for (int w = 0; w < W; w += 4) *reinterpret_cast<uint4*>(row + w) = make_uint4(v[w], v[w + 1], v[w + 2], v[w + 3]);
+        for (int w = 0; w < W; w += 4)
+            *reinterpret_cast<uint4*>(row + w) = make_uint4(v[w], v[w + 1], v[w + 2], v[w + 3]);
     } else {
 #pragma unroll
         for (int w = 0; w < W; ++w) row[w] = v[w];
@@ -196,8 +197,9 @@ __device__ __forceinline__ void ds4_or_scan(const int* order, int A, int E, unsi
 // have distinct times, so their ranks are 0..A-1), the prefix sets rb[i] = {experts of rank < i},
 // and `last` carried into the next buffer.
 template <int W>
-__device__ __forceinline__ void ds4_rank_block(const long long* __restrict__ last_cur, long long* __restrict__ last_next, int E,
-                               unsigned* __restrict__ rb, int* __restrict__ rank) {
+__device__ __forceinline__ void ds4_rank_block(const long long* __restrict__ last_cur,
+                                               long long* __restrict__ last_next, int E, unsigned* __restrict__ rb,
+                                               int* __restrict__ rank) {
     __shared__ long long sl[512];
     __shared__ int order[512];
     __shared__ int accessed;

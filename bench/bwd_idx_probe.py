@@ -34,15 +34,20 @@ def zero_fill(cp, out):
     cp.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, cp.cuda.get_current_stream().ptr)
 
 
-def main():
-    import cupy as cp
+def probe_setup(argv=None):
+    """The probes' common start: ``--tokens``, their random generator, the copy bandwidth of this
+    run, and the header line.  Returns (T, rng, bw)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=65536)
-    a = ap.parse_args()
-    T = a.tokens
-    rng = np.random.default_rng(1)
+    T = ap.parse_args(argv).tokens
     bw = copy_bandwidth()
     print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}")
+    return T, np.random.default_rng(1), bw
+
+
+def main():
+    import cupy as cp
+    T, rng, bw = probe_setup()
     for dt_name, dt in (("float32", np.float32), ("bfloat16", BFLOAT16)):
         size = np.dtype(dt).itemsize
         n, gs, acts, idx, outs = backward_inputs(cp, rng, T, dt)

@@ -12,13 +12,12 @@ next to the copy bandwidth of the same run, for Flash routing (E=256, k=6), T=65
 
     python bench/gather_probe.py [--tokens 65536]      (GPU machine)
 """
-import argparse
 
 import numpy as np
 
-from bwd_idx_probe import E, K, backward_inputs, minimal_bytes, zero_fill  # (bench/ is the script's folder)
+from bwd_idx_probe import E, K, backward_inputs, minimal_bytes, probe_setup, zero_fill  # (bench/ is the script's folder)
 from ds4kern._arrays import BFLOAT16
-from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
+from ds4kern.timing import cuda_graph_time
 
 SRC = r"""
 #include <cuda_bf16.h>
@@ -40,13 +39,7 @@ __global__ void gathers(const T* __restrict__ g, const float* __restrict__ act, 
 
 def main():
     import cupy as cp
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=65536)
-    a = ap.parse_args()
-    T = a.tokens
-    rng = np.random.default_rng(1)
-    bw = copy_bandwidth()
-    print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}")
+    T, rng, bw = probe_setup()
     mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["gathers<float>", "gathers<__nv_bfloat16>"])
     for dt_name, dt, cname in (("float32", np.float32, "float"), ("bfloat16", BFLOAT16, "__nv_bfloat16")):
         n, gs, acts, idx, outs = backward_inputs(cp, rng, T, dt)

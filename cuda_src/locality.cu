@@ -260,7 +260,7 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     const int nw = (nrec * k + 31) / 32;
     const long long nwa = ((long long)R * k + 31) / 32;
     unsigned* s_rows = reinterpret_cast<unsigned*>(smem);  // row n: the n most recent experts
-    int* s_last = reinterpret_cast<int*>(smem + ds4_align16(4LL * (E + 1) * W));
+    int* s_last = reinterpret_cast<int*>(smem + ds4_align16(4LL * (E + 1) * W));  // last key, then rank
     int* s_order = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_last) + ds4_align16(4LL * E));
     unsigned* s_bm = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(s_order) + ds4_align16(4LL * E));
     int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4 * nwa));
@@ -313,21 +313,21 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
         if (lane == 0) s_held = carry;
     }
     __syncthreads();
-    for (int f = tid; f < E; f += nt) {  // the rank of f's last key: keys after it
+    for (int f = tid; f < E; f += nt) {  // the rank of f's last key (keys after it), kept in s_last
         const int key = s_last[f];
         if (key < 0) continue;
         const int x = (int)(key - K0);
-        s_order[s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1)] = f;
+        const int n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
+        s_order[n] = f;
+        s_last[f] = n;
     }
     __syncthreads();
     const int held = s_held;
     ds4_or_scan<W>(s_order, held, E, s_rows);
     if (tid < W) por[q * W + tid] = s_rows[held * W + tid];
     for (int f = tid; f < E; f += nt) {
-        const int key = s_last[f];
-        if (key < 0) continue;
-        const int x = (int)(key - K0);
-        const int n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
+        const int n = s_last[f];  // rank, or -1: not in the part
+        if (n < 0) continue;
         unsigned acc[W];
         ds4_clear<W>(acc);
         ds4_or_into<W>(acc, s_rows + n * W);
@@ -399,10 +399,13 @@ __device__ __forceinline__ int ds4_last_slot8(const uint2* idb, const uint2* vm,
     return m1 ? 4 + ((31 - __clz(m1)) >> 3) : ((31 - __clz(m0)) >> 3);
 }
 
-__device__ __forceinline__ int ds4_last_slot(const int* rec, int k, int e) {
+// The last slot of e in record p: byte compares where the ids are kept as bytes, else a loop.
+__device__ __forceinline__ int ds4_last_slot(bool bytes, const uint2* idb, const uint2* vm, const int* s_ids, int k,
+                                             int p, int e) {
+    if (bytes) return ds4_last_slot8(idb, vm, p, e);
     int ls = -1;
     for (int jj = 0; jj < k; ++jj)
-        if (rec[jj] == e) ls = jj;
+        if (s_ids[p * k + jj] == e) ls = jj;
     return ls;
 }
 
@@ -626,7 +629,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 }
                 if (pl >= 0) {
                     if (pl + 1 <= i - 1) ds4_range_rows<W>(s_tab, RB, pl + 1, i - 1, ra, rb_);
-                    const int ls = bytes ? ds4_last_slot8(s_idb, s_vm, pl, e) : ds4_last_slot(s_ids + pl * k, k, e);
+                    const int ls = ds4_last_slot(bytes, s_idb, s_vm, s_ids, k, pl, e);
                     ds4_after_rows<W>(acc, s_tab, s_ps, s_free, s_ids, k, pl, ls, rc, rd, rot);
                 } else if ((s_seen[e >> 5] >> (e & 31)) & 1u) {
                     if (i > 0) ds4_range_rows<W>(s_tab, RB, 0, i - 1, ra, rb_);
@@ -643,13 +646,8 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
             atomicAdd(&s_dist[d], 1u);
             if (weights != nullptr) {
                 const double wt = (double)weights[r * w_rs + j * w_cs];
-#ifdef DS4_LOC_WSUM_GLOBAL
-                atomicAdd(&wsum[e], wt);
-                atomicAdd(&wdist[d], wt);
-#else
                 atomicAdd(&s_wsum[e], wt);
                 atomicAdd(&s_wdist[d], wt);
-#endif
             }
         }
 
@@ -717,7 +715,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
             const unsigned *ra = s_zero, *rb_ = s_zero, *rc = s_zero, *rd = s_zero;
             if (pl >= 0) {
                 if (pl + 1 <= nrec - 1) ds4_range_rows<W>(s_tab, RB, pl + 1, nrec - 1, ra, rb_);
-                const int ls = bytes ? ds4_last_slot8(s_idb, s_vm, pl, f) : ds4_last_slot(s_ids + pl * k, k, f);
+                const int ls = ds4_last_slot(bytes, s_idb, s_vm, s_ids, k, pl, f);
                 ds4_after_rows<W>(a, s_tab, s_ps, s_free, s_ids, k, pl, ls, rc, rd, 0);
             } else {
                 ds4_all_rows<W>(s_tab, RB, nrec, ra, rb_);
@@ -735,9 +733,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     for (int e = tid; e < E; e += nt) {
         if (s_hist[e]) {
             atomicAdd(&hist[e], (unsigned long long)s_hist[e]);
-#ifndef DS4_LOC_WSUM_GLOBAL
             if (weights != nullptr) atomicAdd(&wsum[e], s_wsum[e]);
-#endif
         }
         const int key = plast[(long long)q * E + e];
         if (key >= 0) atomicMax(&last_next[e], clock + key);
@@ -745,9 +741,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     for (int d = tid; d <= E; d += nt)
         if (s_dist[d]) {
             atomicAdd(&dist[d], (unsigned long long)s_dist[d]);
-#ifndef DS4_LOC_WSUM_GLOBAL
             if (weights != nullptr) atomicAdd(&wdist[d], s_wdist[d]);
-#endif
         }
     for (int t = tid; t < adj_len; t += nt)
         if (s_adj[t]) atomicAdd(&adj[t], (unsigned long long)s_adj[t]);

@@ -81,8 +81,8 @@ def _plan(E: int, W: int, k: int, adj_len: int, T: int, layers: int, sms: int, h
     if part is None:
         want = max(1, -(-3 * sms // layers))
         part = rb * max(1, -(-T // (rb * want)), -(-T // (rb * _MAX_PARTS)))
-    if _prepare_smem(E, W, k, part) > have:
-        need = _prepare_smem(E, W, k, part)
+    need = _prepare_smem(E, W, k, part)
+    if need > have:
         raise ValueError(f"a call of {T} records needs parts of {part} records ({need} bytes of shared memory); "
                          f"this device allows {have}: record fewer records per call")
     return rb, part

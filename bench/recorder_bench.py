@@ -12,7 +12,12 @@ own int32 outputs, against L routers writing into a routing-capture buffer ``[T,
 ids and float32 weights, through their ``out=`` views: no extra kernel) followed by one
 ``LocalityRecorder.record_step`` over the whole buffer (2 launches per step).  Overhead = (step
 with recording - step without) / step without; the baseline step is timed twice (before and
-after) for drift.
+after) for drift.  ``--part P`` forces the recorder's part size (records per warp).
+
+With ``--async-steps N`` it also times graphs of N such steps where each step's ``record_step``
+is forked onto a side stream (event record / wait) right after its routers and joined at the
+end, so it runs beside the next steps' routers (two capture buffers in turn; a step waits until
+the recording that read its buffer two steps earlier is done).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096])
     ap.add_argument("--layers", type=int, default=0, help="also time a step of this many layers")
+    ap.add_argument("--part", type=int, default=None, help="force records per part (LocalityRecorder plan)")
+    ap.add_argument("--async-steps", type=int, default=0,
+                    help="also time this many steps per graph with record_step forked onto a side stream")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -63,7 +71,11 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in row.items()), flush=True)
         if a.layers:
-            rows.append(step_row(a.layers, T, E, k, rng, name))
+            rows.append(step_row(a.layers, T, E, k, rng, name, a.part))
+            print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in rows[-1].items()),
+                  flush=True)
+        if a.layers and a.async_steps:
+            rows.append(async_row(a.layers, T, E, k, rng, name, a.async_steps))
             print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in rows[-1].items()),
                   flush=True)
     if a.json:
@@ -71,7 +83,7 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
 
 
-def step_row(L, T, E, k, rng, name):
+def step_row(L, T, E, k, rng, name, part=None):
     import cupy as cp
 
     xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
@@ -81,6 +93,7 @@ def step_row(L, T, E, k, rng, name):
     seq = cp.arange(T, dtype=cp.int32)
     pos = cp.zeros(T, cp.int32)
     rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
+    rec._records_per_part = part
     kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
 
     def plain(j):
@@ -100,9 +113,61 @@ def step_row(L, T, E, k, rng, name):
     t_rec = cuda_graph_time(recorded, inner=4, repeat=30)
     t_plain2 = cuda_graph_time(plain, inner=4, repeat=30)  # drift check: the baseline again
     t_only = cuda_graph_time(lambda j: rec.record_step(cap_i, weights=cap_w, positions=pos, seq_ids=seq), inner=4)
-    return dict(device=name, T=T, layers=L, step_routers_us=t_plain * 1e6, step_routers_again_us=t_plain2 * 1e6,
+    return dict(device=name, T=T, layers=L, part=part, step_routers_us=t_plain * 1e6, step_routers_again_us=t_plain2 * 1e6,
                 step_routers_capture_us=t_cap * 1e6, step_recorded_us=t_rec * 1e6, record_step_alone_us=t_only * 1e6,
                 overhead_pct=100 * (t_rec / t_plain - 1))
+
+
+def async_row(L, T, E, k, rng, name, n):
+    """Steps of L routers with each step's record_step forked onto a side stream (it overlaps the
+    next steps' routers), against the same steps without recording, both as graphs of n steps."""
+    import cupy as cp
+
+    xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
+    bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
+    ring = 2
+    caps = [(cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32)) for _ in range(ring)]
+    seq = cp.arange(T, dtype=cp.int32)
+    pos = cp.zeros(T, cp.int32)
+    rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
+    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
+    side = cp.cuda.Stream(non_blocking=True)  # priority 0: the lowest, as the routers' stream
+    done = [None] * ring
+
+    def routers(j):
+        ci, cw = caps[j % ring]
+        for layer in range(L):
+            ds4kern.router_topk(xs[layer], k, out=(cw[:, layer], ci[:, layer]), **kw)
+
+    def step(j):
+        main = cp.cuda.get_current_stream()
+        if done[j % ring] is not None:
+            main.wait_event(done[j % ring])  # the slot's previous recording has read it
+        routers(j)
+        ev = cp.cuda.Event(disable_timing=True)
+        ev.record(main)
+        side.wait_event(ev)
+        ci, cw = caps[j % ring]
+        with side:
+            rec.record_step(ci, weights=cw, positions=pos, seq_ids=seq)
+        done[j % ring] = cp.cuda.Event(disable_timing=True)
+        done[j % ring].record(side)
+
+    def sync_step(j):
+        routers(j)
+        ci, cw = caps[j % ring]
+        rec.record_step(ci, weights=cw, positions=pos, seq_ids=seq)
+
+    def reset():
+        done[:] = [None] * ring
+
+    t_plain = cuda_graph_time(routers, inner=n, repeat=20)
+    t_async = cuda_graph_time(step, inner=n, repeat=20, join=side, reset=reset)
+    t_sync = cuda_graph_time(sync_step, inner=n, repeat=20)
+    t_plain2 = cuda_graph_time(routers, inner=n, repeat=20)
+    return dict(device=name, T=T, layers=L, async_steps=n, step_routers_us=t_plain * 1e6,
+                step_routers_again_us=t_plain2 * 1e6, step_sync_us=t_sync * 1e6, step_async_us=t_async * 1e6,
+                overhead_sync_pct=100 * (t_sync / t_plain - 1), overhead_async_pct=100 * (t_async / t_plain - 1))
 
 
 if __name__ == "__main__":

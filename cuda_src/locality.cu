@@ -3,89 +3,44 @@
 // the layer within the call: its ids / weights at i_ls / w_ls elements apart, its scratch rows;
 // layer0 + y = the recorder's layer, whose state and counters it updates).
 //
-// Sets of experts are W-word bitsets (W = ceil(E / 32)).  An access is (record r, slot j); its
-// key r * k + j orders the call's accesses.  The LRU stack distance of an access to e is the
-// number of distinct experts accessed since the previous access to e (E if e was never accessed).
-// The call's records are cut into parts of R records (one block each in both kernels), a part
-// into sub-segments of RB records (RB <= 256, a power of two, R a multiple of RB).
+// An access is (record r, slot j) with a valid id; its key r * k + j orders the call's accesses.
+// The LRU stack distance of an access to e is the number of distinct experts accessed since the
+// previous access to e (E if e was never accessed): e's rank in the LRU stack, 0 = most recent.
+// The call's records are cut into parts of P records, GP = 8 consecutive parts per block (one warp
+// each); E <= 32 W.
 //
-// locality_prepare<W>: per part q, plast[q][f] = the key of f's last access in the part (-1 if
-// none), por[q] = the part's experts and, for the experts it holds, pend[q][f] = the experts
-// accessed in the part after f's last access there, i.e. those whose last access there is later
-// (the held experts ranked by last key through a bitmap of the part's keys, then an OR scan).
-// First records of a run of one sequence snapshot that sequence's previous record (position,
-// ids) before the second kernel overwrites it.  One extra block per layer ranks the experts by
-// their last access before this call (rank 0 = most recent), writes rb[i] = the set of experts
-// of rank < i (the same OR scan, in rank order) and carries `last` into the next call's buffer.
+// locality_prepare<W>: per block of parts b, bmax[b][f] = the key of f's last access in it (-1 if
+// none); per part q, pcum[q][f] = the rank f has right after the block's parts up to q if it is in
+// them (the distinct experts whose last access there is later: a bitmap of those last keys and
+// suffix popcounts), else -1.  First records of a run of one
+// sequence snapshot that sequence's previous record (position, ids) before the second kernel
+// overwrites it.  One extra block per layer ranks the experts by their last access before this
+// call and carries `last` into the next call's buffer.
 //
-// locality_accumulate<W>: per part, a table A[f] = the experts accessed since f's last access
-// (before the current sub-segment), started from the earlier parts (walk back to the latest part
-// holding f: its pend row | the ORs of the parts after it; none: all earlier parts | rb[rank[f]];
-// never accessed: no row).  Per sub-segment, in shared memory: the ids, the chunk occupancy
-// masks (bit b of occ[c][e]: record 32c + b holds e), a sparse table of the records' bitsets
-// and each slot's prefix set within its record; one thread per access:
-//   * e in an earlier slot of the record: the distinct experts in the slots between;
-//   * else the latest earlier record p of the sub-segment holding e (chunk masks): its slots after
-//     e's last slot there | records p+1 .. r-1 (two table rows) | the record's earlier slots;
-//   * else A[e] | the sub-segment's records before r | the record's earlier slots, or E if e was
-//     never accessed.
-// Then one thread per record for the adjacency with the previous record of its sequence, and one
-// per expert to move A past the sub-segment (held: its slots after the last access | the later
-// records; not held: | the sub-segment's OR).  Counters gather in shared memory and go out with one
-// global atomic per non-zero bin: integers (exact, order-free) and float64 weight sums (equal up
-// to rounding order).
+// locality_accumulate<W>: the block finds every expert's latest access before its first part
+// (walking back over bmax, then the parts of the block found; else the pre-call rank; else never)
+// and ranks them (the LRU stack at the block's start, "cold" = E for never accessed).  Warp w
+// brings that stack past the block's parts before its own in one move (pcum: the experts accessed
+// there take their rank, every other expert moves down by those that were below it), then walks
+// its part 32 keys at a time,
+// one access per lane, the stack (ranks by expert) in shared memory:
+//   * an earlier lane holds e (match): the distinct experts in the lanes between, i.e. those
+//     lanes that are not an earlier lane's previous access (a prefix OR of "previous" bits);
+//   * else e's rank at the sub-segment's start, plus the first accesses of earlier lanes whose
+//     rank there is larger (a compare over the ranks' bits by ballots); E if e is cold;
+//   * then the stack moves past the 32 keys: the experts accessed take their rank by last lane,
+//     every other expert moves down by the experts accessed that were below it (a bitmap over
+//     the ranks and suffix popcounts).
+// Then one lane per record for the adjacency with the previous record of its sequence.  Counters
+// gather in shared memory and go out with one global atomic per non-zero bin: integers (exact,
+// order-free) and float64 weight sums (equal up to rounding order).
 //
-// Bytes per layer and step: the ids read twice, the weights once, per part E * (4 + 4W) bytes of
-// pend / plast written and read back from L2, a few counters.
+// Bytes per layer and step: the ids read twice (and once more for adjacency), the weights once,
+// per part 4 E bytes of pcum (and per block 4 E of bmax) written and read back from L2, a few
+// counters.
 #include "common.cuh"
 
-// acc |= row.  With rot (a multiple of 4 below W), acc[w] takes word w ^ rot: lanes that start
-// their 16-byte loads at different quarters of 32- / 64-byte shared-memory rows spread over twice
-// / four times the banks (only popcounts, unions and masks with the same rot may follow).
-template <int W>
-__device__ __forceinline__ void ds4_or_into(unsigned (&acc)[W], const unsigned* __restrict__ row, int rot = 0) {
-    if constexpr (W % 4 == 0) {  // rows are 16-byte aligned where W is a multiple of 4
-#pragma unroll
-        for (int w = 0; w < W; w += 4) {
-            const uint4 v = *reinterpret_cast<const uint4*>(row + (w ^ rot));
-            acc[w] |= v.x;
-            acc[w + 1] |= v.y;
-            acc[w + 2] |= v.z;
-            acc[w + 3] |= v.w;
-        }
-    } else {
-#pragma unroll
-        for (int w = 0; w < W; ++w) acc[w] |= row[w];
-    }
-}
-
-template <int W>
-__device__ __forceinline__ void ds4_store_row(unsigned* __restrict__ row, const unsigned (&v)[W]) {
-    if constexpr (W % 4 == 0) {
-#pragma unroll
-        for (int w = 0; w < W; w += 4)
-            *reinterpret_cast<uint4*>(row + w) = make_uint4(v[w], v[w + 1], v[w + 2], v[w + 3]);
-    } else {
-#pragma unroll
-        for (int w = 0; w < W; ++w) row[w] = v[w];
-    }
-}
-
-template <int W>
-__device__ __forceinline__ void ds4_clear(unsigned (&acc)[W]) {
-#pragma unroll
-    for (int w = 0; w < W; ++w) acc[w] = 0u;
-}
-
-// Branch-free on purpose: a compare-and-set per word lets the compiler turn the loop into one
-// dynamically indexed store, which moves the whole array to local memory.
-template <int W>
-__device__ __forceinline__ void ds4_add_expert(unsigned (&acc)[W], int e, int rot = 0) {
-    const unsigned bit = 1u << (e & 31);
-    const int word = (e >> 5) ^ rot;
-#pragma unroll
-    for (int w = 0; w < W; ++w) acc[w] |= bit & (0u - (unsigned)(word == w));
-}
+#define DS4_LOC_GP 8  // parts per block (warps)
 
 // t / k for 0 <= t < 2^16, k <= 32, rk = 1/k: (t + 1/2) / k lies at least 1/(2k) from an
 // integer, far beyond the float rounding there (an integer division is ~20 instructions)
@@ -93,22 +48,17 @@ __device__ __forceinline__ int ds4_div(int t, int k, float rk) {
     return (int)(((float)t + 0.5f) * rk);
 }
 
-// Whether e is in the set (a select per word, as ds4_add_expert, keeps the array in registers).
-template <int W>
-__device__ __forceinline__ bool ds4_has_expert(const unsigned (&acc)[W], int e, int rot = 0) {
-    const int word = (e >> 5) ^ rot;
-    unsigned v = 0u;
-#pragma unroll
-    for (int w = 0; w < W; ++w) v |= acc[w] & (0u - (unsigned)(word == w));
-    return (v >> (e & 31)) & 1u;
-}
-
-template <int W>
-__device__ __forceinline__ int ds4_popc(const unsigned (&acc)[W]) {
-    int n = 0;
-#pragma unroll
-    for (int w = 0; w < W; ++w) n += __popc(acc[w]);
-    return n;
+// The expert of slot `off`, or -1 where the id is not in [0, E) (int64 ids compared whole).
+__device__ __forceinline__ int ds4_load_expert(const void* ids, int kind, long long off, int E) {
+    long long v;
+    switch (kind) {
+        case DS4_IDX_U8: v = static_cast<const unsigned char*>(ids)[off]; break;
+        case DS4_IDX_U16: v = static_cast<const unsigned short*>(ids)[off]; break;
+        case DS4_IDX_I16: v = static_cast<const short*>(ids)[off]; break;
+        case DS4_IDX_I32: v = static_cast<const int*>(ids)[off]; break;
+        default: v = static_cast<const long long*>(ids)[off];
+    }
+    return (v >= 0 && v < E) ? (int)v : -1;
 }
 
 __device__ __forceinline__ long long ds4_seq_of(const void* seq, int seq64, long long r) {
@@ -121,30 +71,20 @@ __device__ __forceinline__ long long ds4_pos_of(const void* pos, int pos64, long
     return pos64 ? static_cast<const long long*>(pos)[r] : (long long)static_cast<const int*>(pos)[r];
 }
 
-// The lanes of this warp whose expert f (= a multiple of 32 + lane, in a loop of whole warps
-// over the experts) is below E.
-__device__ __forceinline__ unsigned ds4_expert_lanes(int f, int E) {
-    const int f0 = f & ~31;
-    return E - f0 >= 32 ? 0xffffffffu : (1u << (E - f0)) - 1u;
-}
-
 __host__ __device__ __forceinline__ long long ds4_align16(long long bytes) { return (bytes + 15) & ~15LL; }
 
 // Moves the per-layer pointers to this block's layer: li = the layer within the call (scratch),
 // layer = the recorder's layer (its state).  Both kernels, one layout.
-template <int W, typename PL, typename PE, typename PO, typename RBP, typename RK, typename SP, typename SI,
-          typename PP, typename PI>
-__device__ __forceinline__ void ds4_to_layer(long long li, long long layer, int E, int k, int NP, long long T,
+template <typename PR, typename BM, typename RK, typename SP, typename SI, typename PP, typename PI>
+__device__ __forceinline__ void ds4_to_layer(long long li, long long layer, int E, int k, int NP, int NB, long long T,
                                              long long num_seqs, long long* last, int parity,
-                                             const long long*& last_cur, long long*& last_next, PL& plast, PE& pend,
-                                             PO& por, RBP& rb, RK& rank, SP& snap_pos, SI& snap_ids, PP& prev_pos,
+                                             const long long*& last_cur, long long*& last_next, PR& pcum,
+                                             BM& bmax, RK& rank, SP& snap_pos, SI& snap_ids, PP& prev_pos,
                                              PI& prev_ids) {
     last_cur = last + layer * 2 * E + parity * E;  // `last` double-buffered: read one, write the other
     last_next = last + layer * 2 * E + (1 - parity) * E;
-    plast += li * NP * E;
-    pend += li * NP * E * W;
-    por += li * NP * W;
-    rb += layer * (E + 1) * W;
+    pcum += li * NP * E;
+    bmax += li * NB * E;
     rank += layer * E;
     snap_pos += li * T;
     snap_ids += li * T * k;
@@ -152,345 +92,293 @@ __device__ __forceinline__ void ds4_to_layer(long long li, long long layer, int 
     prev_ids += layer * num_seqs * k;
 }
 
-// rows[n] for n = 0..E: the set of experts order[0 .. n-1] (only the first A entries of order
-// are experts; rows beyond A repeat row A): an OR scan over the experts in that order, warp scans
-// then the warps' totals.  Every thread of the block (256, as both kernels launch) calls it.
-template <int W>
-__device__ __forceinline__ void ds4_or_scan(const int* order, int A, int E, unsigned* rows) {
-    __shared__ unsigned wtot[8][W];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    unsigned carry[W];
-    ds4_clear<W>(carry);
-    if (threadIdx.x < W) rows[threadIdx.x] = 0u;
-    for (int base = 0; base < E; base += blockDim.x) {  // block-uniform
-        const int n = base + threadIdx.x;
-        unsigned v[W];
-        ds4_clear<W>(v);
-        if (n < A) ds4_add_expert<W>(v, order[n]);
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const unsigned u = __shfl_up_sync(0xffffffffu, v[w], off);
-                if (lane >= off) v[w] |= u;
-            }
-            if (lane == 31) wtot[warp][w] = v[w];
-        }
-        __syncthreads();
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-            unsigned all = carry[w];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {  // blockDim.x == 256
-                if (j < warp) v[w] |= wtot[j][w];
-                all |= wtot[j][w];
-            }
-            v[w] |= carry[w];
-            carry[w] = all;
-            if (n < E) rows[(long long)(n + 1) * W + w] = v[w];
-        }
-        __syncthreads();
-    }
-}
-
-// The ranks of the experts by last access before this call (0 = most recent; accessed experts
-// have distinct times, so their ranks are 0..A-1), the prefix sets rb[i] = {experts of rank < i},
-// and `last` carried into the next buffer.
-template <int W>
-__device__ __forceinline__ void ds4_rank_block(const long long* __restrict__ last_cur,
-                                               long long* __restrict__ last_next, int E, unsigned* __restrict__ rb,
-                                               int* __restrict__ rank) {
-    __shared__ long long sl[512];
-    __shared__ int order[512];
-    __shared__ int accessed;
-    if (threadIdx.x == 0) accessed = 0;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        sl[e] = last_cur[e];
-        last_next[e] = sl[e];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const long long le = sl[e];
-        int n = 0;
-#pragma unroll 4
-        for (int f = 0; f < E; ++f) n += sl[f] > le;
-        rank[e] = n;
-        if (le >= 0) {
-            order[n] = e;
-            atomicAdd(&accessed, 1);
-        }
-    }
-    __syncthreads();
-    ds4_or_scan<W>(order, accessed, E, rb);
-}
-
-// Shared memory of one locality_prepare part block (ds4kern.recorder._prepare_smem mirrors it):
-// prefix sets [E + 1][W], last keys [E], experts in recency order [E], the bitmap of the part's
-// last keys [ceil(R k / 32)] and its suffix popcounts [same].
-__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int W, int k, int R) {
-    const long long nw = ((long long)R * k + 31) / 32;
-    return ds4_align16(4LL * (E + 1) * W) + ds4_align16(4LL * E) + ds4_align16(4LL * E) + ds4_align16(4 * nw) +
-           ds4_align16(4 * nw);
+// Shared memory of one locality_prepare block (ds4kern.recorder._prepare_smem mirrors it): per part
+// last keys [GP][E], each expert's last key in the parts so far [E], a bitmap over the block's keys
+// [ceil(GP P k / 32)] and its suffix popcounts [same].
+__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int k, int P) {
+    const long long nw = ((long long)DS4_LOC_GP * P * k + 31) / 32;
+    return ds4_align16(4LL * DS4_LOC_GP * E) + ds4_align16(4LL * E) + 2 * ds4_align16(4 * nw);
 }
 
 template <int W>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 4)
 locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls, long long T,
                  int k, int E, const void* __restrict__ seq, int seq64, long long num_seqs,
-                 const long long* __restrict__ prev_pos, const int* __restrict__ prev_ids, long long* __restrict__ last,
-                 int parity, int R, int NP, int* __restrict__ plast, unsigned* __restrict__ pend,
-                 unsigned* __restrict__ por, unsigned* __restrict__ rb, int* __restrict__ rank,
-                 long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int layer0) {
+                 long long* __restrict__ prev_pos, int* __restrict__ prev_ids, long long* __restrict__ last,
+                 int parity, int P, int NP, int NB, int* __restrict__ pcum, int* __restrict__ bmax,
+                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int layer0) {
     const long long li = blockIdx.y, layer = layer0 + li;
     const long long ioff = li * i_ls;  // ids of this layer
     const long long* last_cur;
     long long* last_next;
-    ds4_to_layer<W>(li, layer, E, k, NP, T, num_seqs, last, parity, last_cur, last_next, plast, pend, por, rb, rank,
-                    snap_pos, snap_ids, prev_pos, prev_ids);
-    if ((int)blockIdx.x == NP) {
-        ds4_rank_block<W>(last_cur, last_next, E, rb, rank);
+    ds4_to_layer(li, layer, E, k, NP, NB, T, num_seqs, last, parity, last_cur, last_next, pcum, bmax, rank,
+                 snap_pos, snap_ids, prev_pos, prev_ids);
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    if ((int)blockIdx.x == NB) {
+        // the ranks by last access before this call (0 = most recent; accessed experts have
+        // distinct times), and `last` carried into the next buffer
+        __shared__ long long sl[512];
+        for (int e = tid; e < 512; e += nt) {
+            sl[e] = e < E ? last_cur[e] : -1;
+            if (e < E) last_next[e] = sl[e];
+        }
+        __syncthreads();
+        for (int e = tid; e < E; e += nt) {
+            const long long le = sl[e];
+            int n0 = 0, n1 = 0, n2 = 0, n3 = 0;  // independent sums: loads in flight
+            for (int f = 0; f < E; f += 4) {
+                n0 += sl[f] > le;
+                n1 += sl[f + 1] > le;
+                n2 += sl[f + 2] > le;
+                n3 += sl[f + 3] > le;
+            }
+            rank[e] = n0 + n1 + n2 + n3;
+        }
         return;
     }
     extern __shared__ __align__(16) unsigned char smem[];
-    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    const int q = blockIdx.x;
-    const long long r0 = (long long)q * R;
-    const int nrec = (int)min((long long)R, T - r0), nch = (nrec + 31) / 32;
-    const long long K0 = r0 * k;  // the part's first key
-    const int nw = (nrec * k + 31) / 32;
-    const long long nwa = ((long long)R * k + 31) / 32;
-    unsigned* s_rows = reinterpret_cast<unsigned*>(smem);  // row n: the n most recent experts
-    int* s_last = reinterpret_cast<int*>(smem + ds4_align16(4LL * (E + 1) * W));  // last key, then rank
-    int* s_order = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_last) + ds4_align16(4LL * E));
-    unsigned* s_bm = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(s_order) + ds4_align16(4LL * E));
-    int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4 * nwa));
-    __shared__ int s_held;
-    for (int e = tid; e < E; e += nt) s_last[e] = -1;
-    for (int w = tid; w < nw; w += nt) s_bm[w] = 0u;
+    const int b = blockIdx.x, q0 = b * DS4_LOC_GP, nparts = min(DS4_LOC_GP, NP - q0);
+    const long long r0 = (long long)q0 * P;
+    const int nrec = (int)min((long long)nparts * P, T - r0);
+    const int nwb = (int)(((long long)DS4_LOC_GP * P * k + 31) / 32);
+    int* s_last = reinterpret_cast<int*>(smem);  // [GP][E]
+    int* s_cur = reinterpret_cast<int*>(smem + ds4_align16(4LL * DS4_LOC_GP * E));
+    unsigned* s_bm = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(s_cur) + ds4_align16(4LL * E));
+    int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4LL * nwb));
+    for (int t = tid; t < DS4_LOC_GP * E; t += nt) s_last[t] = -1;
+    for (int f = tid; f < E; f += nt) s_cur[f] = -1;
+    for (int w = tid; w < nwb; w += nt) s_bm[w] = 0u;
     __syncthreads();
-    // warps own chunks of 32 records (lane = record): last keys, adjacency snapshots
-    for (int c = warp; c < nch; c += nt >> 5) {
-        const int i = c * 32 + lane;
+    const float rk = 1.0f / (float)k;
+    const int nacc = nrec * k;
+    for (int t0 = tid; t0 < nacc; t0 += 4 * nt) {  // one thread per access, four loads in flight
+        int e[4], at[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int t = t0 + u * nt;
+            e[u] = -1;
+            at[u] = 0;
+            if (t < nacc) {
+                const int i = t < 65536 ? ds4_div(t, k, rk) : t / k, j = t - i * k;
+                e[u] = ds4_load_expert(ids, idx_kind, ioff + (r0 + i) * i_rs + j * i_cs, E);
+                at[u] = (i / P) * E;  // the part's row
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (e[u] >= 0) atomicMax(&s_last[at[u] + e[u]], (int)(r0 * k) + t0 + u * nt);
+    }
+    for (int i = tid; i < nrec; i += nt) {  // snapshots for the first record of a run of several
         const long long r = r0 + i;
-        if (i < nrec) {
-            for (int s = 0; s < k; ++s) {
-                const int e = ds4_load_index(ids, idx_kind, ioff + r * i_rs + s * i_cs);
-                if (e >= 0 && e < E) atomicMax(&s_last[e], (int)(r * k + s));
-            }
-            // adjacency snapshot for the first record of a run of one sequence
-            const long long sq = ds4_seq_of(seq, seq64, r);
-            const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
-            if (first && sq >= 0 && sq < num_seqs) {
-                snap_pos[r] = prev_pos[sq];
-                for (int s = 0; s < k; ++s) snap_ids[r * k + s] = prev_ids[sq * k + s];
-            }
+        const long long sq = ds4_seq_of(seq, seq64, r);
+        if (sq < 0 || sq >= num_seqs) continue;
+        const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
+        const bool alone = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
+        if (first && !alone) {
+            snap_pos[r] = prev_pos[sq];
+            for (int s = 0; s < k; ++s) snap_ids[r * k + s] = prev_ids[sq * k + s];
         }
     }
     __syncthreads();
-    // The experts accessed in the part after f's last access there are those whose last access
-    // there is later: rank the last keys (a bitmap over the part's keys, suffix popcounts), then an
-    // OR scan in that order.
     for (int f = tid; f < E; f += nt) {
-        const int key = s_last[f];
-        plast[(long long)q * E + f] = key;
-        if (key >= 0) atomicOr(&s_bm[(key - K0) >> 5], 1u << ((key - K0) & 31));
+        int m = -1;
+        for (int p = 0; p < nparts; ++p) m = max(m, s_last[p * E + f]);
+        bmax[(long long)b * E + f] = m;
     }
-    __syncthreads();
-    if (warp == 0) {  // s_sfx[w] = the bits set in the words after w
-        int carry = 0;
-        for (int base = (nw - 1) & ~31; base >= 0; base -= 32) {
-            const int w = base + lane;
-            const int v = w < nw ? __popc(s_bm[w]) : 0;
-            int incl = v;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const int u = __shfl_down_sync(0xffffffffu, incl, off);
-                if (lane + off < 32) incl += u;
-            }
-            if (w < nw) s_sfx[w] = incl - v + carry;
-            carry += __shfl_sync(0xffffffffu, incl, 0);
+    const int K0 = (int)(r0 * k);  // the block's first key
+    for (int p = 0; p + 1 < nparts; ++p) {  // block-uniform; the last part's ranks are not needed
+        for (int f = tid; f < E; f += nt) {  // f's last key through part p, as one bit
+            const int key = s_last[p * E + f];
+            if (key < 0) continue;
+            const int old = s_cur[f];
+            if (old >= 0) atomicAnd(&s_bm[(old - K0) >> 5], ~(1u << ((old - K0) & 31)));
+            atomicOr(&s_bm[(key - K0) >> 5], 1u << ((key - K0) & 31));
+            s_cur[f] = key;
         }
-        if (lane == 0) s_held = carry;
-    }
-    __syncthreads();
-    for (int f = tid; f < E; f += nt) {  // the rank of f's last key (keys after it), kept in s_last
-        const int key = s_last[f];
-        if (key < 0) continue;
-        const int x = (int)(key - K0);
-        const int n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
-        s_order[n] = f;
-        s_last[f] = n;
-    }
-    __syncthreads();
-    const int held = s_held;
-    ds4_or_scan<W>(s_order, held, E, s_rows);
-    if (tid < W) por[q * W + tid] = s_rows[held * W + tid];
-    for (int f = tid; f < E; f += nt) {
-        const int n = s_last[f];  // rank, or -1: not in the part
-        if (n < 0) continue;
-        unsigned acc[W];
-        ds4_clear<W>(acc);
-        ds4_or_into<W>(acc, s_rows + n * W);
-        ds4_store_row<W>(pend + ((long long)q * E + f) * W, acc);
-    }
-}
-
-// The two sparse-table rows whose OR is the sub-segment's records [a, b] (a <= b).
-template <int W>
-__device__ __forceinline__ void ds4_range_rows(const unsigned* tab, int RB, int a, int b, const unsigned*& x,
-                                               const unsigned*& y) {
-    const int l = 31 - __clz(b - a + 1);
-    x = tab + ((long long)l * RB + a) * W;
-    y = tab + ((long long)l * RB + b - (1 << l) + 1) * W;
-}
-
-// The two rows whose OR is all the sub-segment's nrec records (levels stop below nrec: two rows
-// of the highest cover it).
-template <int W>
-__device__ __forceinline__ void ds4_all_rows(const unsigned* tab, int RB, int nrec, const unsigned*& x,
-                                             const unsigned*& y) {
-    if (nrec == 1) {
-        x = y = tab;
-        return;
-    }
-    const int l = 31 - __clz(nrec - 1);
-    x = tab + (long long)l * RB * W;
-    y = tab + ((long long)l * RB + nrec - (1 << l)) * W;
-}
-
-// The experts of record p's slots after ls: its set less the prefix through ls (rows x & ~y)
-// when it repeats no id, else added slot by slot into acc (x, y stay as they are).
-template <int W>
-__device__ __forceinline__ void ds4_after_rows(unsigned (&acc)[W], const unsigned* s_tab, const unsigned* s_ps,
-                                               const int* s_free, const int* s_ids, int k, int p, int ls,
-                                               const unsigned*& x, const unsigned*& y, int rot) {
-    if (ls + 1 >= k) return;
-    if (s_free[p]) {
-        x = s_tab + p * W;
-        y = s_ps + (p * (k - 1) + ls) * W;  // slots 0 .. ls
-    } else {
-        for (int jj = ls + 1; jj < k; ++jj)
-            if (s_ids[p * k + jj] >= 0) ds4_add_expert<W>(acc, s_ids[p * k + jj], rot);
-    }
-}
-
-// acc |= a | b | (c & ~d), four rows of shared memory
-template <int W>
-__device__ __forceinline__ void ds4_or_rows(unsigned (&acc)[W], const unsigned* a, const unsigned* b,
-                                            const unsigned* c, const unsigned* d, int rot) {
-    unsigned va[W], vb[W], vc[W], vd[W];
-    ds4_clear<W>(va);
-    ds4_clear<W>(vb);
-    ds4_clear<W>(vc);
-    ds4_clear<W>(vd);
-    ds4_or_into<W>(va, a, rot);
-    ds4_or_into<W>(vb, b, rot);
-    ds4_or_into<W>(vc, c, rot);
-    ds4_or_into<W>(vd, d, rot);
+        __syncthreads();
+        if (warp == 0) {  // s_sfx[w] = the bits set in the words after w
+            int carry = 0;
+            for (int base = (nwb - 1) & ~31; base >= 0; base -= 32) {
+                const int w = base + lane;
+                const int v = w < nwb ? __popc(s_bm[w]) : 0;
+                int incl = v;
 #pragma unroll
-    for (int w = 0; w < W; ++w) acc[w] |= va[w] | vb[w] | (vc[w] & ~vd[w]);
+                for (int off = 1; off < 32; off <<= 1) {
+                    const int u = __shfl_down_sync(0xffffffffu, incl, off);
+                    if (lane + off < 32) incl += u;
+                }
+                if (w < nwb) s_sfx[w] = incl - v + carry;
+                carry += __shfl_sync(0xffffffffu, incl, 0);
+            }
+        }
+        __syncthreads();
+        for (int f = tid; f < E; f += nt) {  // f's rank after the parts through p
+            const int key = s_cur[f];
+            int n = -1;
+            if (key >= 0) {
+                const int x = key - K0;
+                n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
+            }
+            pcum[(long long)(q0 + p) * E + f] = n;
+        }
+        __syncthreads();
+    }
 }
 
-// The last slot of e in a record of <= 8 slots stored as bytes (invalid slots masked off).
-__device__ __forceinline__ int ds4_last_slot8(const uint2* idb, const uint2* vm, int p, int e) {
-    const unsigned e4 = 0x01010101u * (unsigned)e;
-    const uint2 x = idb[p], v = vm[p];
-    const unsigned m1 = __vcmpeq4(x.y, e4) & v.y, m0 = __vcmpeq4(x.x, e4) & v.x;
-    return m1 ? 4 + ((31 - __clz(m1)) >> 3) : ((31 - __clz(m0)) >> 3);
-}
-
-// The last slot of e in record p: byte compares where the ids are kept as bytes, else a loop.
-__device__ __forceinline__ int ds4_last_slot(bool bytes, const uint2* idb, const uint2* vm, const int* s_ids, int k,
-                                             int p, int e) {
-    if (bytes) return ds4_last_slot8(idb, vm, p, e);
-    int ls = -1;
-    for (int jj = 0; jj < k; ++jj)
-        if (s_ids[p * k + jj] == e) ls = jj;
-    return ls;
+// Moves a warp's LRU stack (ranks by expert in `rk`, E = cold) past a set of accessed experts:
+// `vw` holds a bit at the old rank of each accessed expert that was not cold, `cold` counts the
+// cold ones.  Every expert not cold moves down by the accessed experts below it (the accessed
+// ones take their new ranks afterwards, from the caller).  Word w of the bitmap and the bits in
+// the words after it live in lane w.
+template <int W>
+__device__ __forceinline__ void ds4_stack_shift(int* rk, const unsigned* vw, int cold, int E, int lane) {
+    __syncwarp();
+    const unsigned word = lane < W ? vw[lane] : 0u;
+    const int c = __popc(word);
+    int after = c;  // inclusive suffix sum over lanes
+#pragma unroll
+    for (int off = 1; off < W; off <<= 1) {
+        const int u = __shfl_down_sync(0xffffffffu, after, off);
+        if (lane + off < 32) after += u;
+    }
+    after += cold - c;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+        const int f = lane + 32 * i;
+        const int o = f < E ? rk[f] : E;
+        const int src = (o >> 5) & (W - 1);
+        const int n = __shfl_sync(0xffffffffu, after, src);
+        const unsigned wv = __shfl_sync(0xffffffffu, word, src);
+        if (o < E) rk[f] = o + n + __popc((wv >> (o & 31)) >> 1);
+    }
+    __syncwarp();
 }
 
 // Shared memory of one locality_accumulate block (ds4kern.recorder._accumulate_smem mirrors it):
-// counters (float64 weight sums, integer bins, adjacency), the table A [E][W] and its "seen" set,
-// a zero row, then the sub-segment's ids [RB][k] (and, where k <= 8 and E <= 256, as bytes [RB][8]
-// with a byte mask of the valid slots [RB][8]), chunk masks [RB/32][E], sparse table [log2 RB][RB][W], slot
-// prefixes [RB][k - 1][W] (slots 0 .. j - 1 for j >= 1) and which records repeat no id [RB].
+// counters (float64 weight sums, integer bins, adjacency), the block's start keys and ranks [E] x 2,
+// then per warp its stack [E], the bitmap over ranks [W] and, with `stage`, its part's ids [P k]
+// (int16, -1 invalid) for the adjacency.
 struct Ds4AccLayout {
-    long long wsum, wdist, hist, dist, adj, A, seen, zero, ids, idb, vm, occ, tab, ps, free_, total;
+    int wsum, wdist, hist, dist, adj, ord, rank0, stack, vw, st, total;
 };
 
-__host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, int k, int adj_len, int RB) {
+__host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, int adj_len, int stage_keys) {
     Ds4AccLayout o;
-    int levels = 0;
-    while ((2 << levels) <= RB) ++levels;  // log2(RB)
     o.wsum = 0;
-    o.wdist = o.wsum + ds4_align16(8LL * E);
-    o.hist = o.wdist + ds4_align16(8LL * (E + 1));
-    o.dist = o.hist + ds4_align16(4LL * E);
-    o.adj = o.dist + ds4_align16(4LL * (E + 1));
-    o.A = o.adj + ds4_align16(4LL * adj_len);
-    o.seen = o.A + ds4_align16(4LL * E * W);
-    o.zero = o.seen + ds4_align16(4LL * W);
-    o.ids = o.zero + ds4_align16(4LL * W);
-    o.idb = o.ids + ds4_align16(4LL * RB * k);
-    o.vm = o.idb + 8LL * RB;
-    o.occ = o.vm + 8LL * RB;
-    o.tab = o.occ + ds4_align16(4LL * (RB / 32) * E);
-    o.ps = o.tab + ds4_align16(4LL * levels * RB * W);
-    o.free_ = o.ps + ds4_align16(4LL * RB * (k - 1) * W);
-    o.total = o.free_ + ds4_align16(4LL * RB);
+    o.wdist = o.wsum + (int)ds4_align16(8LL * E);
+    o.hist = o.wdist + (int)ds4_align16(8LL * (E + 1));
+    o.dist = o.hist + (int)ds4_align16(4LL * E);
+    o.adj = o.dist + (int)ds4_align16(4LL * (E + 1));
+    o.ord = o.adj + (int)ds4_align16(4LL * adj_len);
+    o.rank0 = o.ord + (int)ds4_align16(4LL * E);
+    o.stack = o.rank0 + (int)ds4_align16(4LL * E);
+    o.vw = o.stack + DS4_LOC_GP * (int)ds4_align16(4LL * E);
+    o.st = o.vw + DS4_LOC_GP * (int)ds4_align16(4LL * W);
+    o.total = o.st + DS4_LOC_GP * (int)ds4_align16(2LL * stage_keys);
     return o;
 }
 
+// Adjacency of record r (lane's) with the previous record of its sequence, and the sequence's
+// last record kept for the next call.  `st` (if not null) holds the ids of the records from r0 on
+// (-1 invalid); the previous record of a run's first record is the sequence's kept one: read here
+// when the run is this one record (its thread alone reads and then writes it), else the snapshot
+// prepare took.
+__device__ __forceinline__ void ds4_adjacency(const void* ids, int idx_kind, long long ioff, long long i_rs,
+                                              long long i_cs, long long T, int k, int E, const void* pos, int pos64,
+                                              long long pos_base, const void* seq, int seq64, long long num_seqs,
+                                              const long long* snap_pos, const int* snap_ids, long long* prev_pos,
+                                              int* prev_ids, unsigned* s_adj, long long r, const short* st,
+                                              long long r0) {
+    const long long sq = ds4_seq_of(seq, seq64, r);
+    if (sq < 0 || sq >= num_seqs) return;
+    const long long p = ds4_pos_of(pos, pos64, pos_base, r);
+    const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
+    const bool last_of_seq = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
+    const bool direct = first && last_of_seq;
+    const long long pp = direct ? prev_pos[sq] : first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
+    auto id_of = [&](long long rr, int j) -> int {
+        return st != nullptr && rr >= r0 ? (int)st[(rr - r0) * k + j]
+                                         : ds4_load_expert(ids, idx_kind, ioff + rr * i_rs + j * i_cs, E);
+    };
+    auto B = [&](int j) -> int { return id_of(r, j); };
+    if (pp == p - 1) {
+        // A = the previous record's ids: kept, the snapshot, or the ids
+        auto A = [&](int j) -> int {
+            if (!first) return id_of(r - 1, j);
+            const int a = direct ? prev_ids[sq * k + j] : snap_ids[r * k + j];
+            return (a >= 0 && a < E) ? a : -1;
+        };
+        int inter = 0, na = 0, nb = 0, eq = 0;
+        for (int j = 0; j < k; ++j) {
+            const int a = A(j), b = B(j);
+            if (a >= 0) {
+                bool dup = false;
+                for (int jj = 0; jj < j; ++jj) dup |= A(jj) == a;
+                if (!dup) {
+                    ++na;
+                    bool in = false;
+                    for (int jj = 0; jj < k; ++jj) in |= B(jj) == a;
+                    inter += in;
+                }
+            }
+            if (b >= 0) {
+                bool dup = false;
+                for (int jj = 0; jj < j; ++jj) dup |= B(jj) == b;
+                nb += !dup;
+            }
+            eq += a >= 0 && a == b;
+        }
+        atomicAdd(&s_adj[0], 1u);
+        atomicAdd(&s_adj[1], (unsigned)eq);
+        atomicAdd(&s_adj[2 + inter * (2 * k + 1) + (na + nb - inter)], 1u);
+    }
+    if (last_of_seq) {
+        prev_pos[sq] = p;
+        for (int j = 0; j < k; ++j) prev_ids[sq * k + j] = B(j);
+    }
+}
+
 template <int W>
-__global__ void __launch_bounds__(256, W >= 16 ? 2 : 3)  // three blocks per SM (<= ~74 kB each); E > 256: two
+__global__ void __launch_bounds__(256, 3)
 locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls,
                     const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
                     int k, int E, const void* __restrict__ pos, int pos64, long long pos_base,
                     const void* __restrict__ seq, int seq64, long long num_seqs, long long clock,
-                    long long* __restrict__ last, int parity, int* __restrict__ plast, unsigned* __restrict__ pend,
-                    unsigned* __restrict__ por, unsigned* __restrict__ rb, int* __restrict__ rank,
-                    long long* __restrict__ snap_pos, int* __restrict__ snap_ids,
+                    long long* __restrict__ last, int parity, int* __restrict__ pcum, int* __restrict__ bmax,
+                    int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids,
                     long long* __restrict__ prev_pos, int* __restrict__ prev_ids,
                     unsigned long long* __restrict__ hist, double* __restrict__ wsum,
                     unsigned long long* __restrict__ dist, double* __restrict__ wdist,
-                    unsigned long long* __restrict__ adj, int adj_len, int layer0, int R, int RB, int NP) {
+                    unsigned long long* __restrict__ adj, int adj_len, int layer0, int P, int NP, int NB,
+                    int stage) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const Ds4AccLayout o = ds4_acc_layout(E, W, k, adj_len, RB);
+    constexpr int NBITS = W == 1 ? 6 : W == 2 ? 7 : W == 4 ? 8 : W == 8 ? 9 : 10;  // ranks 0 .. 32 W
+    const Ds4AccLayout o = ds4_acc_layout(E, W, adj_len, stage ? P * k : 0);
     double* s_wsum = reinterpret_cast<double*>(smem + o.wsum);
     double* s_wdist = reinterpret_cast<double*>(smem + o.wdist);
     unsigned* s_hist = reinterpret_cast<unsigned*>(smem + o.hist);
     unsigned* s_dist = reinterpret_cast<unsigned*>(smem + o.dist);
     unsigned* s_adj = reinterpret_cast<unsigned*>(smem + o.adj);
-    unsigned* s_A = reinterpret_cast<unsigned*>(smem + o.A);
-    unsigned* s_seen = reinterpret_cast<unsigned*>(smem + o.seen);
-    unsigned* s_zero = reinterpret_cast<unsigned*>(smem + o.zero);
-    int* s_ids = reinterpret_cast<int*>(smem + o.ids);
-    uint2* s_idb = reinterpret_cast<uint2*>(smem + o.idb);
-    uint2* s_vm = reinterpret_cast<uint2*>(smem + o.vm);
-    const bool bytes = k <= 8 && E <= 256;  // the last slot of an expert in a record by byte compares
-    const int rot = W >= 8 ? (threadIdx.x & (W / 4 - 1)) * 4 : 0;  // see ds4_or_into
-    unsigned* s_occ = reinterpret_cast<unsigned*>(smem + o.occ);
-    unsigned* s_tab = reinterpret_cast<unsigned*>(smem + o.tab);
-    unsigned* s_ps = reinterpret_cast<unsigned*>(smem + o.ps);
-    int* s_free = reinterpret_cast<int*>(smem + o.free_);
+    unsigned* s_ord = reinterpret_cast<unsigned*>(smem + o.ord);
+    int* s_rank0 = reinterpret_cast<int*>(smem + o.rank0);
 
-    const int tid = threadIdx.x, nt = blockDim.x;
-    const float rk = 1.0f / (float)k;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const long long li = blockIdx.y, layer = layer0 + li;
-    const int q = blockIdx.x;
-    const long long r0 = (long long)q * R;
-    const int nrec_part = (int)min((long long)R, T - r0);
+    const int b = blockIdx.x, q0 = b * DS4_LOC_GP;
     const long long ioff = li * i_ls;
     if (weights != nullptr) weights += li * w_ls;
     const long long* last_cur;
     long long* last_next;
-    ds4_to_layer<W>(li, layer, E, k, NP, T, num_seqs, last, parity, last_cur, last_next, plast, pend, por, rb, rank,
-                    snap_pos, snap_ids, prev_pos, prev_ids);
+    ds4_to_layer(li, layer, E, k, NP, NB, T, num_seqs, last, parity, last_cur, last_next, pcum, bmax, rank,
+                 snap_pos, snap_ids, prev_pos, prev_ids);
     hist += layer * E;
     wsum += layer * E;
     dist += layer * (E + 1);
     wdist += layer * (E + 1);
     adj += layer * adj_len;
+    int* rk = reinterpret_cast<int*>(smem + o.stack + warp * (int)ds4_align16(4LL * E));  // this warp's stack
+    unsigned* vw = reinterpret_cast<unsigned*>(smem + o.vw + warp * (int)ds4_align16(4LL * W));
+    short* st = stage ? reinterpret_cast<short*>(smem + o.st + warp * (int)ds4_align16(2LL * P * k)) : nullptr;
 
     for (int e = tid; e < E; e += nt) {
         s_wsum[e] = 0.0;
@@ -501,233 +389,153 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
         s_dist[d] = 0u;
     }
     for (int t = tid; t < adj_len; t += nt) s_adj[t] = 0u;
-    if (tid < W) {
-        s_seen[tid] = 0u;
-        s_zero[tid] = 0u;
+    // each expert's latest access before the block, as one order: 0 never, 1 .. E before the call
+    // (E - rank), E + 1 + key in the call (keys < 2^31 - E: checked by the host)
+    const int E4 = (E + 3) & ~3;
+    for (int f = tid; f < E4; f += nt) {
+        unsigned ord = 0u;
+        if (f < E) {
+            int key = -1;
+            for (int bb = b - 1; bb >= 0; bb -= 4) {  // the latest earlier block holding f, 4 a round
+                int m[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) m[u] = bb - u >= 0 ? bmax[(long long)(bb - u) * E + f] : -1;
+#pragma unroll
+                for (int u = 3; u >= 0; --u)
+                    if (m[u] >= 0) key = m[u];  // ends at the latest (smallest u)
+                if (key >= 0) break;
+            }
+            if (key >= 0) ord = (unsigned)E + 1u + (unsigned)key;
+            else if (last_cur[f] >= 0) ord = (unsigned)(E - rank[f]);
+        }
+        s_ord[f] = ord;  // padded to a multiple of 4 with "never"
     }
     __syncthreads();
-    // A at the part's start: walk back to the latest earlier part holding f (4 parts a round)
-    for (int f = tid; f < E; f += nt) {
-        unsigned a[W];
-        ds4_clear<W>(a);
-        int found = -1;
-        for (int qq = q - 1; qq >= 0 && found < 0; qq -= 4) {
-            int key[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) key[u] = qq - u >= 0 ? plast[(long long)(qq - u) * E + f] : -2;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                if (found >= 0 || key[u] == -2) continue;
-                if (key[u] >= 0) found = qq - u;
-                else ds4_or_into<W>(a, por + (long long)(qq - u) * W);
+    for (int f = tid; f < E; f += nt) {  // rank = the experts with a later latest access
+        const unsigned of = s_ord[f];
+        int n = E;
+        if (of != 0u) {
+            int n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+            for (int g = 0; g < E4; g += 4) {
+                const uint4 v = *reinterpret_cast<const uint4*>(s_ord + g);
+                n0 += v.x > of;
+                n1 += v.y > of;
+                n2 += v.z > of;
+                n3 += v.w > of;
             }
+            n = n0 + n1 + n2 + n3;
         }
-        bool seen = true;
-        if (found >= 0) ds4_or_into<W>(a, pend + ((long long)found * E + f) * W);
-        else if (last_cur[f] >= 0) ds4_or_into<W>(a, rb + (long long)rank[f] * W);
-        else seen = false;
-        ds4_store_row<W>(s_A + f * W, a);
-        const unsigned bits = __ballot_sync(ds4_expert_lanes(f, E), seen);  // lane = f & 31
-        if ((f & 31) == 0) s_seen[f >> 5] = bits;
+        s_rank0[f] = n;
     }
+    __syncthreads();
 
-    for (int s0 = 0; s0 < nrec_part; s0 += RB) {
-        const long long R0 = r0 + s0;
-        const int nrec = min(RB, nrec_part - s0), nch = (nrec + 31) / 32;
-        for (int t = tid; t < nch * E; t += nt) s_occ[t] = 0u;
-        if (bytes)
-            for (int i = tid; i < nrec; i += nt) {
-                s_idb[i] = make_uint2(~0u, ~0u);
-                s_vm[i] = make_uint2(0u, 0u);
-            }
-        __syncthreads();
-        for (int t = tid; t < nrec * k; t += nt) {
-            const int i = ds4_div(t, k, rk), j = t - i * k;
-            const int e = ds4_load_index(ids, idx_kind, ioff + (R0 + i) * i_rs + j * i_cs);
-            const bool ok = e >= 0 && e < E;
-            s_ids[t] = ok ? e : -1;
-            if (ok) {
-                atomicOr(&s_occ[(i >> 5) * E + e], 1u << (i & 31));
-                if (bytes) {
-                    reinterpret_cast<unsigned char*>(s_idb)[i * 8 + j] = (unsigned char)e;
-                    reinterpret_cast<unsigned char*>(s_vm)[i * 8 + j] = 0xffu;
+    const int q = q0 + warp;
+    if (q < NP) {
+#pragma unroll
+        for (int i = 0; i < W; ++i)
+            if (lane + 32 * i < E) rk[lane + 32 * i] = s_rank0[lane + 32 * i];
+        if (warp > 0) {  // the stack past the block's parts before this one, in one move
+            if (lane < W) vw[lane] = 0u;
+            __syncwarp();
+            int pc[W], cold = 0;
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+                const int f = lane + 32 * i;
+                pc[i] = f < E ? pcum[(long long)(q - 1) * E + f] : -1;
+                if (pc[i] >= 0) {
+                    const int of = rk[f];
+                    if (of < E) atomicOr(&vw[of >> 5], 1u << (of & 31));
+                    else ++cold;
                 }
             }
+            cold = __reduce_add_sync(0xffffffffu, cold);
+            ds4_stack_shift<W>(rk, vw, cold, E, lane);
+#pragma unroll
+            for (int i = 0; i < W; ++i)
+                if (pc[i] >= 0) rk[lane + 32 * i] = pc[i];
+            __syncwarp();
         }
-        __syncthreads();
-        for (int i = tid; i < nrec; i += nt) {  // level 0: the records' bitsets, and their slot prefixes
-            unsigned bits[W];
-            ds4_clear<W>(bits);
-            int nvalid = 0;
-            for (int j = 0; j < k; ++j) {
-                if (j > 0) ds4_store_row<W>(s_ps + (i * (k - 1) + j - 1) * W, bits);
-                const int e = s_ids[i * k + j];
-                if (e >= 0) {
-                    ds4_add_expert<W>(bits, e);
-                    ++nvalid;
-                }
+        // the part, 32 keys at a time; each lane's key moves by 32 = di records + dj slots
+        const long long r0 = (long long)q * P;
+        const int nrec = (int)min((long long)P, T - r0);
+        const int nkeys = nrec * k;
+        const float rkp = 1.0f / (float)k;
+        const int di = 32 / k, dj = 32 - di * k;
+        const unsigned lt = (1u << lane) - 1u, gt = ~((2u << lane) - 1u);
+        const long long ibase = ioff + r0 * i_rs, wbase = r0 * w_rs;
+        int ci = ds4_div(lane, k, rkp), cj = lane - ci * k;  // the lane's record (in the part) and slot
+        int e_n = lane < nkeys ? ds4_load_expert(ids, idx_kind, ibase + ci * i_rs + cj * i_cs, E) : -1;
+        float w_n = (e_n >= 0 && weights != nullptr) ? weights[wbase + ci * w_rs + cj * w_cs] : 0.0f;
+        for (int base = 0; base < nkeys; base += 32) {
+            const int e = e_n;
+            const float wt = w_n;
+            ci += di;
+            cj += dj;
+            if (cj >= k) {
+                cj -= k;
+                ++ci;
             }
-            ds4_store_row<W>(s_tab + i * W, bits);
-            s_free[i] = ds4_popc<W>(bits) == nvalid;
-        }
-        __syncthreads();
-        for (int l = 1; (1 << l) < nrec; ++l) {  // level l: OR of records i .. i + 2^l - 1
-            const int h = 1 << (l - 1);
-            const unsigned* src = s_tab + (l - 1) * RB * W;
-            unsigned* dst = s_tab + l * RB * W;
-            if constexpr (W % 4 == 0) {  // 16-byte rows quarters
-                const uint4* s4 = reinterpret_cast<const uint4*>(src);
-                uint4* d4 = reinterpret_cast<uint4*>(dst);
-                for (int t = tid; t < nrec * (W / 4); t += nt) {
-                    uint4 a = s4[t];
-                    if (t / (W / 4) + h < nrec) {
-                        const uint4 b = s4[t + h * (W / 4)];
-                        a = make_uint4(a.x | b.x, a.y | b.y, a.z | b.z, a.w | b.w);
-                    }
-                    d4[t] = a;
-                }
+            if (base + 32 + lane < nkeys) {  // the next 32 keys' loads in flight
+                e_n = ds4_load_expert(ids, idx_kind, ibase + ci * i_rs + cj * i_cs, E);
+                w_n = (e_n >= 0 && weights != nullptr) ? weights[wbase + ci * w_rs + cj * w_cs] : 0.0f;
             } else {
-                for (int t = tid; t < nrec * W; t += nt) {
-                    const int i = t / W;
-                    dst[t] = src[t] | (i + h < nrec ? src[t + h * W] : 0u);
+                e_n = -1;
+            }
+            const bool valid = e >= 0;
+            if (st != nullptr && base + lane < nkeys) st[base + lane] = (short)e;
+            const unsigned vmask = __ballot_sync(0xffffffffu, valid);
+            const unsigned m = __match_any_sync(0xffffffffu, valid ? e : E + lane) & vmask;
+            const unsigned pm = m & lt;
+            const int p = pm ? 31 - __clz(pm) : -1;  // the previous lane holding e
+            const bool first = valid && pm == 0u, lastl = valid && (m & gt) == 0u;
+            // lanes that are an earlier lane's previous access: not distinct since then
+            unsigned x = (valid && p >= 0) ? 1u << p : 0u;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const unsigned y = __shfl_up_sync(0xffffffffu, x, off);
+                if (lane >= off) x |= y;
+            }
+            const int ro = first ? rk[e] : 0;  // e's rank at the sub-segment's start
+            const unsigned fmask = __ballot_sync(0xffffffffu, first);
+            // first accesses of earlier lanes with a larger rank: a compare over the bits
+            unsigned eqm = fmask & lt, gtm = 0u;
+#pragma unroll
+            for (int bit = NBITS - 1; bit >= 0; --bit) {
+                const unsigned ones = __ballot_sync(0xffffffffu, (ro >> bit) & 1);
+                const unsigned mine = 0u - (unsigned)((ro >> bit) & 1);  // all ones where ro has the bit
+                const unsigned t = eqm & ones;
+                gtm |= t & ~mine;
+                eqm = (t & mine) | ((eqm ^ t) & ~mine);
+            }
+            int d;
+            if (p >= 0) d = __popc(vmask & lt & ~((2u << p) - 1u) & ~x);
+            else d = ro >= E ? E : ro + __popc(gtm);
+            if (valid) {
+                atomicAdd(&s_hist[e], 1u);
+                atomicAdd(&s_dist[d], 1u);
+                if (weights != nullptr) {
+                    atomicAdd(&s_wsum[e], (double)wt);
+                    atomicAdd(&s_wdist[d], (double)wt);
                 }
             }
-            __syncthreads();
-        }
-
-        // one thread per access: U = the record's earlier slots | ra | rb | (rc & ~rd), rows picked
-        // per path (unused ones the zero row) and then loaded by every lane alike
-        for (int t = tid; t < nrec * k; t += nt) {
-            const int e = s_ids[t];
-            if (e < 0) continue;
-            const int i = ds4_div(t, k, rk), j = t - i * k;
-            const long long r = R0 + i;
-            unsigned acc[W];  // the experts of the earlier slots (words rotated by rot)
-            ds4_clear<W>(acc);
-            if (j > 0) ds4_or_into<W>(acc, s_ps + (i * (k - 1) + j - 1) * W, rot);
-            const unsigned *ra = s_zero, *rb_ = s_zero, *rc = s_zero, *rd = s_zero;
-            int d = -1;
-            if (!s_free[i] && ds4_has_expert<W>(acc, e, rot)) {
-                // e is in an earlier slot too: the distinct experts in the slots since its latest one
-                const int* rec = s_ids + i * k;
-                int same = -1;
-                for (int jj = 0; jj < j; ++jj)
-                    if (rec[jj] == e) same = jj;
-                ds4_clear<W>(acc);
-                for (int jj = same + 1; jj < j; ++jj)
-                    if (rec[jj] >= 0) ds4_add_expert<W>(acc, rec[jj], rot);
-            } else {
-                // the latest earlier record of the sub-segment holding e (chunk masks)
-                int pl = -1;
-                for (int c = i >> 5; c >= 0; --c) {
-                    unsigned m = s_occ[c * E + e];
-                    if (c == (i >> 5)) m &= (1u << (i & 31)) - 1u;
-                    if (m) {
-                        pl = c * 32 + 31 - __clz(m);
-                        break;
-                    }
-                }
-                if (pl >= 0) {
-                    if (pl + 1 <= i - 1) ds4_range_rows<W>(s_tab, RB, pl + 1, i - 1, ra, rb_);
-                    const int ls = ds4_last_slot(bytes, s_idb, s_vm, s_ids, k, pl, e);
-                    ds4_after_rows<W>(acc, s_tab, s_ps, s_free, s_ids, k, pl, ls, rc, rd, rot);
-                } else if ((s_seen[e >> 5] >> (e & 31)) & 1u) {
-                    if (i > 0) ds4_range_rows<W>(s_tab, RB, 0, i - 1, ra, rb_);
-                    rc = s_A + e * W;
-                } else {
-                    d = E;  // never accessed before: a miss at every cache size
-                }
-            }
-            if (d < 0) {
-                ds4_or_rows<W>(acc, ra, rb_, rc, rd, rot);
-                d = ds4_popc<W>(acc);
-            }
-            atomicAdd(&s_hist[e], 1u);
-            atomicAdd(&s_dist[d], 1u);
-            if (weights != nullptr) {
-                const double wt = (double)weights[r * w_rs + j * w_cs];
-                atomicAdd(&s_wsum[e], wt);
-                atomicAdd(&s_wdist[d], wt);
+            if (base + 32 < nkeys) {  // the stack past these 32 keys
+                if (lane < W) vw[lane] = 0u;
+                __syncwarp();
+                if (first && ro < E) atomicOr(&vw[ro >> 5], 1u << (ro & 31));
+                const int cold = __popc(__ballot_sync(0xffffffffu, first && ro >= E));
+                ds4_stack_shift<W>(rk, vw, cold, E, lane);
+                const unsigned lmask = __ballot_sync(0xffffffffu, lastl);
+                if (lastl) rk[e] = __popc(lmask & gt);
+                __syncwarp();
             }
         }
-
-        // one thread per record: adjacency with the previous record of its sequence
-        for (int i = tid; i < nrec; i += nt) {
-            const long long r = R0 + i;
-            const long long sq = ds4_seq_of(seq, seq64, r);
-            if (sq < 0 || sq >= num_seqs) continue;
-            const long long p = ds4_pos_of(pos, pos64, pos_base, r);
-            const bool first = r == 0 || ds4_seq_of(seq, seq64, r - 1) != sq;
-            const long long pp = first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
-            const bool last_of_seq = r == T - 1 || ds4_seq_of(seq, seq64, r + 1) != sq;
-            const int* B = s_ids + i * k;
-            if (pp == p - 1) {
-                // A = the previous record's ids: snapshot, this sub-segment, or the ids array
-                auto A = [&](int j) -> int {
-                    const int a = first ? snap_ids[r * k + j]
-                                        : (i > 0 ? s_ids[(i - 1) * k + j]
-                                                 : ds4_load_index(ids, idx_kind, ioff + (r - 1) * i_rs + j * i_cs));
-                    return (a >= 0 && a < E) ? a : -1;
-                };
-                int inter = 0, na = 0, nb = 0, eq = 0;
-                for (int j = 0; j < k; ++j) {
-                    const int a = A(j), b = B[j];
-                    if (a >= 0) {
-                        bool dup = false;
-                        for (int jj = 0; jj < j; ++jj) dup |= A(jj) == a;
-                        if (!dup) {
-                            ++na;
-                            bool in = false;
-                            for (int jj = 0; jj < k; ++jj) in |= B[jj] == a;
-                            inter += in;
-                        }
-                    }
-                    if (b >= 0) {
-                        bool dup = false;
-                        for (int jj = 0; jj < j; ++jj) dup |= B[jj] == b;
-                        nb += !dup;
-                    }
-                    eq += a >= 0 && a == b;
-                }
-                atomicAdd(&s_adj[0], 1u);
-                atomicAdd(&s_adj[1], (unsigned)eq);
-                atomicAdd(&s_adj[2 + inter * (2 * k + 1) + (na + nb - inter)], 1u);
-            }
-            if (last_of_seq) {
-                prev_pos[sq] = p;
-                for (int j = 0; j < k; ++j) prev_ids[sq * k + j] = B[j];
-            }
-        }
-        __syncthreads();
-        if (s0 + RB >= nrec_part) break;  // block-uniform: the part's last sub-segment
-        // A past the sub-segment: held experts from their last access, the others gain its OR
-        for (int f = tid; f < E; f += nt) {
-            int pl = -1;
-            for (int c = nch - 1; c >= 0; --c) {
-                const unsigned m = s_occ[c * E + f];
-                if (m) {
-                    pl = c * 32 + 31 - __clz(m);
-                    break;
-                }
-            }
-            unsigned a[W];
-            ds4_clear<W>(a);
-            const unsigned *ra = s_zero, *rb_ = s_zero, *rc = s_zero, *rd = s_zero;
-            if (pl >= 0) {
-                if (pl + 1 <= nrec - 1) ds4_range_rows<W>(s_tab, RB, pl + 1, nrec - 1, ra, rb_);
-                const int ls = ds4_last_slot(bytes, s_idb, s_vm, s_ids, k, pl, f);
-                ds4_after_rows<W>(a, s_tab, s_ps, s_free, s_ids, k, pl, ls, rc, rd, 0);
-            } else {
-                ds4_all_rows<W>(s_tab, RB, nrec, ra, rb_);
-                rc = s_A + f * W;
-            }
-            ds4_or_rows<W>(a, ra, rb_, rc, rd, 0);  // stored: no rotation
-            ds4_store_row<W>(s_A + f * W, a);
-            const unsigned held = __ballot_sync(ds4_expert_lanes(f, E), pl >= 0);
-            if ((f & 31) == 0) s_seen[f >> 5] |= held;
-        }
-        __syncthreads();
+        // one lane per record: adjacency
+        __syncwarp();
+        for (int i = lane; i < nrec; i += 32)
+            ds4_adjacency(ids, idx_kind, ioff, i_rs, i_cs, T, k, E, pos, pos64, pos_base, seq, seq64, num_seqs,
+                          snap_pos, snap_ids, prev_pos, prev_ids, s_adj, r0 + i, st, r0);
     }
+    __syncthreads();
 
     // the block's counters into the layer's
     for (int e = tid; e < E; e += nt) {
@@ -735,7 +543,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
             atomicAdd(&hist[e], (unsigned long long)s_hist[e]);
             if (weights != nullptr) atomicAdd(&wsum[e], s_wsum[e]);
         }
-        const int key = plast[(long long)q * E + e];
+        const int key = bmax[(long long)b * E + e];
         if (key >= 0) atomicMax(&last_next[e], clock + key);
     }
     for (int d = tid; d <= E; d += nt)

@@ -37,8 +37,11 @@ from .locality import assemble_report, layer_from_counts
 __all__ = ["LocalityRecorder"]
 
 _IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
-_WORDS = (1, 2, 4, 8, 16)  # bitset words: E <= 32 * W
-_MAX_PARTS = 1024  # parts per layer and call: the accumulate blocks' walk back is at most this long
+_WORDS = (1, 2, 4, 8, 16)  # E <= 32 * W: a warp's lanes hold W experts each
+_GP = 8  # parts per block (one warp each; DS4_LOC_GP in locality.cu)
+_MAX_BLOCKS = 256  # blocks of parts per layer and call: an accumulate block's walk back is at most this long
+_MAX_KEYS = 1 << 15  # slots per part (P * k): the kernels' float division is exact below 2^16
+_STAGE_SMEM = 96 * 1024  # accumulate blocks up to this size keep their parts' ids in shared memory
 
 LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
     "locality.cu",
@@ -50,20 +53,17 @@ def _a16(n: int) -> int:
     return (n + 15) & ~15
 
 
-def _accumulate_smem(E: int, W: int, k: int, adj_len: int, rb: int) -> int:
-    """Bytes of shared memory of one ``locality_accumulate`` block with sub-segments of ``rb``
-    records (``ds4_acc_layout`` in locality.cu)."""
-    levels = rb.bit_length() - 1
-    return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len) + _a16(4 * E * W)
-            + _a16(4 * W) + _a16(4 * W) + _a16(4 * rb * k) + 16 * rb + _a16(4 * (rb // 32) * E)
-            + _a16(4 * levels * rb * W)
-            + _a16(4 * rb * (k - 1) * W) + _a16(4 * rb))
+def _accumulate_smem(E: int, W: int, adj_len: int, stage_keys: int = 0) -> int:
+    """Bytes of shared memory of one ``locality_accumulate`` block (``ds4_acc_layout``); with
+    ``stage_keys`` (P * k) each warp keeps its part's ids for the adjacency."""
+    return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len) + 2 * _a16(4 * E)
+            + _GP * (_a16(4 * E) + _a16(4 * W) + _a16(2 * stage_keys)))
 
 
-def _prepare_smem(E: int, W: int, k: int, part: int) -> int:
-    """Bytes of shared memory of one ``locality_prepare`` part block (``ds4_prepare_smem``)."""
-    nw = (part * k + 31) // 32
-    return _a16(4 * (E + 1) * W) + 2 * _a16(4 * E) + 2 * _a16(4 * nw)
+def _prepare_smem(E: int, k: int, part: int) -> int:
+    """Bytes of shared memory of one ``locality_prepare`` block of parts (``ds4_prepare_smem``)."""
+    nw = (_GP * part * k + 31) // 32
+    return _a16(4 * _GP * E) + _a16(4 * E) + 2 * _a16(4 * nw)
 
 
 def _smem_optin(attrs) -> int:
@@ -71,21 +71,21 @@ def _smem_optin(attrs) -> int:
     return int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
 
 
-def _plan(E: int, W: int, k: int, adj_len: int, T: int, layers: int, sms: int, have: int,
-          rb: int | None = None, part: int | None = None) -> tuple[int, int]:
-    """Sub-segment and part sizes (records) for a call of ``T`` records of ``layers`` layers: the
-    largest sub-segment (up to 128) whose accumulate block fits three per SM (~74 kB), parts of
-    whole sub-segments giving ~3 blocks per SM in all, at most ``_MAX_PARTS`` parts per layer."""
-    if rb is None:
-        rb = next((r for r in (128, 64, 32) if _accumulate_smem(E, W, k, adj_len, r) <= 74 * 1024), 32)
+def _plan(E: int, k: int, T: int, layers: int, sms: int, have: int, part: int | None = None) -> int:
+    """Records per part (one warp each, 8 parts a block) for a call of ``T`` records of ``layers``
+    layers: ~16 warps per SM in all (parts of 4 .. 128 records, a power of two), larger where a
+    layer would have more than ``_MAX_BLOCKS`` blocks.  Measured (bench/NOTES.md, H100, 43 layers):
+    T=4096 takes 64 (32: 2 waves, 128: chains twice as long), T=64 takes 4."""
     if part is None:
-        want = max(1, -(-3 * sms // layers))
-        part = rb * max(1, -(-T // (rb * want)), -(-T // (rb * _MAX_PARTS)))
-    need = _prepare_smem(E, W, k, part)
-    if need > have:
-        raise ValueError(f"a call of {T} records needs parts of {part} records ({need} bytes of shared memory); "
-                         f"this device allows {have}: record fewer records per call")
-    return rb, part
+        want = T * layers / (16 * sms)
+        part = 4
+        while part < 128 and part * 1.5 < want:
+            part *= 2
+        part = max(part, -(-T // (_GP * _MAX_BLOCKS)))
+    if part * k > _MAX_KEYS or _prepare_smem(E, k, part) > have:
+        raise ValueError(f"a call of {T} records needs parts of {part} records; at most {_MAX_KEYS // k} (and "
+                         f"{have} bytes of shared memory) are possible: record fewer records per call")
+    return part
 
 
 class LocalityRecorder:
@@ -124,7 +124,6 @@ class LocalityRecorder:
         self.last = cp.full((L, 2, E), -1, cp.int64)
         self.prev_pos = cp.full((L, max_sequences), -(1 << 62), cp.int64)
         self.prev_ids = cp.full((L, max_sequences, k), -1, cp.int32)
-        self.rb = cp.zeros((L, E + 1, self.W), cp.uint32)
         self.rank = cp.zeros((L, E), cp.int32)
         self.records = [0] * L
         self.clock = [0] * L
@@ -132,14 +131,13 @@ class LocalityRecorder:
         self.has_weights = [False] * L
         attrs = cp.cuda.Device(self.device).attributes
         self._sms = attrs["MultiProcessorCount"]
-        need = _accumulate_smem(E, self.W, k, self.adj.shape[1], 32)  # the smallest block
+        need = _accumulate_smem(E, self.W, self.adj.shape[1])
         have = _smem_optin(attrs)
         if need > have:
             raise ValueError(f"num_experts={E} with topk={k} needs {need} bytes of shared memory per block; this "
                              f"device allows {have}: use fewer experts or a smaller topk")
         self._smem_have = have
-        self._records_per_block = None  # tests may force the sub-segment (32 .. 256 records)
-        self._records_per_part = None  # and the part (a multiple of it)
+        self._records_per_part = None  # tests may force the part size (records)
 
     def reset(self) -> None:
         """Forget everything recorded."""
@@ -247,12 +245,11 @@ class LocalityRecorder:
         E, k, W = self.E, self.k, self.W
         null = np.uint64(0)
         adj_len = self.adj.shape[1]
-        RB, R = _plan(E, W, k, adj_len, T, n, self._sms, self._smem_have, self._records_per_block,
-                      self._records_per_part)
-        NP = -(-T // R)
-        plast = cp.empty((n, NP, E), cp.int32)
-        pend = cp.empty((n, NP, E, W), cp.uint32)
-        por = cp.empty((n, NP, W), cp.uint32)
+        P = _plan(E, k, T, n, self._sms, self._smem_have, self._records_per_part)
+        NP = -(-T // P)
+        NB = -(-NP // _GP)
+        pcum = cp.empty((n, NP, E), cp.int32)
+        bmax = cp.empty((n, NB, E), cp.int32)
         snap_pos = cp.empty((n, T), cp.int64)
         snap_ids = cp.empty((n, T, k), cp.int32)
         kind = np.int32(_IDX_KIND[dtype_name(ids.dtype)])
@@ -260,26 +257,28 @@ class LocalityRecorder:
         seq64 = np.int32(seq is not None and seq.dtype == np.int64)
         parity = np.int32(self.parity[layer0])
         prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
-        psmem = _prepare_smem(E, W, k, R)
+        psmem = _prepare_smem(E, k, P)
         if psmem > 48 * 1024:
             prep.max_dynamic_shared_size_bytes = psmem
-        prep((NP + 1, n), (256,),
+        prep((NB + 1, n), (256,),
              (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
-              seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, np.int32(R),
-              np.int32(NP), plast, pend, por, self.rb, self.rank, snap_pos, snap_ids, np.int32(layer0)),
+              seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, np.int32(P),
+              np.int32(NP), np.int32(NB), pcum, bmax, self.rank, snap_pos, snap_ids, np.int32(layer0)),
              shared_mem=psmem)
         acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-        smem = _accumulate_smem(E, W, k, adj_len, RB)
+        stage = _accumulate_smem(E, W, adj_len, P * k) <= _STAGE_SMEM  # the part's ids kept for the adjacency
+        smem = _accumulate_smem(E, W, adj_len, P * k if stage else 0)
         if smem > 48 * 1024:
             acc.max_dynamic_shared_size_bytes = smem
-        acc((NP, n), (256,),
+        acc((NB, n), (256,),
             (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
              np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
              pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
              np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
-             self.last, parity, plast, pend, por, self.rb, self.rank, snap_pos, snap_ids, self.prev_pos,
+             self.last, parity, pcum, bmax, self.rank, snap_pos, snap_ids, self.prev_pos,
              self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
-             np.int32(adj_len), np.int32(layer0), np.int32(R), np.int32(RB), np.int32(NP)), shared_mem=smem)
+             np.int32(adj_len), np.int32(layer0), np.int32(P), np.int32(NP), np.int32(NB), np.int32(stage)),
+            shared_mem=smem)
 
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
         """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""

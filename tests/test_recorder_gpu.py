@@ -102,11 +102,11 @@ def test_strided_capture_slice_and_two_launches(cp, rng):
     E, k, T, L = 256, 6, 700, 2
     buf = cp.asarray(rng.integers(0, E, (T, L, k)).astype(np.uint8))
     off = analyze(cp.asnumpy(buf), E)
-    # records per sub-segment (the sparse table's depth) and per part (one block each: the walk
-    # back over earlier parts, the table carried across sub-segments)
-    for rb, part in ((None, None), (32, 32), (32, 96), (64, 64), (64, 256), (128, 128), (128, 384), (256, 256)):
+    # records per part (one warp each, 8 a block: the stack carried over 32-key sub-segments, past
+    # the block's earlier parts, and the walk back over earlier blocks)
+    for part in (None, 1, 3, 8, 16, 21, 64, 100, 128, 700):
         rec = ds4kern.LocalityRecorder(L, E, k)
-        rec._records_per_block, rec._records_per_part = rb, part
+        rec._records_per_part = part
         for part in (slice(0, 100), slice(100, T)):  # two steps: the second also reaches into the first
             for layer in range(L):
                 rec.record(layer, buf[part, layer, :])
@@ -137,8 +137,8 @@ def test_record_step_equals_offline(cp, rng, E, k, idx_dtype, split):
             calls.append((ids, (w * (layer + 1)).astype(np.float32), p, sq))
         layer_calls.append(calls)
     rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
-    if split:  # the 77-record prefill spans two sub-segments, and parts of two
-        rec._records_per_block, rec._records_per_part = 32, 64
+    if split:  # the 77-record prefill spans parts and blocks of parts
+        rec._records_per_part = 5
     for j, (_, _, p, s) in enumerate(base):
         T = len(p)
         # a capture-like buffer with one spare layer and a column gap: strided in every dimension
@@ -191,10 +191,40 @@ def test_validation(cp):
         rec.record(0, cp.zeros((3, 4), cp.int32), weights=cp.zeros((3, 4), cp.float64))
     with pytest.raises(ValueError, match="num_experts"):
         ds4kern.LocalityRecorder(1, 513, 4)
-    big = ds4kern.LocalityRecorder(1, 512, 32)  # the largest configuration: >48 kB per block
+    big = ds4kern.LocalityRecorder(1, 512, 32)  # the largest configuration
     ids = cp.asarray(np.random.default_rng(5).integers(-1, 512, (300, 1, 32)).astype(np.int32))
     big.record(0, ids[:, 0])
     compare(big.report(), analyze(cp.asnumpy(ids), 512))
+
+
+def test_adjacency_without_staged_ids(cp, rng, monkeypatch):
+    """Blocks too large to keep their parts' ids in shared memory read them from the ids again."""
+    import ds4kern.recorder as r
+
+    monkeypatch.setattr(r, "_STAGE_SMEM", 0)
+    E, k = 256, 6
+    base = stream(rng, E, k, steps=20)
+    calls = [[(ids, w, p, sq) for ids, w, p, sq in base]]
+    rec = ds4kern.LocalityRecorder(1, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
+    for part in (None, 5):
+        rec.reset()
+        rec._records_per_part = part
+        for ids, w, p, sq in base:
+            rec.record(0, cp.asarray(ids), weights=cp.asarray(w), positions=cp.asarray(p), seq_ids=cp.asarray(sq))
+        compare(rec.report(), offline(base, 1, E, calls))
+
+
+def test_wide_ids_out_of_range_are_invalid(cp):
+    """int64 ids beyond the int32 range (2^32 + e) are invalid, not e."""
+    E, k = 64, 4
+    ids = np.random.default_rng(3).integers(0, E, (50, k)).astype(np.int64)
+    ids[::3, 1] += 1 << 32
+    ids[::5, 2] = -(1 << 40)
+    rec = ds4kern.LocalityRecorder(1, E, k)
+    rec.record(0, cp.asarray(ids))
+    on, off = rec.report(), analyze(ids[:, None, :], E)
+    compare(on, off)
+    assert on["selections"] == int(((ids >= 0) & (ids < E)).sum())
 
 
 def test_shared_memory_limit_is_checked(cp, monkeypatch):

@@ -14,10 +14,9 @@ ids and float32 weights, through their ``out=`` views: no extra kernel) followed
 with recording - step without) / step without; the baseline step is timed twice (before and
 after) for drift.  ``--part P`` forces the recorder's part size (records per warp).
 
-With ``--async-steps N`` it also times graphs of N such steps where each step's ``record_step``
-is forked onto a side stream (event record / wait) right after its routers and joined at the
-end, so it runs beside the next steps' routers (two capture buffers in turn; a step waits until
-the recording that read its buffer two steps earlier is done).
+With ``--async-steps N`` it also times graphs of N such steps where the routers write into
+``LocalityRecorder.step_buffers`` and ``record_step(..., overlap=True)`` records each step on the
+recorder's own stream beside the next steps' routers (joined at the end of the graph).
 """
 
 from __future__ import annotations
@@ -119,52 +118,39 @@ def step_row(L, T, E, k, rng, name, part=None):
 
 
 def async_row(L, T, E, k, rng, name, n):
-    """Steps of L routers with each step's record_step forked onto a side stream (it overlaps the
-    next steps' routers), against the same steps without recording, both as graphs of n steps."""
+    """Graphs of n steps of L routers: each step's routers write into LocalityRecorder.step_buffers
+    and ``record_step(..., overlap=True)`` records them on the recorder's stream beside the next
+    steps' routers (joined at the end); against the same steps without recording and with
+    record_step on the routers' stream."""
     import cupy as cp
 
     xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
     bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
-    ring = 2
-    caps = [(cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32)) for _ in range(ring)]
     seq = cp.arange(T, dtype=cp.int32)
     pos = cp.zeros(T, cp.int32)
     rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
     kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
-    side = cp.cuda.Stream(non_blocking=True)  # priority 0: the lowest, as the routers' stream
-    done = [None] * ring
+    own = (cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32))
 
-    def routers(j):
-        ci, cw = caps[j % ring]
+    def routers(ci, cw):
         for layer in range(L):
             ds4kern.router_topk(xs[layer], k, out=(cw[:, layer], ci[:, layer]), **kw)
 
     def step(j):
-        main = cp.cuda.get_current_stream()
-        if done[j % ring] is not None:
-            main.wait_event(done[j % ring])  # the slot's previous recording has read it
-        routers(j)
-        ev = cp.cuda.Event(disable_timing=True)
-        ev.record(main)
-        side.wait_event(ev)
-        ci, cw = caps[j % ring]
-        with side:
-            rec.record_step(ci, weights=cw, positions=pos, seq_ids=seq)
-        done[j % ring] = cp.cuda.Event(disable_timing=True)
-        done[j % ring].record(side)
+        ci, cw = rec.step_buffers(T)
+        routers(ci, cw)
+        rec.record_step(ci, weights=cw, positions=pos, seq_ids=seq, overlap=True)
+        if j == n - 1:
+            rec.join()  # the graph (and the warm-up) ends with the recorder's stream joined
 
     def sync_step(j):
-        routers(j)
-        ci, cw = caps[j % ring]
-        rec.record_step(ci, weights=cw, positions=pos, seq_ids=seq)
+        routers(*own)
+        rec.record_step(own[0], weights=own[1], positions=pos, seq_ids=seq)
 
-    def reset():
-        done[:] = [None] * ring
-
-    t_plain = cuda_graph_time(routers, inner=n, repeat=20)
-    t_async = cuda_graph_time(step, inner=n, repeat=20, join=side, reset=reset)
+    t_plain = cuda_graph_time(lambda j: routers(*own), inner=n, repeat=20)
+    t_async = cuda_graph_time(step, inner=n, repeat=20)
     t_sync = cuda_graph_time(sync_step, inner=n, repeat=20)
-    t_plain2 = cuda_graph_time(routers, inner=n, repeat=20)
+    t_plain2 = cuda_graph_time(lambda j: routers(*own), inner=n, repeat=20)
     return dict(device=name, T=T, layers=L, async_steps=n, step_routers_us=t_plain * 1e6,
                 step_routers_again_us=t_plain2 * 1e6, step_sync_us=t_sync * 1e6, step_async_us=t_async * 1e6,
                 overhead_sync_pct=100 * (t_sync / t_plain - 1), overhead_async_pct=100 * (t_async / t_plain - 1))

@@ -8,6 +8,8 @@ report when you want one.
             rec.record(layer, i, weights=w, positions=pos, seq_ids=seq)   # 2 launches, no sync
         # or: routers write into cap[:, layer] (out= views), then once per step
         # rec.record_step(cap, weights=capw, positions=pos, seq_ids=seq)  # 2 launches per step
+        # or, beside the next steps' work: cap, capw = rec.step_buffers(T) before the routers,
+        # rec.record_step(cap, weights=capw, ..., overlap=True) after them
     report = rec.report(model="DeepSeek-V4-Flash")      # the same JSON as ds4kern.locality.analyze
 
 Per layer the device keeps: expert histogram and weight sums, the LRU stack-distance histogram
@@ -138,9 +140,63 @@ class LocalityRecorder:
                              f"device allows {have}: use fewer experts or a smaller topk")
         self._smem_have = have
         self._records_per_part = None  # tests may force the part size (records)
+        self._side = None  # the stream of record_step(..., overlap=True), made on first use
+        self._side_last = None  # the event after its last recording
+        self._rings = {}  # (T, dtype) -> two step buffers (see step_buffers)
+
+    def step_buffers(self, T: int, dtype=None):
+        """Capture buffers for one step's routers to write into, for ``record_step(...,
+        overlap=True)``: ``(indices, weights)``, each ``[T, num_layers, topk]`` (``dtype``: uint8
+        where E <= 256, else int16; float32 weights), taken in turn from two per (T, dtype).
+        Before handing one out, the current stream waits until the recording that last read it
+        is done (a stream wait, no host synchronisation)."""
+        cp = self.cp
+        if type(T) is not int or T < 0:
+            raise ValueError(f"T must be an int >= 0, got {T!r}")
+        dt = np.dtype(dtype if dtype is not None else (np.uint8 if self.E <= 256 else np.int16))
+        if dt.name not in _IDX_KIND:
+            raise ValueError(f"dtype must be one of {sorted(_IDX_KIND)}, got {dt.name}")
+        if np.iinfo(dt).max < self.E - 1:
+            raise ValueError(f"dtype {dt.name} cannot hold expert ids up to {self.E - 1}")
+        with cp.cuda.Device(self.device):
+            ring = self._rings.get((T, dt.name))
+            if ring is None:
+                ring = self._rings[(T, dt.name)] = {"next": 0, "slots": [
+                    {"ids": cp.empty((T, self.L, self.k), dt), "w": cp.empty((T, self.L, self.k), cp.float32),
+                     "pos": None, "seq": None, "done": None} for _ in range(2)]}
+            slot = ring["slots"][ring["next"]]
+            ring["next"] ^= 1
+            if slot["done"] is not None:
+                cp.cuda.get_current_stream().wait_event(slot["done"])
+                slot["done"] = None
+            return slot["ids"], slot["w"]
+
+    def join(self) -> None:
+        """Make the current stream wait for every ``overlap=True`` recording made so far (call it
+        before ending a CUDA-graph capture that recorded with overlap, or before reusing a step
+        buffer's inputs some other way).  No host synchronisation."""
+        if self._side_last is not None:
+            with self.cp.cuda.Device(self.device):
+                self.cp.cuda.get_current_stream().wait_event(self._side_last)
+        self._side_last = None
+        for ring in self._rings.values():
+            for slot in ring["slots"]:
+                slot["done"] = None
+
+    def _slot_of(self, arr):
+        """The step-buffer slot whose indices or weights hold ``arr``'s first element, or None."""
+        ptr = arr.data.ptr
+        for ring in self._rings.values():
+            for slot in ring["slots"]:
+                for key in ("ids", "w"):
+                    a = slot[key]
+                    if a.data.ptr <= ptr < a.data.ptr + max(a.nbytes, 1):
+                        return slot, key
+        return None, None
 
     def reset(self) -> None:
         """Forget everything recorded."""
+        self.join()
         for a in (self.hist, self.wsum, self.dist, self.wdist, self.adj):
             a.fill(0)
         self.last.fill(-1)
@@ -159,13 +215,20 @@ class LocalityRecorder:
             raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
         self._record(layer, 1, indices, weights, positions, seq_ids, step=False)
 
-    def record_step(self, indices, *, weights=None, positions=None, seq_ids=None, first_layer: int = 0) -> None:
+    def record_step(self, indices, *, weights=None, positions=None, seq_ids=None, first_layer: int = 0,
+                    overlap: bool = False) -> None:
         """Add one step's router outputs of several layers at once: ``indices`` ``[T, n, k]`` for
         layers ``first_layer .. first_layer + n - 1`` (e.g. a routing-capture buffer ``[T, layers,
         k]`` that the routers filled through their ``out=`` views, any integer dtype, strided views
         allowed), optional float32 ``weights`` ``[T, n, k]``, ``positions`` / ``seq_ids`` ``[T]``
         shared by the layers.  Two launches in all, whatever ``n``; the same counts as ``n`` calls
-        of :meth:`record`.  The layers must have been recorded equally often so far."""
+        of :meth:`record`.  The layers must have been recorded equally often so far.
+
+        ``overlap=True``: the two kernels run on the recorder's own stream, after the work queued
+        so far on the current stream and beside what follows (the next layers' or steps' work);
+        ``indices`` (and ``weights``) must come from :meth:`step_buffers`, which holds a buffer
+        back until its recording has read it; ``positions`` / ``seq_ids`` are copied first.
+        Other calls, :meth:`report` and :meth:`reset` wait for these recordings on the device."""
         if type(first_layer) is not int or not 0 <= first_layer < self.L:
             raise ValueError(f"first_layer must be an int in [0, {self.L}), got {first_layer!r}")
         shape = getattr(indices, "shape", None)
@@ -178,9 +241,9 @@ class LocalityRecorder:
         if len({(self.records[x], self.parity[x]) for x in span}) != 1:
             raise ValueError("record_step needs layers recorded equally often so far (mixing record() calls "
                              f"for some of layers {first_layer}..{first_layer + n - 1}); record them per layer")
-        self._record(first_layer, n, indices, weights, positions, seq_ids, step=True)
+        self._record(first_layer, n, indices, weights, positions, seq_ids, step=True, overlap=overlap)
 
-    def _record(self, layer0, n, indices, weights, positions, seq_ids, *, step):
+    def _record(self, layer0, n, indices, weights, positions, seq_ids, *, step, overlap=False):
         cp = self.cp
         frame = Frame(indices, "indices")
         if frame.backend != "cuda":
@@ -208,6 +271,13 @@ class LocalityRecorder:
         for x in span:
             if self.has_weights[x] and w is None:
                 raise ValueError(f"layer {x} was recorded with weights before; give weights every time")
+        slot = None
+        if overlap:
+            slot, key = self._slot_of(ids)
+            wslot, wkey = self._slot_of(w) if w is not None else (slot, "w")
+            if slot is None or key != "ids" or wslot is not slot or wkey != "w":
+                raise ValueError("overlap=True needs indices (and weights) from one step_buffers() pair: the "
+                                 "recording reads them after this call returns")
 
         def vec(x, name):
             if x is None:
@@ -218,9 +288,6 @@ class LocalityRecorder:
             return cp.ascontiguousarray(v)
 
         pos, seq = vec(positions, "positions"), vec(seq_ids, "seq_ids")
-        if w is not None:
-            for x in span:
-                self.has_weights[x] = True
         k = self.k
         item = ids.itemsize
         i_rs, i_cs = ids.strides[0] // item, ids.strides[-1] // item
@@ -232,12 +299,42 @@ class LocalityRecorder:
             w_rs = w_cs = w_ls = 0
         if T * k >= 1 << 31:
             raise ValueError(f"a call holds at most 2**31 - 1 slots (T * k); got T={T}, k={k}: split it")
+        if w is not None:  # every check passed: from here on the call counts
+            for x in span:
+                self.has_weights[x] = True
         with frame.running():
-            self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
+            main = cp.cuda.get_current_stream()
+            if slot is None:
+                if self._side_last is not None:  # the recorder's state after the overlapped recordings
+                    main.wait_event(self._side_last)
+                self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
+            else:
+                pos, seq = self._keep(slot, "pos", pos, main), self._keep(slot, "seq", seq, main)
+                if self._side is None:
+                    self._side = cp.cuda.Stream(non_blocking=True)
+                ev = cp.cuda.Event(disable_timing=True)
+                ev.record(main)
+                self._side.wait_event(ev)
+                with self._side:
+                    self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
+                done = cp.cuda.Event(disable_timing=True)
+                done.record(self._side)
+                slot["done"] = self._side_last = done
         for x in span:
             self.parity[x] ^= 1
             self.records[x] += T
             self.clock[x] += T * k
+
+    def _keep(self, slot, key, v, stream):
+        """A copy of ``v`` (positions / seq ids) owned by the step-buffer slot, made on ``stream``."""
+        if v is None:
+            return None
+        have = slot[key]
+        if have is None or have.dtype != v.dtype or have.size < v.size:
+            have = slot[key] = self.cp.empty(v.size, v.dtype)
+        dst = have[:v.size]
+        dst.data.copy_from_device_async(v.data, v.nbytes, stream=stream)
+        return dst
 
     def _launch(self, ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls):
         """The two kernels of one call, on the current stream."""
@@ -283,6 +380,7 @@ class LocalityRecorder:
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
         """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""
         cp = self.cp
+        self.join()
         hist, wsum, dist, wdist, adj = (cp.asnumpy(a) for a in (self.hist, self.wsum, self.dist, self.wdist, self.adj))
         k = self.k
         layers = []

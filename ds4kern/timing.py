@@ -65,33 +65,22 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * a.nbytes / t
 
 
-def cuda_graph_time(fn, inner: int = 20, repeat: int = 50, *, join=None, reset=None) -> float:
+def cuda_graph_time(fn, inner: int = 20, repeat: int = 50) -> float:
     """Median seconds per call of ``fn(j)`` replayed from a CUDA graph of ``inner`` calls.
 
     Removes the host's launch cost: what is left is the device time of the work (with the small
-    gaps between graph nodes).  ``fn(j)`` may use ``j`` to rotate inputs.  ``join``: a stream the
-    calls fork work onto (event record / wait); the capture waits for it at the end, so its work
-    is timed too.  ``reset()``, if given, runs before the warm-up calls and before the capture
-    (e.g. to forget events recorded outside it).
+    gaps between graph nodes).  ``fn(j)`` may use ``j`` to rotate inputs.
     """
     import cupy as cp
 
-    def calls():
-        if reset:
-            reset()
-        for j in range(inner):
-            fn(j)
-        if join is not None:
-            ev = cp.cuda.Event(disable_timing=True)
-            ev.record(join)
-            s.wait_event(ev)
-
     s = cp.cuda.Stream(non_blocking=True)
     with s:
-        calls()  # warm-up: compiles, fills the memory pool
+        for j in range(inner):  # warm-up: compiles, fills the memory pool
+            fn(j)
         s.synchronize()
         s.begin_capture()
-        calls()
+        for j in range(inner):
+            fn(j)
         g = s.end_capture()
         for _ in range(3):
             g.launch(s)

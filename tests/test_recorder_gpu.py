@@ -162,6 +162,66 @@ def test_record_step_equals_offline(cp, rng, E, k, idx_dtype, split):
     assert count_kernel_nodes(cp, lambda: rec2.record_step(buf[:, :L, :k])) == 2
 
 
+def test_record_step_overlap_equals_offline(cp, rng):
+    """record_step(overlap=True) on the recorder's stream, fed from step_buffers(): the same counts
+    as the offline analysis, though the positions array is rewritten right after each call and a
+    plain record_step (own buffer) and record() calls come in between."""
+    E, k, L = 256, 6, 3
+    base = stream(rng, E, k, steps=24)
+    layer_calls = [[(np.where((ids >= 0) & (ids < E), (ids * (2 * x + 1) + 3 * x) % E, 255), w * (x + 1), p, sq)
+                    for ids, w, p, sq in base] for x in range(L)]
+    rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3,), hash_layers=(0,), max_sequences=16)
+    pos_d = cp.empty(128, cp.int64)
+    for j, (_, _, p, sq) in enumerate(base):
+        T = len(p)
+        ids = np.stack([layer_calls[x][j][0] for x in range(L)], axis=1).astype(np.uint8)
+        w = np.stack([layer_calls[x][j][1] for x in range(L)], axis=1).astype(np.float32)
+        pos_d[:T] = cp.asarray(p)
+        seq_d = cp.asarray(sq.astype(np.int32))
+        if j % 7 == 3:  # a plain call on the current stream, own buffers
+            rec.record_step(cp.asarray(ids), weights=cp.asarray(w), positions=pos_d[:T], seq_ids=seq_d)
+        elif j % 7 == 5:  # per-layer calls
+            for x in range(L):
+                rec.record(x, cp.asarray(ids[:, x]), weights=cp.asarray(w[:, x]), positions=pos_d[:T], seq_ids=seq_d)
+        else:
+            bi, bw = rec.step_buffers(T)
+            bi[...] = cp.asarray(ids)
+            bw[...] = cp.asarray(w)
+            rec.record_step(bi, weights=bw, positions=pos_d[:T], seq_ids=seq_d, overlap=True)
+        pos_d.fill(-12345)  # the recording must have copied the positions
+    layer_calls = [[(c[0].astype(np.int64), c[1].astype(np.float32), c[2], c[3]) for c in calls]
+                   for calls in layer_calls]
+    compare(rec.report(), offline(base, L, E, layer_calls))
+
+
+def test_record_step_overlap_needs_step_buffers(cp):
+    from graph_nodes import count_kernel_nodes
+
+    rec = ds4kern.LocalityRecorder(2, 64, 4)
+    with pytest.raises(ValueError, match="step_buffers"):
+        rec.record_step(cp.zeros((5, 2, 4), cp.int32), overlap=True)
+    bi, bw = rec.step_buffers(5)
+    assert bi.dtype == np.uint8 and bi.shape == (5, 2, 4) and bw.dtype == np.float32
+    with pytest.raises(ValueError, match="step_buffers"):  # weights from elsewhere
+        rec.record_step(bi, weights=cp.zeros((5, 2, 4), cp.float32), overlap=True)
+    assert rec.has_weights == [False, False] and rec.records == [0, 0]  # a refused call changes nothing
+    bi2, _ = rec.step_buffers(5)
+    assert bi2.data.ptr != bi.data.ptr and rec.step_buffers(5)[0].data.ptr == bi.data.ptr  # two in turn
+    with pytest.raises(ValueError, match="dtype"):
+        rec.step_buffers(5, np.float32)
+    with pytest.raises(ValueError, match="cannot hold"):
+        ds4kern.LocalityRecorder(1, 300, 4).step_buffers(5, np.uint8)
+    bi.fill(1)
+    rec.join()
+
+    def captured():  # in a graph: forked onto the recorder's stream and joined before the end
+        rec.record_step(bi, overlap=True)
+        rec.join()
+
+    assert count_kernel_nodes(cp, captured) == 2
+    assert rec.report()["layers_detail"][0]["hist"][1] > 0
+
+
 def test_record_step_validation(cp):
     rec = ds4kern.LocalityRecorder(3, 64, 4)
     with pytest.raises(ValueError, match="shape"):

@@ -33,7 +33,9 @@
 //     the ranks and suffix popcounts).
 // Then one lane per record for the adjacency with the previous record of its sequence.  Counters
 // gather in shared memory and go out with one global atomic per non-zero bin: integers (exact,
-// order-free) and float64 weight sums (equal up to rounding order).
+// order-free) and weight sums (32.32 fixed point in a block, exact there; weights below 2^-9 or
+// from 2^12 in size, and non-finite ones, go to the float64 sums directly): equal to float64
+// sums up to rounding order.
 //
 // Bytes per layer and step: the ids read twice (and once more for adjacency), the weights once,
 // per part 4 E bytes of pcum (and per block 4 E of bmax) written and read back from L2, a few
@@ -254,8 +256,23 @@ __device__ __forceinline__ void ds4_stack_shift(int* rk, const unsigned* vw, int
     __syncwarp();
 }
 
+// A block's weight sum in 32.32 fixed point, as two words of shared memory: lo[b] += v with the
+// carry into hi[b].  Weights with 2^-9 <= |w| < 2^12 are exact multiples of 2^-32, so the sums are
+// exact and order-free (at most 2^18 of them a block: |sum| < 2^62).
+__device__ __forceinline__ void ds4_fixed_add(unsigned* lo, unsigned* hi, int b, long long v) {
+    const unsigned l = (unsigned)v;
+    const unsigned old = atomicAdd(&lo[b], l);
+    const unsigned h = (unsigned)((unsigned long long)v >> 32) + (old + l < old ? 1u : 0u);
+    if (h) atomicAdd(&hi[b], h);
+}
+
+__device__ __forceinline__ double ds4_fixed_value(const unsigned* lo, const unsigned* hi, int b) {
+    const long long v = (long long)(((unsigned long long)hi[b] << 32) | lo[b]);
+    return (double)v * 2.3283064365386963e-10;  // 2^-32
+}
+
 // Shared memory of one locality_accumulate block (ds4kern.recorder._accumulate_smem mirrors it):
-// counters (float64 weight sums, integer bins, adjacency), the block's start keys and ranks [E] x 2,
+// counters (fixed-point weight sums, integer bins, adjacency), the block's start keys and ranks [E] x 2,
 // then per warp its stack [E], the bitmap over ranks [W] and, with `stage`, its part's ids [P k]
 // (int16, -1 invalid) for the adjacency.
 struct Ds4AccLayout {
@@ -354,8 +371,9 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int NBITS = W == 1 ? 6 : W == 2 ? 7 : W == 4 ? 8 : W == 8 ? 9 : 10;  // ranks 0 .. 32 W
     const Ds4AccLayout o = ds4_acc_layout(E, W, adj_len, stage ? P * k : 0);
-    double* s_wsum = reinterpret_cast<double*>(smem + o.wsum);
-    double* s_wdist = reinterpret_cast<double*>(smem + o.wdist);
+    // weight sums in 32.32 fixed point, low and high words (native 32-bit shared atomics)
+    unsigned* s_wsum = reinterpret_cast<unsigned*>(smem + o.wsum);  // [2][E]
+    unsigned* s_wdist = reinterpret_cast<unsigned*>(smem + o.wdist);  // [2][E + 1]
     unsigned* s_hist = reinterpret_cast<unsigned*>(smem + o.hist);
     unsigned* s_dist = reinterpret_cast<unsigned*>(smem + o.dist);
     unsigned* s_adj = reinterpret_cast<unsigned*>(smem + o.adj);
@@ -381,11 +399,11 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     short* st = stage ? reinterpret_cast<short*>(smem + o.st + warp * (int)ds4_align16(2LL * P * k)) : nullptr;
 
     for (int e = tid; e < E; e += nt) {
-        s_wsum[e] = 0.0;
+        s_wsum[e] = s_wsum[E + e] = 0u;
         s_hist[e] = 0u;
     }
     for (int d = tid; d <= E; d += nt) {
-        s_wdist[d] = 0.0;
+        s_wdist[d] = s_wdist[E + 1 + d] = 0u;
         s_dist[d] = 0u;
     }
     for (int t = tid; t < adj_len; t += nt) s_adj[t] = 0u;
@@ -513,9 +531,14 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
             if (valid) {
                 atomicAdd(&s_hist[e], 1u);
                 atomicAdd(&s_dist[d], 1u);
-                if (weights != nullptr) {
-                    atomicAdd(&s_wsum[e], (double)wt);
-                    atomicAdd(&s_wdist[d], (double)wt);
+                const float aw = fabsf(wt);
+                if (aw >= 0.001953125f && aw < 4096.0f) {  // 2^-9 <= |w| < 2^12: a multiple of 2^-32
+                    const long long v = (long long)(wt * 4294967296.0f);  // exact
+                    ds4_fixed_add(s_wsum, s_wsum + E, e, v);
+                    ds4_fixed_add(s_wdist, s_wdist + E + 1, d, v);
+                } else if (weights != nullptr && wt != 0.0f) {  // tiny, large or not finite: float64 in L2
+                    atomicAdd(&wsum[e], (double)wt);
+                    atomicAdd(&wdist[d], (double)wt);
                 }
             }
             if (base + 32 < nkeys) {  // the stack past these 32 keys
@@ -541,7 +564,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     for (int e = tid; e < E; e += nt) {
         if (s_hist[e]) {
             atomicAdd(&hist[e], (unsigned long long)s_hist[e]);
-            if (weights != nullptr) atomicAdd(&wsum[e], s_wsum[e]);
+            if (weights != nullptr) atomicAdd(&wsum[e], ds4_fixed_value(s_wsum, s_wsum + E, e));
         }
         const int key = bmax[(long long)b * E + e];
         if (key >= 0) atomicMax(&last_next[e], clock + key);
@@ -549,7 +572,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     for (int d = tid; d <= E; d += nt)
         if (s_dist[d]) {
             atomicAdd(&dist[d], (unsigned long long)s_dist[d]);
-            if (weights != nullptr) atomicAdd(&wdist[d], s_wdist[d]);
+            if (weights != nullptr) atomicAdd(&wdist[d], ds4_fixed_value(s_wdist, s_wdist + E + 1, d));
         }
     for (int t = tid; t < adj_len; t += nt)
         if (s_adj[t]) atomicAdd(&adj[t], (unsigned long long)s_adj[t]);

@@ -18,7 +18,9 @@ the last access time of every expert, and each sequence's previous record.  ``re
 layer) and ``record_step`` (several layers of one step) each launch two kernels
 (``cuda_src/locality.cu``) on the current stream and never synchronise; ``report`` copies the
 counters to the host.  Every count equals what :func:`ds4kern.locality.analyze` finds
-in the same selections (weight sums are float64 atomics: equal up to rounding order).
+in the same selections (weight sums: exact 32.32 fixed point within a block for weights of size
+2^-9 .. 2^12, float64 across blocks and for other weights: equal to float64 sums up to rounding
+order).
 
 Semantics as offline, with one condition: within one call the records of a sequence
 are contiguous and in increasing position order (true for decode batches and prefill chunks),

@@ -274,6 +274,31 @@ def test_adjacency_without_staged_ids(cp, rng, monkeypatch):
         compare(rec.report(), offline(base, 1, E, calls))
 
 
+def test_weight_sums_any_float(cp, rng):
+    """Weights of any size and sign (fixed point within a block, float64 beyond it) sum as in
+    float64; a NaN weight makes the sums it enters NaN on both sides."""
+    import math
+
+    E, k, T = 64, 4, 700
+    ids = rng.integers(0, E, (T, 1, k)).astype(np.int32)
+    w = rng.random((T, 1, k)).astype(np.float32)
+    w[::7, 0, 0] = -w[::7, 0, 0]
+    w[::11, 0, 1] = 5000.0 + w[::11, 0, 1] * 1e5  # above the fixed-point range
+    w[::13, 0, 2] = 1e-12 * (1 + w[::13, 0, 2])  # below its range
+    w[::17, 0, 3] = 0.0
+    w[5, 0, 3] = 4095.99
+    rec = ds4kern.LocalityRecorder(1, E, k, cache_sizes=(3,))
+    rec._records_per_part = 16  # several blocks
+    rec.record_step(cp.asarray(ids), weights=cp.asarray(w))
+    compare(rec.report(), analyze(ids, E, weights=w, cache_sizes=(3,), source="online"))
+    w[100, 0, 0] = np.nan
+    rec.reset()
+    rec.record_step(cp.asarray(ids), weights=cp.asarray(w))
+    on, off = rec.report(), analyze(ids, E, weights=w, cache_sizes=(3,), source="online")
+    e = int(ids[100, 0, 0])
+    assert math.isnan(on["layers_detail"][0]["weight"][e]) and math.isnan(off["layers_detail"][0]["weight"][e])
+
+
 def test_wide_ids_out_of_range_are_invalid(cp):
     """int64 ids beyond the int32 range (2^32 + e) are invalid, not e."""
     E, k = 64, 4

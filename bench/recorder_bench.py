@@ -67,33 +67,42 @@ def main(argv=None):
         t_rec = cuda_graph_time(lambda j: rec.record(0, i, weights=w, positions=pos, seq_ids=seq), inner=16)
         row = dict(device=name, T=T, router_us=t_r * 1e6, router_plus_record_us=t_b * 1e6, record_us=t_rec * 1e6,
                    overhead_pct=100 * (t_b / t_r - 1))
-        rows.append(row)
-        print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in row.items()), flush=True)
+        rows.append(_show(row))
         if a.layers:
-            rows.append(step_row(a.layers, T, E, k, rng, name, a.part))
-            print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in rows[-1].items()),
-                  flush=True)
+            rows.append(_show(step_row(a.layers, T, E, k, rng, name, a.part)))
         if a.layers and a.async_steps:
-            rows.append(async_row(a.layers, T, E, k, rng, name, a.async_steps))
-            print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in rows[-1].items()),
-                  flush=True)
+            rows.append(_show(async_row(a.layers, T, E, k, rng, name, a.async_steps)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
 
 
-def step_row(L, T, E, k, rng, name, part=None):
+def _show(row):
+    print(" ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}" for kk, v in row.items()), flush=True)
+    return row
+
+
+def _step_setup(L, T, E, k, rng):
+    """A decode step's inputs: L layers' logits, the router keywords (Flash: sqrtsoftplus + bias),
+    one token per sequence (seq ids, positions), a recorder and a [T, L, k] capture buffer."""
     import cupy as cp
 
     xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
     bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
-    outs = [(cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)) for _ in range(L)]
-    cap_i, cap_w = cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32)
+    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
     seq = cp.arange(T, dtype=cp.int32)
     pos = cp.zeros(T, cp.int32)
     rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
+    cap = (cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32))
+    return xs, kw, seq, pos, rec, cap
+
+
+def step_row(L, T, E, k, rng, name, part=None):
+    import cupy as cp
+
+    xs, kw, seq, pos, rec, (cap_i, cap_w) = _step_setup(L, T, E, k, rng)
+    outs = [(cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)) for _ in range(L)]
     rec._records_per_part = part
-    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
 
     def plain(j):
         for layer in range(L):
@@ -122,15 +131,7 @@ def async_row(L, T, E, k, rng, name, n):
     and ``record_step(..., overlap=True)`` records them on the recorder's stream beside the next
     steps' routers (joined at the end); against the same steps without recording and with
     record_step on the routers' stream."""
-    import cupy as cp
-
-    xs = [cp.asarray(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
-    bias = cp.asarray((0.1 * rng.standard_normal(E)).astype(np.float32))
-    seq = cp.arange(T, dtype=cp.int32)
-    pos = cp.zeros(T, cp.int32)
-    rec = ds4kern.LocalityRecorder(L, E, k, max_sequences=T)
-    kw = dict(score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5)
-    own = (cp.empty((T, L, k), cp.uint8), cp.empty((T, L, k), cp.float32))
+    xs, kw, seq, pos, rec, own = _step_setup(L, T, E, k, rng)
 
     def routers(ci, cw):
         for layer in range(L):

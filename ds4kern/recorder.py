@@ -301,6 +301,7 @@ class LocalityRecorder:
             w_rs = w_cs = w_ls = 0
         if T * k >= 1 << 31:
             raise ValueError(f"a call holds at most 2**31 - 1 slots (T * k); got T={T}, k={k}: split it")
+        P = _plan(self.E, k, T, n, self._sms, self._smem_have, self._records_per_part)  # may refuse the call
         if w is not None:  # every check passed: from here on the call counts
             for x in span:
                 self.has_weights[x] = True
@@ -309,7 +310,7 @@ class LocalityRecorder:
             if slot is None:
                 if self._side_last is not None:  # the recorder's state after the overlapped recordings
                     main.wait_event(self._side_last)
-                self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
+                self._launch(ids, w, pos, seq, layer0, n, T, P, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
             else:
                 pos, seq = self._keep(slot, "pos", pos, main), self._keep(slot, "seq", seq, main)
                 if self._side is None:
@@ -318,7 +319,7 @@ class LocalityRecorder:
                 ev.record(main)
                 self._side.wait_event(ev)
                 with self._side:
-                    self._launch(ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
+                    self._launch(ids, w, pos, seq, layer0, n, T, P, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls)
                 done = cp.cuda.Event(disable_timing=True)
                 done.record(self._side)
                 slot["done"] = self._side_last = done
@@ -338,13 +339,12 @@ class LocalityRecorder:
         dst.data.copy_from_device_async(v.data, v.nbytes, stream=stream)
         return dst
 
-    def _launch(self, ids, w, pos, seq, layer0, n, T, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls):
-        """The two kernels of one call, on the current stream."""
+    def _launch(self, ids, w, pos, seq, layer0, n, T, P, i_rs, i_cs, i_ls, w_rs, w_cs, w_ls):
+        """The two kernels of one call (parts of P records), on the current stream."""
         cp = self.cp
         E, k, W = self.E, self.k, self.W
         null = np.uint64(0)
         adj_len = self.adj.shape[1]
-        P = _plan(E, k, T, n, self._sms, self._smem_have, self._records_per_part)
         NP = -(-T // P)
         NB = -(-NP // _GP)
         pcum = cp.empty((n, NP, E), cp.int32)

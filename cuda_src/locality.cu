@@ -11,33 +11,41 @@
 //
 // locality_prepare<W>: per block of parts b, bmax[b][f] = the key of f's last access in it (-1 if
 // none); per part q, pcum[q][f] = the rank f has right after the block's parts up to q if it is in
-// them (the distinct experts whose last access there is later: a bitmap of those last keys and
-// suffix popcounts), else -1.  First records of a run of one
-// sequence snapshot that sequence's previous record (position, ids) before the second kernel
-// overwrites it.  One extra block per layer ranks the experts by their last access before this
-// call and carries `last` into the next call's buffer.
+// them (the distinct experts whose last access there is later), else -1.  Warp w reads part w's
+// ids (kept in shared memory when they fit) into its row of last keys; then, for a batch of
+// prefixes at a time, prefix q's bitmap over the block's keys marks each expert's last key in
+// parts 0 .. q (built word by word with ballots: a key that is its expert's last in its part and
+// whose expert no later part up to q accesses), and a rank is the marks after the expert's key
+// (suffix popcounts per word).  First records of a run of one sequence snapshot that sequence's
+// previous record (position, ids) before the second kernel overwrites it.  One extra block per
+// layer ranks the experts by their last access before this call and carries `last` into the next
+// call's buffer.
 //
 // locality_accumulate<W>: the block finds every expert's latest access before its first part
 // (walking back over bmax, then the parts of the block found; else the pre-call rank; else never)
 // and ranks them (the LRU stack at the block's start, "cold" = E for never accessed).  Warp w
 // brings that stack past the block's parts before its own in one move (pcum: the experts accessed
-// there take their rank, every other expert moves down by those that were below it), then walks
-// its part 32 keys at a time,
-// one access per lane, the stack (ranks by expert) in shared memory:
+// there take their rank, every other expert moves down by those that were below it): its stack
+// at the part's start.  It then walks its part 32 keys at a time, one access per lane:
 //   * an earlier lane holds e (match): the distinct experts in the lanes between, i.e. those
 //     lanes that are not an earlier lane's previous access (a prefix OR of "previous" bits);
 //   * else e's rank at the sub-segment's start, plus the first accesses of earlier lanes whose
-//     rank there is larger (a compare over the ranks' bits by ballots); E if e is cold;
-//   * then the stack moves past the 32 keys: the experts accessed take their rank by last lane,
-//     every other expert moves down by the experts accessed that were below it (a bitmap over
-//     the ranks and suffix popcounts).
+//     rank there is larger (a compare over the ranks' bits by ballots); E if e is cold.  That
+//     rank comes from the part's own state, so the stack itself never moves: if e was accessed
+//     in the part, the marks after its last key there (a bitmap over the part's keys marking each
+//     expert's last access, with suffix counts per word); else its rank at the part's start,
+//     moved down by the D experts accessed in the part so far, less those of them that were
+//     below it (a bitmap over start ranks, with prefix counts).  After each 32 keys: the marks of
+//     the experts accessed move to their last lane, the start ranks of the experts new to the
+//     part go into the rank bitmap, and both counts are redone (one word per lane).
 // Then one lane per record for the adjacency with the previous record of its sequence.  Counters
 // gather in shared memory and go out with one global atomic per non-zero bin: integers (exact,
 // order-free) and weight sums (32.32 fixed point in a block, exact there; weights below 2^-9 or
 // from 2^12 in size, and non-finite ones, go to the float64 sums directly): equal to float64
 // sums up to rounding order.
 //
-// Bytes per layer and step: the ids read twice (and once more for adjacency), the weights once,
+// Bytes per layer and step: the ids read twice (three times where prepare cannot keep them, and
+// once more for adjacency where accumulate cannot), the weights once,
 // per part 4 E bytes of pcum (and per block 4 E of bmax) written and read back from L2, a few
 // counters.
 #include "common.cuh"
@@ -94,12 +102,33 @@ __device__ __forceinline__ void ds4_to_layer(long long li, long long layer, int 
     prev_ids += layer * num_seqs * k;
 }
 
+// Suffix counts of the bitmap words bm[0 .. n - 1] by one warp: out[w] = the bits set in words
+// w + 1 .. n - 1, or in w .. n - 1 with `inclusive`; returns the bits set in all n words.
+__device__ __forceinline__ int ds4_suffix_counts(const unsigned* bm, int n, int* out, int lane, bool inclusive) {
+    int carry = 0;
+    for (int base = (n - 1) & ~31; base >= 0; base -= 32) {
+        const int w = base + lane;
+        const int v = w < n ? __popc(bm[w]) : 0;
+        int incl = v;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int u = __shfl_down_sync(0xffffffffu, incl, off);
+            if (lane + off < 32) incl += u;
+        }
+        if (w < n) out[w] = (inclusive ? incl : incl - v) + carry;
+        carry += __shfl_sync(0xffffffffu, incl, 0);
+    }
+    return carry;
+}
+
 // Shared memory of one locality_prepare block (ds4kern.recorder._prepare_smem mirrors it): per part
-// last keys [GP][E], each expert's last key in the parts so far [E], a bitmap over the block's keys
-// [ceil(GP P k / 32)] and its suffix popcounts [same].
-__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int k, int P) {
+// last keys [GP][E], per part the next part accessing each expert [GP][E] (bytes), the prefix
+// bitmaps of one batch of `nbp` prefixes over the block's keys [nbp][nw] and their suffix counts
+// [nbp][nw], and with `stage` the block's ids [GP P k] (int16, -1 invalid).
+__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int k, int P, int nbp, int stage) {
     const long long nw = ((long long)DS4_LOC_GP * P * k + 31) / 32;
-    return ds4_align16(4LL * DS4_LOC_GP * E) + ds4_align16(4LL * E) + 2 * ds4_align16(4 * nw);
+    return ds4_align16(4LL * DS4_LOC_GP * E) + ds4_align16(1LL * DS4_LOC_GP * E) + 2 * ds4_align16(4LL * nbp * nw)
+           + (stage ? ds4_align16(2LL * DS4_LOC_GP * P * k) : 0);
 }
 
 template <int W>
@@ -108,7 +137,8 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
                  int k, int E, const void* __restrict__ seq, int seq64, long long num_seqs,
                  long long* __restrict__ prev_pos, int* __restrict__ prev_ids, long long* __restrict__ last,
                  int parity, int P, int NP, int NB, int* __restrict__ pcum, int* __restrict__ bmax,
-                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int layer0) {
+                 int* __restrict__ rank, long long* __restrict__ snap_pos, int* __restrict__ snap_ids, int layer0,
+                 int nbp, int stage) {
     const long long li = blockIdx.y, layer = layer0 + li;
     const long long ioff = li * i_ls;  // ids of this layer
     const long long* last_cur;
@@ -142,33 +172,42 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     const int b = blockIdx.x, q0 = b * DS4_LOC_GP, nparts = min(DS4_LOC_GP, NP - q0);
     const long long r0 = (long long)q0 * P;
     const int nrec = (int)min((long long)nparts * P, T - r0);
-    const int nwb = (int)(((long long)DS4_LOC_GP * P * k + 31) / 32);
+    const int Pk = P * k, nkb = nrec * k;  // slots per part, slots of the block
+    const int nwb = (int)(((long long)DS4_LOC_GP * Pk + 31) / 32);
+    const int K0 = (int)(r0 * k);  // the block's first key
     int* s_last = reinterpret_cast<int*>(smem);  // [GP][E]
-    int* s_cur = reinterpret_cast<int*>(smem + ds4_align16(4LL * DS4_LOC_GP * E));
-    unsigned* s_bm = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(s_cur) + ds4_align16(4LL * E));
-    int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4LL * nwb));
+    unsigned char* s_np = smem + ds4_align16(4LL * DS4_LOC_GP * E);  // [GP][E]
+    unsigned* s_bm = reinterpret_cast<unsigned*>(s_np + ds4_align16(1LL * DS4_LOC_GP * E));  // [nbp][nwb]
+    int* s_sfx = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_bm) + ds4_align16(4LL * nbp * nwb));
+    short* st = stage ? reinterpret_cast<short*>(reinterpret_cast<unsigned char*>(s_sfx) + ds4_align16(4LL * nbp * nwb))
+                      : nullptr;
     for (int t = tid; t < DS4_LOC_GP * E; t += nt) s_last[t] = -1;
-    for (int f = tid; f < E; f += nt) s_cur[f] = -1;
-    for (int w = tid; w < nwb; w += nt) s_bm[w] = 0u;
     __syncthreads();
-    const float rk = 1.0f / (float)k;
-    const int nacc = nrec * k;
-    for (int t0 = tid; t0 < nacc; t0 += 4 * nt) {  // one thread per access, four loads in flight
-        int e[4], at[4];
+    if (warp < nparts) {  // warp w: its part's last keys, 32 slots a step and four steps' loads in flight
+        const int rw = warp * P;  // the part's first record in the block
+        const int nk = min(P, nrec - rw) * k, kb = rw * k;
+        int* row = s_last + warp * E;
+        const int di = 32 / k, dj = 32 - di * k;
+        int ci = ds4_div(lane, k, 1.0f / (float)k), cj = lane - ci * k;  // the lane's record (in the part), slot
+        const long long pbase = ioff + (r0 + rw) * i_rs;
+        for (int base = lane; base < nk; base += 128) {
+            int e[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int t = t0 + u * nt;
-            e[u] = -1;
-            at[u] = 0;
-            if (t < nacc) {
-                const int i = t < 65536 ? ds4_div(t, k, rk) : t / k, j = t - i * k;
-                e[u] = ds4_load_expert(ids, idx_kind, ioff + (r0 + i) * i_rs + j * i_cs, E);
-                at[u] = (i / P) * E;  // the part's row
+            for (int u = 0; u < 4; ++u) {
+                e[u] = base + 32 * u < nk ? ds4_load_expert(ids, idx_kind, pbase + ci * i_rs + cj * i_cs, E) : -1;
+                ci += di;
+                cj += dj;
+                if (cj >= k) {
+                    cj -= k;
+                    ++ci;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (e[u] >= 0) atomicMax(&row[e[u]], K0 + kb + base + 32 * u);
+                if (st != nullptr && base + 32 * u < nk) st[kb + base + 32 * u] = (short)e[u];
             }
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-            if (e[u] >= 0) atomicMax(&s_last[at[u] + e[u]], (int)(r0 * k) + t0 + u * nt);
     }
     for (int i = tid; i < nrec; i += nt) {  // snapshots for the first record of a run of several
         const long long r = r0 + i;
@@ -182,46 +221,65 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
         }
     }
     __syncthreads();
-    for (int f = tid; f < E; f += nt) {
-        int m = -1;
-        for (int p = 0; p < nparts; ++p) m = max(m, s_last[p * E + f]);
+    for (int f = tid; f < E; f += nt) {  // the block's last keys; per part the next part accessing f
+        int m = -1, nxt = DS4_LOC_GP;
+        for (int p = nparts - 1; p >= 0; --p) {
+            const int key = s_last[p * E + f];
+            s_np[p * E + f] = (unsigned char)nxt;
+            if (key >= 0) nxt = p;
+            m = max(m, key);
+        }
         bmax[(long long)b * E + f] = m;
     }
-    const int K0 = (int)(r0 * k);  // the block's first key
-    for (int p = 0; p + 1 < nparts; ++p) {  // block-uniform; the last part's ranks are not needed
-        for (int f = tid; f < E; f += nt) {  // f's last key through part p, as one bit
-            const int key = s_last[p * E + f];
-            if (key < 0) continue;
-            const int old = s_cur[f];
-            if (old >= 0) atomicAnd(&s_bm[(old - K0) >> 5], ~(1u << ((old - K0) & 31)));
-            atomicOr(&s_bm[(key - K0) >> 5], 1u << ((key - K0) & 31));
-            s_cur[f] = key;
-        }
-        __syncthreads();
-        if (warp == 0) {  // s_sfx[w] = the bits set in the words after w
-            int carry = 0;
-            for (int base = (nwb - 1) & ~31; base >= 0; base -= 32) {
-                const int w = base + lane;
-                const int v = w < nwb ? __popc(s_bm[w]) : 0;
-                int incl = v;
-#pragma unroll
-                for (int off = 1; off < 32; off <<= 1) {
-                    const int u = __shfl_down_sync(0xffffffffu, incl, off);
-                    if (lane + off < 32) incl += u;
+    __syncthreads();
+    // pcum, nbp prefixes at a time: prefix p's bitmap over the block's keys holds, for every expert
+    // accessed in parts 0 .. p, its last key there (a key of part q <= p that is its expert's last
+    // in q and whose expert no part in q + 1 .. p accesses: built by ballots, no atomics); a rank is
+    // then the bits after the expert's key (suffix counts per word)
+    const float rk = 1.0f / (float)k, rpk = 1.0f / (float)Pk;
+    for (int p0 = 0; p0 + 1 < nparts; p0 += nbp) {  // block-uniform; the last part's ranks are not needed
+        const int np = min(nbp, nparts - 1 - p0);
+        const int nw = ((p0 + np) * Pk + 31) / 32;  // words holding the keys of parts 0 .. p0 + np - 1
+        for (int w = warp; w < nw; w += DS4_LOC_GP) {
+            const int x = 32 * w + lane;  // the block's key K0 + x
+            bool lastk = false;
+            int q = 0, ex = 0;
+            if (x < nkb) {
+                int e;
+                if (st != nullptr) {
+                    e = st[x];
+                } else {
+                    const int i = x < 65536 ? ds4_div(x, k, rk) : x / k, j = x - i * k;
+                    e = ds4_load_expert(ids, idx_kind, ioff + (r0 + i) * i_rs + j * i_cs, E);
                 }
-                if (w < nwb) s_sfx[w] = incl - v + carry;
-                carry += __shfl_sync(0xffffffffu, incl, 0);
+                if (e >= 0) {
+                    q = ds4_div(x, Pk, rpk);  // x / Pk: x < 2^18 and the quotient < 8, exact too
+                    lastk = s_last[q * E + e] == K0 + x;
+                    ex = s_np[q * E + e];
+                }
+            }
+            for (int jj = 0; jj < np; ++jj) {
+                const int p = p0 + jj;
+                const unsigned bits = __ballot_sync(0xffffffffu, lastk && q <= p && p < ex);
+                if (lane == 0) s_bm[jj * nwb + w] = bits;
             }
         }
+        __syncthreads();
+        for (int jj = warp; jj < np; jj += DS4_LOC_GP)  // s_sfx[w] = the bits set in the words after w
+            ds4_suffix_counts(s_bm + jj * nwb, nw, s_sfx + jj * nwb, lane, false);
         __syncthreads();
         for (int f = tid; f < E; f += nt) {  // f's rank after the parts through p
-            const int key = s_cur[f];
-            int n = -1;
-            if (key >= 0) {
-                const int x = key - K0;
-                n = s_sfx[x >> 5] + __popc((s_bm[x >> 5] >> (x & 31)) >> 1);
+            int key = -1;
+            for (int p = 0; p < p0; ++p) key = max(key, s_last[p * E + f]);
+            for (int jj = 0; jj < np; ++jj) {
+                key = max(key, s_last[(p0 + jj) * E + f]);
+                int n = -1;
+                if (key >= 0) {
+                    const int x = key - K0;
+                    n = s_sfx[jj * nwb + (x >> 5)] + __popc((s_bm[jj * nwb + (x >> 5)] >> (x & 31)) >> 1);
+                }
+                pcum[(long long)(q0 + p0 + jj) * E + f] = n;
             }
-            pcum[(long long)(q0 + p) * E + f] = n;
         }
         __syncthreads();
     }
@@ -273,13 +331,17 @@ __device__ __forceinline__ double ds4_fixed_value(const unsigned* lo, const unsi
 
 // Shared memory of one locality_accumulate block (ds4kern.recorder._accumulate_smem mirrors it):
 // counters (fixed-point weight sums, integer bins, adjacency), the block's start keys and ranks [E] x 2,
-// then per warp its stack [E], the bitmap over ranks [W] and, with `stage`, its part's ids [P k]
-// (int16, -1 invalid) for the adjacency.
+// then per warp: its stack at the part's start [E] (ranks), each expert's last key in the part [E]
+// (-1: not yet), the part's last-access marks [NM] and their suffix counts [NM + 1] (NM = words of
+// the part's keys), the bitmap over start ranks of the experts accessed in the part [W] and its
+// prefix counts [W], and, with `stage`, its part's ids [P k] (int16, -1 invalid) for the adjacency.
 struct Ds4AccLayout {
-    int wsum, wdist, hist, dist, adj, ord, rank0, stack, vw, st, total;
+    int wsum, wdist, hist, dist, adj, ord, rank0, stack, ts, marks, suf, vw, pre, st, total;
 };
 
-__host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, int adj_len, int stage_keys) {
+__host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, int adj_len, int part_keys,
+                                                                int stage_keys) {
+    const int nm = (part_keys + 31) / 32;
     Ds4AccLayout o;
     o.wsum = 0;
     o.wdist = o.wsum + (int)ds4_align16(8LL * E);
@@ -289,8 +351,12 @@ __host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, in
     o.ord = o.adj + (int)ds4_align16(4LL * adj_len);
     o.rank0 = o.ord + (int)ds4_align16(4LL * E);
     o.stack = o.rank0 + (int)ds4_align16(4LL * E);
-    o.vw = o.stack + DS4_LOC_GP * (int)ds4_align16(4LL * E);
-    o.st = o.vw + DS4_LOC_GP * (int)ds4_align16(4LL * W);
+    o.ts = o.stack + DS4_LOC_GP * (int)ds4_align16(4LL * E);
+    o.marks = o.ts + DS4_LOC_GP * (int)ds4_align16(4LL * E);
+    o.suf = o.marks + DS4_LOC_GP * (int)ds4_align16(4LL * nm);
+    o.vw = o.suf + DS4_LOC_GP * (int)ds4_align16(4LL * (nm + 1));
+    o.pre = o.vw + DS4_LOC_GP * (int)ds4_align16(4LL * W);
+    o.st = o.pre + DS4_LOC_GP * (int)ds4_align16(4LL * W);
     o.total = o.st + DS4_LOC_GP * (int)ds4_align16(2LL * stage_keys);
     return o;
 }
@@ -370,7 +436,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     int stage) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int NBITS = W == 1 ? 6 : W == 2 ? 7 : W == 4 ? 8 : W == 8 ? 9 : 10;  // ranks 0 .. 32 W
-    const Ds4AccLayout o = ds4_acc_layout(E, W, adj_len, stage ? P * k : 0);
+    const Ds4AccLayout o = ds4_acc_layout(E, W, adj_len, P * k, stage ? P * k : 0);
     // weight sums in 32.32 fixed point, low and high words (native 32-bit shared atomics)
     unsigned* s_wsum = reinterpret_cast<unsigned*>(smem + o.wsum);  // [2][E]
     unsigned* s_wdist = reinterpret_cast<unsigned*>(smem + o.wdist);  // [2][E + 1]
@@ -396,6 +462,11 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     adj += layer * adj_len;
     int* rk = reinterpret_cast<int*>(smem + o.stack + warp * (int)ds4_align16(4LL * E));  // this warp's stack
     unsigned* vw = reinterpret_cast<unsigned*>(smem + o.vw + warp * (int)ds4_align16(4LL * W));
+    const int nm = (P * k + 31) / 32;
+    int* ts = reinterpret_cast<int*>(smem + o.ts + warp * (int)ds4_align16(4LL * E));
+    unsigned* marks = reinterpret_cast<unsigned*>(smem + o.marks + warp * (int)ds4_align16(4LL * nm));
+    int* suf = reinterpret_cast<int*>(smem + o.suf + warp * (int)ds4_align16(4LL * (nm + 1)));
+    int* pre = reinterpret_cast<int*>(smem + o.pre + warp * (int)ds4_align16(4LL * W));
     short* st = stage ? reinterpret_cast<short*>(smem + o.st + warp * (int)ds4_align16(2LL * P * k)) : nullptr;
 
     for (int e = tid; e < E; e += nt) {
@@ -473,6 +544,16 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 if (pc[i] >= 0) rk[lane + 32 * i] = pc[i];
             __syncwarp();
         }
+        // nothing of the part accessed yet
+#pragma unroll
+        for (int i = 0; i < W; ++i)
+            if (lane + 32 * i < E) ts[lane + 32 * i] = -1;
+        if (lane < W) {
+            vw[lane] = 0u;
+            pre[lane] = 0;
+        }
+        int D = 0;
+        __syncwarp();
         // the part, 32 keys at a time; each lane's key moves by 32 = di records + dj slots
         const long long r0 = (long long)q * P;
         const int nrec = (int)min((long long)P, T - r0);
@@ -513,17 +594,30 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                 const unsigned y = __shfl_up_sync(0xffffffffu, x, off);
                 if (lane >= off) x |= y;
             }
-            const int ro = first ? rk[e] : 0;  // e's rank at the sub-segment's start
+            // e's rank at the sub-segment's start: from the part's marks if e was accessed in the part
+            // (the experts whose last access is later), else from its rank at the part's start (moved
+            // down by the D experts accessed in the part, less those of them that were below it)
+            int ro = 0, tsv = -1, rov = E;
+            if (first) {
+                tsv = ts[e];
+                if (tsv >= 0) {
+                    ro = suf[(tsv >> 5) + 1] + __popc((marks[tsv >> 5] >> (tsv & 31)) >> 1);
+                } else {
+                    rov = rk[e];
+                    ro = rov >= E ? E
+                                  : D + rov - pre[rov >> 5] - __popc(vw[rov >> 5] & ((1u << (rov & 31)) - 1u));
+                }
+            }
             const unsigned fmask = __ballot_sync(0xffffffffu, first);
-            // first accesses of earlier lanes with a larger rank: a compare over the bits
-            unsigned eqm = fmask & lt, gtm = 0u;
+            // first accesses of earlier lanes with a larger rank: a compare over the bits, top one first
+            unsigned eqm = fmask & lt, gtm = 0u, rs = (unsigned)ro << (32 - NBITS);
 #pragma unroll
-            for (int bit = NBITS - 1; bit >= 0; --bit) {
-                const unsigned ones = __ballot_sync(0xffffffffu, (ro >> bit) & 1);
-                const unsigned mine = 0u - (unsigned)((ro >> bit) & 1);  // all ones where ro has the bit
-                const unsigned t = eqm & ones;
-                gtm |= t & ~mine;
-                eqm = (t & mine) | ((eqm ^ t) & ~mine);
+            for (int bit = 0; bit < NBITS; ++bit) {
+                const unsigned mine = (unsigned)((int)rs >> 31);  // all ones where ro has the bit
+                const unsigned ones = __ballot_sync(0xffffffffu, (int)rs < 0);
+                rs <<= 1;
+                gtm |= eqm & ones & ~mine;
+                eqm &= ~(ones ^ mine);
             }
             int d;
             if (p >= 0) d = __popc(vmask & lt & ~((2u << p) - 1u) & ~x);
@@ -541,14 +635,26 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
                     atomicAdd(&wdist[d], (double)wt);
                 }
             }
-            if (base + 32 < nkeys) {  // the stack past these 32 keys
-                if (lane < W) vw[lane] = 0u;
-                __syncwarp();
-                if (first && ro < E) atomicOr(&vw[ro >> 5], 1u << (ro & 31));
-                const int cold = __popc(__ballot_sync(0xffffffffu, first && ro >= E));
-                ds4_stack_shift<W>(rk, vw, cold, E, lane);
+            if (base + 32 < nkeys) {  // the part's marks and rank bitmap past these 32 keys
+                if (first) {
+                    if (tsv >= 0) atomicAnd(&marks[tsv >> 5], ~(1u << (tsv & 31)));  // no longer e's last
+                    else if (rov < E) atomicOr(&vw[rov >> 5], 1u << (rov & 31));  // e's first access in the part
+                }
                 const unsigned lmask = __ballot_sync(0xffffffffu, lastl);
-                if (lastl) rk[e] = __popc(lmask & gt);
+                const int s = base >> 5;
+                if (lane == 0) marks[s] = lmask;
+                if (lastl) ts[e] = base + lane;
+                __syncwarp();
+                D = ds4_suffix_counts(marks, s + 1, suf, lane, true);  // D: distinct experts of the part so far
+                if (lane == 0) suf[s + 1] = 0;
+                const int v = lane < W ? __popc(vw[lane]) : 0;  // prefix counts of the rank bitmap
+                int incl = v;
+#pragma unroll
+                for (int off = 1; off < W; off <<= 1) {
+                    const int u = __shfl_up_sync(0xffffffffu, incl, off);
+                    if (lane >= off) incl += u;
+                }
+                if (lane < W) pre[lane] = incl - v;
                 __syncwarp();
             }
         }

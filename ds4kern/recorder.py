@@ -57,17 +57,42 @@ def _a16(n: int) -> int:
     return (n + 15) & ~15
 
 
-def _accumulate_smem(E: int, W: int, adj_len: int, stage_keys: int = 0) -> int:
-    """Bytes of shared memory of one ``locality_accumulate`` block (``ds4_acc_layout``); with
-    ``stage_keys`` (P * k) each warp keeps its part's ids for the adjacency."""
+def _accumulate_smem(E: int, W: int, adj_len: int, part_keys: int, stage_keys: int = 0) -> int:
+    """Bytes of shared memory of one ``locality_accumulate`` block (``ds4_acc_layout``) for parts of
+    ``part_keys`` slots (P * k); with ``stage_keys`` (P * k) each warp keeps its part's ids for the
+    adjacency."""
+    nm = (part_keys + 31) // 32
     return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len) + 2 * _a16(4 * E)
-            + _GP * (_a16(4 * E) + _a16(4 * W) + _a16(2 * stage_keys)))
+            + _GP * (2 * _a16(4 * E) + _a16(4 * nm) + _a16(4 * (nm + 1)) + 2 * _a16(4 * W) + _a16(2 * stage_keys)))
+
+
+def _adj_len(k: int) -> int:
+    """Adjacency counters per layer: pairs, equal slots, then (|A & B|, |A | B|) pairs."""
+    return 2 + (k + 1) * (2 * k + 1)
+
+
+def _words(E: int) -> int:
+    """32-bit words of a bitmap over E + 1 ranks' worth of experts: E <= 32 W."""
+    return next(w for w in _WORDS if 32 * w >= E)
+
+
+_PREP_BITMAPS = 48 * 1024  # bytes of prefix bitmaps and their suffix counts a locality_prepare batch may take
+_PREP_STAGE = 32 * 1024  # locality_prepare keeps its block's ids (int16) in shared memory up to this size
+_PREP_STATIC = 8 * 512  # locality_prepare's static shared memory (its extra block's table of last accesses)
+
+
+def _prepare_plan(k: int, part: int) -> tuple[int, bool]:
+    """``(nbp, stage)`` of a ``locality_prepare`` block: prefixes whose bitmaps it builds at once (at
+    most 7), and whether it keeps its ids in shared memory (else it reads them twice)."""
+    nw = (_GP * part * k + 31) // 32
+    return max(1, min(_GP - 1, _PREP_BITMAPS // (8 * nw))), 2 * _GP * part * k <= _PREP_STAGE
 
 
 def _prepare_smem(E: int, k: int, part: int) -> int:
     """Bytes of shared memory of one ``locality_prepare`` block of parts (``ds4_prepare_smem``)."""
+    nbp, stage = _prepare_plan(k, part)
     nw = (_GP * part * k + 31) // 32
-    return _a16(4 * _GP * E) + _a16(4 * E) + 2 * _a16(4 * nw)
+    return _a16(4 * _GP * E) + _a16(_GP * E) + 2 * _a16(4 * nbp * nw) + (_a16(2 * _GP * part * k) if stage else 0)
 
 
 def _smem_optin(attrs) -> int:
@@ -86,7 +111,8 @@ def _plan(E: int, k: int, T: int, layers: int, sms: int, have: int, part: int | 
         while part < 128 and part * 1.5 < want:
             part *= 2
         part = max(part, -(-T // (_GP * _MAX_BLOCKS)))
-    if part * k > _MAX_KEYS or _prepare_smem(E, k, part) > have:
+    if (part * k > _MAX_KEYS or _prepare_smem(E, k, part) + _PREP_STATIC > have
+            or _accumulate_smem(E, _words(E), _adj_len(k), part * k) > have):
         raise ValueError(f"a call of {T} records needs parts of {part} records; at most {_MAX_KEYS // k} (and "
                          f"{have} bytes of shared memory) are possible: record fewer records per call")
     return part
@@ -115,7 +141,7 @@ class LocalityRecorder:
             raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
         self.cp = cp
         self.L, self.E, self.k, self.S = num_layers, num_experts, topk, max_sequences
-        self.W = next(w for w in _WORDS if 32 * w >= num_experts)
+        self.W = _words(num_experts)
         self.cache_sizes = tuple(int(c) for c in cache_sizes)
         self.hash_layers = set(int(x) for x in hash_layers)
         self.device = cp.cuda.runtime.getDevice()
@@ -124,7 +150,7 @@ class LocalityRecorder:
         self.wsum = cp.zeros((L, E), cp.float64)
         self.dist = cp.zeros((L, E + 1), cp.uint64)
         self.wdist = cp.zeros((L, E + 1), cp.float64)
-        self.adj = cp.zeros((L, 2 + (k + 1) * (2 * k + 1)), cp.uint64)
+        self.adj = cp.zeros((L, _adj_len(k)), cp.uint64)
         self.last = cp.full((L, 2, E), -1, cp.int64)
         self.prev_pos = cp.full((L, max_sequences), -(1 << 62), cp.int64)
         self.prev_ids = cp.full((L, max_sequences, k), -1, cp.int32)
@@ -135,7 +161,7 @@ class LocalityRecorder:
         self.has_weights = [False] * L
         attrs = cp.cuda.Device(self.device).attributes
         self._sms = attrs["MultiProcessorCount"]
-        need = _accumulate_smem(E, self.W, self.adj.shape[1])
+        need = _accumulate_smem(E, self.W, self.adj.shape[1], 4 * k)  # the smallest parts
         have = _smem_optin(attrs)
         if need > have:
             raise ValueError(f"num_experts={E} with topk={k} needs {need} bytes of shared memory per block; this "
@@ -357,16 +383,18 @@ class LocalityRecorder:
         parity = np.int32(self.parity[layer0])
         prep = LOCALITY_KERNELS.kernel(f"locality_prepare<{W}>")
         psmem = _prepare_smem(E, k, P)
-        if psmem > 48 * 1024:
+        nbp, pstage = _prepare_plan(k, P)
+        if psmem + _PREP_STATIC > 48 * 1024:  # (48 kB of static and dynamic without opting in)
             prep.max_dynamic_shared_size_bytes = psmem
         prep((NB + 1, n), (256,),
              (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
               seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, np.int32(P),
-              np.int32(NP), np.int32(NB), pcum, bmax, self.rank, snap_pos, snap_ids, np.int32(layer0)),
+              np.int32(NP), np.int32(NB), pcum, bmax, self.rank, snap_pos, snap_ids, np.int32(layer0), np.int32(nbp),
+              np.int32(pstage)),
              shared_mem=psmem)
         acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-        stage = _accumulate_smem(E, W, adj_len, P * k) <= _STAGE_SMEM  # the part's ids kept for the adjacency
-        smem = _accumulate_smem(E, W, adj_len, P * k if stage else 0)
+        stage = _accumulate_smem(E, W, adj_len, P * k, P * k) <= _STAGE_SMEM  # the part's ids kept for the adjacency
+        smem = _accumulate_smem(E, W, adj_len, P * k, P * k if stage else 0)
         if smem > 48 * 1024:
             acc.max_dynamic_shared_size_bytes = smem
         acc((NB, n), (256,),

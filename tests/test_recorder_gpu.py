@@ -299,6 +299,27 @@ def test_weight_sums_any_float(cp, rng):
     assert math.isnan(on["layers_detail"][0]["weight"][e]) and math.isnan(off["layers_detail"][0]["weight"][e])
 
 
+@pytest.mark.parametrize("E,k", [(256, 6), (40, 3), (512, 8)])
+def test_long_parts_with_locality(cp, rng, E, k):
+    """Parts of many 32-slot sub-segments (the part's last-access marks and rank bitmap carried
+    across them, more than 32 words of marks for the longest) on a skewed stream: a hot set
+    reused within and across sub-segments, repeated ids within a record, invalid ids, weights."""
+    T, L = 1500, 2
+    ids = rng.integers(0, E, (T, L, k)).astype(np.int32)
+    hot = rng.random((T, L, k)) < 0.6
+    ids[hot] = rng.integers(0, min(E, 12), int(hot.sum()))
+    ids[rng.random((T, L, k)) < 0.02] = -1
+    ids[rng.random((T, L, k)) < 0.02] = E
+    w = rng.random((T, L, k)).astype(np.float32)
+    off = analyze(ids, E, weights=w, cache_sizes=(3, 5), source="online")
+    for part in (None, 6, 40, 250, 1500):
+        rec = ds4kern.LocalityRecorder(L, E, k, cache_sizes=(3, 5))
+        rec._records_per_part = part
+        for sl in (slice(0, 333), slice(333, T)):
+            rec.record_step(cp.asarray(ids[sl]), weights=cp.asarray(w[sl]))
+        compare(rec.report(), off)
+
+
 def test_wide_ids_out_of_range_are_invalid(cp):
     """int64 ids beyond the int32 range (2^32 + e) are invalid, not e."""
     E, k = 64, 4

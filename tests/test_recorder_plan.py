@@ -3,7 +3,8 @@ budgets they are chosen against."""
 
 import pytest
 
-from ds4kern.recorder import _GP, _MAX_BLOCKS, _MAX_KEYS, _accumulate_smem, _plan, _prepare_smem
+from ds4kern.recorder import (_GP, _MAX_BLOCKS, _MAX_KEYS, _PREP_STATIC, _accumulate_smem, _plan, _prepare_plan,
+                              _prepare_smem)
 
 H100_OPTIN = 227 * 1024
 
@@ -21,8 +22,8 @@ def test_plan_sizes(E, W, k, T, layers):
     assert nb <= _MAX_BLOCKS
     if part > 128:  # only as large as the walk back over blocks needs
         assert -(-(-(-T // (part // 2))) // _GP) > _MAX_BLOCKS
-    assert _prepare_smem(E, k, part) <= H100_OPTIN
-    assert _accumulate_smem(E, W, adj_len(k)) <= 48 * 1024
+    assert _prepare_smem(E, k, part) + _PREP_STATIC <= H100_OPTIN
+    assert _accumulate_smem(E, W, adj_len(k), part * k) <= H100_OPTIN
 
 
 def test_plan_flash_step():
@@ -44,3 +45,12 @@ def test_plan_forced_and_refused():
 def test_smem_grows_with_the_part():
     sizes = [_prepare_smem(256, 6, p) for p in (8, 64, 128, 512)]
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
+
+
+def test_prepare_batches_prefixes_and_stages_what_fits():
+    """locality_prepare builds the 7 prefix bitmaps of a block at once while they fit (48 kB), in
+    smaller batches beyond, and keeps its ids in shared memory up to 32 kB."""
+    assert _prepare_plan(6, 64) == (7, True)  # the benchmark's parts: 3072 keys a block
+    assert _prepare_plan(6, 512) == (7, False)
+    nbp, stage = _prepare_plan(32, 1024)  # 262144 keys a block: one prefix at a time
+    assert (nbp, stage) == (1, False)

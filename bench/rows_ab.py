@@ -1,7 +1,8 @@
 """A/B of builds of the rows router kernel, DeepSeek-V4-Flash (E=256, k=6, sqrtsoftplus + bias;
 ``--config v3``: the grouped form, E=256, k=8, sigmoid + bias, 8 groups, top 4) (GPU machine):
 the library's build ("lib") beside another version of the source (--baseline, e.g. the last
-commit's) and builds with extra defines (--form name=-DDS4_ROWS_PD=8,...).
+commit's) and builds with extra defines (--form name=-DDS4_ROWS_PD=8,..., -DDS4_ROWS_L2PF=0 / 64 / 128 / 256:
+the loads' L2 prefetch-size hint, 128 for float32 in the library).
 
     python bench/rows_ab.py [--tokens 16384 65536 131072] [--scales 1 3]
                             [--baseline old_router_rows.cu --baseline-smem BYTES] [--form ...]

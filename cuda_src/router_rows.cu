@@ -53,12 +53,36 @@ __device__ unsigned long long ds4_rows_dbg[24];
 #endif
 #define DS4_ROWS_MAX_CH 32   // chunks of 8 experts: E <= 256
 
+// A 16-byte read-only load with an L2 prefetch-size hint of PF bytes (0: none).  With PF = 128 an
+// L2 miss brings the rest of the 128-byte line along (the lane pair's later chunks of the row):
+// float32 rows 2-3% faster at T >= 65536 on an H100, bfloat16 rows ~1.5% slower (bench/NOTES.md).
+template <int PF>
+__device__ __forceinline__ uint4 ds4_ldg_hint(const uint4* q) {
+    if constexpr (PF == 64 || PF == 128 || PF == 256) {
+        uint4 v;
+        if constexpr (PF == 64)
+            asm("ld.global.nc.L2::64B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
+        else if constexpr (PF == 128)
+            asm("ld.global.nc.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
+        else
+            asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
+        return v;
+    } else {
+        return __ldg(q);
+    }
+}
+
 // A lane's row in global memory (read-only path; the chunks of one warp's 32 rows share L1 lines).
 template <typename T>
 struct Ds4Row {
     const T* p;
 
     static constexpr int RAW = sizeof(T) == 4 ? 2 : 1;  // 16-byte loads per chunk of 8
+#ifdef DS4_ROWS_L2PF
+    static constexpr int PF = DS4_ROWS_L2PF;  // (bench/rows_ab.py sweeps; 0 = no hint)
+#else
+    static constexpr int PF = sizeof(T) == 4 ? 128 : 0;  // L2 prefetch hint of the chunk loads
+#endif
 #ifdef DS4_ROWS_PD
     static constexpr int PD = DS4_ROWS_PD;  // (bench/rows_ab.py sweeps)
 #else
@@ -69,7 +93,7 @@ struct Ds4Row {
     __device__ __forceinline__ void raw(int h, uint4 (&r)[RAW]) const {
         const uint4* q = reinterpret_cast<const uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < RAW; ++i) r[i] = __ldg(q + RAW * h + i);
+        for (int i = 0; i < RAW; ++i) r[i] = ds4_ldg_hint<PF>(q + RAW * h + i);
     }
     static __device__ __forceinline__ void unpack(const uint4 (&r)[RAW], float (&x)[8]) {
 #pragma unroll

@@ -1,6 +1,7 @@
 """Backward from dense indices: kernel forms side by side with a zero fill of the output
 (the write floor), CUDA-graph replay, inputs rotating beyond L2.  Flash routing (E=256, k=6,
-sqrtsoftplus, scaling 1.5).  python bench/bwd_idx_probe.py [--tokens 65536]"""
+sqrtsoftplus, scaling 1.5).  python bench/bwd_idx_probe.py [--tokens 65536] [--l2-fetch 32]
+(--l2-fetch: the context's L2 fetch granularity limit for the run; 64 bytes by default on an H100)"""
 import argparse
 
 import numpy as np
@@ -10,6 +11,7 @@ from ds4kern.ops import router as r
 from ds4kern.timing import copy_bandwidth, cuda_graph_time, device_name
 
 E, K = 256, 6
+L2_FETCH_LIMIT = 5  # cudaLimitMaxL2FetchGranularity
 
 
 def backward_inputs(cp, rng, T, dt):
@@ -37,11 +39,18 @@ def zero_fill(cp, out):
 def probe_setup(argv=None):
     """The probes' common start: ``--tokens``, their random generator, the copy bandwidth of this
     run, and the header line.  Returns (T, rng, bw)."""
+    import cupy as cp
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=65536)
-    T = ap.parse_args(argv).tokens
+    ap.add_argument("--l2-fetch", type=int, help="set the context's L2 fetch granularity limit (bytes) first")
+    a = ap.parse_args(argv)
+    T = a.tokens
+    if a.l2_fetch is not None:
+        cp.cuda.runtime.deviceSetLimit(L2_FETCH_LIMIT, a.l2_fetch)
     bw = copy_bandwidth()
-    print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}")
+    print(f"device: {device_name()}; copy {bw / 1e9:.0f} GB/s; T={T} E={E} k={K}; L2 fetch granularity "
+          f"{cp.cuda.runtime.deviceGetLimit(L2_FETCH_LIMIT)} bytes")
     return T, np.random.default_rng(1), bw
 
 

@@ -62,8 +62,8 @@ def _accumulate_smem(E: int, W: int, adj_len: int, part_keys: int, stage_keys: i
     ``part_keys`` slots (P * k); with ``stage_keys`` (P * k) each warp keeps its part's ids for the
     adjacency."""
     nm = (part_keys + 31) // 32
-    return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len) + 2 * _a16(4 * E)
-            + _GP * (2 * _a16(4 * E) + _a16(4 * nm) + _a16(4 * (nm + 1)) + 2 * _a16(4 * W) + _a16(2 * stage_keys)))
+    return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len)
+            + _a16(4 * 32 * -(-E // 32)) + _a16(4 * E) + _GP * (2 * _a16(4 * E) + _a16(4 * nm) + _a16(4 * (nm + 1)) + 2 * _a16(4 * W) + _a16(2 * stage_keys)))
 
 
 def _adj_len(k: int) -> int:
@@ -377,6 +377,7 @@ class LocalityRecorder:
         bmax = cp.empty((n, NB, E), cp.int32)
         snap_pos = cp.empty((n, T), cp.int64)
         snap_ids = cp.empty((n, T, k), cp.int32)
+        cids = cp.empty((n, T * k), cp.int16)  # the ids as prepare read them (-1 invalid), for accumulate
         kind = np.int32(_IDX_KIND[dtype_name(ids.dtype)])
         seq_arg = seq if seq is not None else null
         seq64 = np.int32(seq is not None and seq.dtype == np.int64)
@@ -390,7 +391,7 @@ class LocalityRecorder:
              (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), np.int64(T), np.int32(k), np.int32(E),
               seq_arg, seq64, np.int64(self.S), self.prev_pos, self.prev_ids, self.last, parity, np.int32(P),
               np.int32(NP), np.int32(NB), pcum, bmax, self.rank, snap_pos, snap_ids, np.int32(layer0), np.int32(nbp),
-              np.int32(pstage)),
+              np.int32(pstage), cids),
              shared_mem=psmem)
         acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
         stage = _accumulate_smem(E, W, adj_len, P * k, P * k) <= _STAGE_SMEM  # the part's ids kept for the adjacency
@@ -404,7 +405,7 @@ class LocalityRecorder:
              np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),
              self.last, parity, pcum, bmax, self.rank, snap_pos, snap_ids, self.prev_pos,
              self.prev_ids, self.hist, self.wsum, self.dist, self.wdist, self.adj,
-             np.int32(adj_len), np.int32(layer0), np.int32(P), np.int32(NP), np.int32(NB), np.int32(stage)),
+             np.int32(adj_len), np.int32(layer0), np.int32(P), np.int32(NP), np.int32(NB), np.int32(stage), cids),
             shared_mem=smem)
 
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:

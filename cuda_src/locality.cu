@@ -55,8 +55,9 @@
 #define DS4_LOC_PREP_U 4  // prepare: 32-slot steps of a part whose loads are in flight together
 #endif
 
-// t / k for 0 <= t < 2^16, k <= 32, rk = 1/k: (t + 1/2) / k lies at least 1/(2k) from an
-// integer, far beyond the float rounding there (an integer division is ~20 instructions)
+// t / k for 0 <= t < 2^22, rk = 1/k: (t + 1/2) / k lies at least 1/(2k) from an integer, and the
+// two float roundings err by less than (t + 1/2) / k * 2^-23, below that while t < 2^22 (an
+// integer division is ~20 instructions)
 __device__ __forceinline__ int ds4_div(int t, int k, float rk) {
     return (int)(((float)t + 0.5f) * rk);
 }
@@ -255,11 +256,11 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
                 if (st != nullptr) {
                     e = st[x];
                 } else {
-                    const int i = x < 65536 ? ds4_div(x, k, rk) : x / k, j = x - i * k;
+                    const int i = ds4_div(x, k, rk), j = x - i * k;  // (x < 2^18)
                     e = ds4_load_expert(ids, idx_kind, ioff + (r0 + i) * i_rs + j * i_cs, E);
                 }
                 if (e >= 0) {
-                    const int q = ds4_div(x, Pk, rpk);  // x / Pk: x < 2^18 and the quotient < 8, exact too
+                    const int q = ds4_div(x, Pk, rpk);  // x / Pk (x < 2^18)
                     if (s_last[q * E + e] == K0 + x) {  // marked for the prefixes q .. (next part) - 1
                         const int ex = s_np[q * E + e];
                         iv = ((1u << ex) - 1u) & ~((1u << q) - 1u);

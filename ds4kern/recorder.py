@@ -44,7 +44,7 @@ _IDX_KIND = {"uint8": 0, "uint16": 1, "int16": 2, "int32": 3, "int64": 4}
 _WORDS = (1, 2, 4, 8, 16)  # E <= 32 * W: a warp's lanes hold W experts each
 _GP = 8  # parts per block (one warp each; DS4_LOC_GP in locality.cu)
 _MAX_BLOCKS = 256  # blocks of parts per layer and call: an accumulate block's walk back is at most this long
-_MAX_KEYS = 1 << 15  # slots per part (P * k): the kernels' float division is exact below 2^16
+_MAX_KEYS = 1 << 15  # slots per part (P * k): at most 2^18 a block (the kernels' float division is exact below 2^22)
 _STAGE_SMEM = 96 * 1024  # accumulate blocks up to this size keep their parts' ids in shared memory
 
 LOCALITY_KERNELS = kernels.register_family(kernels.KernelFamily(
@@ -62,8 +62,9 @@ def _accumulate_smem(E: int, W: int, adj_len: int, part_keys: int, stage_keys: i
     ``part_keys`` slots (P * k); with ``stage_keys`` (P * k) each warp keeps its part's ids for the
     adjacency."""
     nm = (part_keys + 31) // 32
+    per_warp = 2 * _a16(4 * E) + _a16(4 * nm) + _a16(4 * (nm + 1)) + 2 * _a16(4 * W) + _a16(2 * stage_keys)
     return (_a16(8 * E) + _a16(8 * (E + 1)) + _a16(4 * E) + _a16(4 * (E + 1)) + _a16(4 * adj_len)
-            + _a16(4 * 32 * -(-E // 32)) + _a16(4 * E) + _GP * (2 * _a16(4 * E) + _a16(4 * nm) + _a16(4 * (nm + 1)) + 2 * _a16(4 * W) + _a16(2 * stage_keys)))
+            + _a16(4 * 32 * -(-E // 32)) + _a16(4 * E) + _GP * per_warp)
 
 
 def _adj_len(k: int) -> int:

@@ -12,21 +12,21 @@
 // locality_prepare<W>: per block of parts b, bmax[b][f] = the key of f's last access in it (-1 if
 // none); per part q, pcum[q][f] = the rank f has right after the block's parts up to q if it is in
 // them (the distinct experts whose last access there is later), else -1.  Warp w reads part w's
-// ids (kept in shared memory when they fit) into its row of last keys; then, for a batch of
-// prefixes at a time, prefix q's bitmap over the block's keys marks each expert's last key in
-// parts 0 .. q (built word by word with ballots: a key that is its expert's last in its part and
-// whose expert no later part up to q accesses), and a rank is the marks after the expert's key
-// (suffix popcounts per word).  First records of a run of one sequence snapshot that sequence's
+// ids (kept in shared memory when they fit, and written out as int16 for the second kernel: -1
+// invalid) into its row of last keys; then, for a batch of prefixes at a time, prefix q's bitmap
+// over the block's keys marks each expert's last key in parts 0 .. q (built word by word with
+// ballots: a key that is its expert's last in its part and whose expert no later part up to q
+// accesses), and a rank is the marks after the expert's key (suffix popcounts per word).  First records of a run of one sequence snapshot that sequence's
 // previous record (position, ids) before the second kernel overwrites it.  One extra block per
 // layer ranks the experts by their last access before this call and carries `last` into the next
 // call's buffer.
 //
 // locality_accumulate<W>: the block finds every expert's latest access before its first part
 // (walking back over bmax, then the parts of the block found; else the pre-call rank; else never)
-// and ranks them (the LRU stack at the block's start, "cold" = E for never accessed).  Warp w
-// brings that stack past the block's parts before its own in one move (pcum: the experts accessed
-// there take their rank, every other expert moves down by those that were below it): its stack
-// at the part's start.  It then walks its part 32 keys at a time, one access per lane:
+// and ranks them (warp-sorted runs of 32, binary searches: the LRU stack at the block's start,
+// "cold" = E for never accessed).  Warp w brings that stack past the block's parts before its own
+// in one move (pcum: the experts accessed there take their rank, every other expert moves down by
+// those that were below it): its stack at the part's start.  It then walks its part 32 keys at a time, one access per lane:
 //   * an earlier lane holds e (match): the distinct experts in the lanes between, i.e. those
 //     lanes that are not an earlier lane's previous access (a prefix OR of "previous" bits);
 //   * else e's rank at the sub-segment's start, plus the first accesses of earlier lanes whose

@@ -44,10 +44,9 @@
 // from 2^12 in size, and non-finite ones, go to the float64 sums directly): equal to float64
 // sums up to rounding order.
 //
-// Bytes per layer and step: the ids read twice (three times where prepare cannot keep them, and
-// once more for adjacency where accumulate cannot), the weights once,
-// per part 4 E bytes of pcum (and per block 4 E of bmax) written and read back from L2, a few
-// counters.
+// Bytes per layer and step: the ids read once (by prepare, which writes them as int16 for itself
+// and for accumulate: 2 bytes per slot written and read back from L2), the weights once, per part
+// 4 E bytes of pcum (and per block 4 E of bmax) written and read back from L2, a few counters.
 #include "common.cuh"
 
 #define DS4_LOC_GP 8  // parts per block (warps)
@@ -244,7 +243,7 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     // accessed in parts 0 .. p, its last key there (a key of part q <= p that is its expert's last
     // in q and whose expert no part in q + 1 .. p accesses: built by ballots, no atomics); a rank is
     // then the bits after the expert's key (suffix counts per word)
-    const float rk = 1.0f / (float)k, rpk = 1.0f / (float)Pk;
+    const float rpk = 1.0f / (float)Pk;
     for (int p0 = 0; p0 + 1 < nparts; p0 += nbp) {  // block-uniform; the last part's ranks are not needed
         const int np = min(nbp, nparts - 1 - p0);
         const int nw = ((p0 + np) * Pk + 31) / 32;  // words holding the keys of parts 0 .. p0 + np - 1
@@ -252,13 +251,8 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
             const int x = 32 * w + lane;  // the block's key K0 + x
             unsigned iv = 0u;  // the prefixes p0 + jj marking this key: bit jj
             if (x < nkb) {
-                int e;
-                if (st != nullptr) {
-                    e = st[x];
-                } else {
-                    const int i = ds4_div(x, k, rk), j = x - i * k;  // (x < 2^18)
-                    e = ds4_load_expert(ids, idx_kind, ioff + (r0 + i) * i_rs + j * i_cs, E);
-                }
+                // the key's id as written above (this block's own global writes: visible after the barrier)
+                const int e = st != nullptr ? st[x] : cids[li * T * k + K0 + x];
                 if (e >= 0) {
                     const int q = ds4_div(x, Pk, rpk);  // x / Pk (x < 2^18)
                     if (s_last[q * E + e] == K0 + x) {  // marked for the prefixes q .. (next part) - 1
@@ -375,12 +369,11 @@ __host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, in
 }
 
 // Adjacency of record r (lane's) with the previous record of its sequence, and the sequence's
-// last record kept for the next call.  `st` (if not null) holds the ids of the records from r0 on
-// (-1 invalid); the previous record of a run's first record is the sequence's kept one: read here
+// last record kept for the next call.  `cl` holds the layer's ids as the first kernel wrote them
+// (int16, -1 invalid), `st` (if not null) a shared-memory copy of those of the records from r0 on; the previous record of a run's first record is the sequence's kept one: read here
 // when the run is this one record (its thread alone reads and then writes it), else the snapshot
 // prepare took.
-__device__ __forceinline__ void ds4_adjacency(const void* ids, int idx_kind, long long ioff, long long i_rs,
-                                              long long i_cs, long long T, int k, int E, const void* pos, int pos64,
+__device__ __forceinline__ void ds4_adjacency(const short* cl, long long T, int k, int E, const void* pos, int pos64,
                                               long long pos_base, const void* seq, int seq64, long long num_seqs,
                                               const long long* snap_pos, const int* snap_ids, long long* prev_pos,
                                               int* prev_ids, unsigned* s_adj, long long r, const short* st,
@@ -393,8 +386,7 @@ __device__ __forceinline__ void ds4_adjacency(const void* ids, int idx_kind, lon
     const bool direct = first && last_of_seq;
     const long long pp = direct ? prev_pos[sq] : first ? snap_pos[r] : ds4_pos_of(pos, pos64, pos_base, r - 1);
     auto id_of = [&](long long rr, int j) -> int {
-        return st != nullptr && rr >= r0 ? (int)st[(rr - r0) * k + j]
-                                         : ds4_load_expert(ids, idx_kind, ioff + rr * i_rs + j * i_cs, E);
+        return st != nullptr && rr >= r0 ? (int)st[(rr - r0) * k + j] : (int)cl[rr * k + j];
     };
     auto B = [&](int j) -> int { return id_of(r, j); };
     if (pp == p - 1) {
@@ -436,8 +428,7 @@ __device__ __forceinline__ void ds4_adjacency(const void* ids, int idx_kind, lon
 
 template <int W>
 __global__ void __launch_bounds__(256, 3)
-locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls,
-                    const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
+locality_accumulate(const float* __restrict__ weights, long long w_rs, long long w_cs, long long w_ls, long long T,
                     int k, int E, const void* __restrict__ pos, int pos64, long long pos_base,
                     const void* __restrict__ seq, int seq64, long long num_seqs, long long clock,
                     long long* __restrict__ last, int parity, int* __restrict__ pcum, int* __restrict__ bmax,
@@ -462,7 +453,6 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const long long li = blockIdx.y, layer = layer0 + li;
     const int b = blockIdx.x, q0 = b * DS4_LOC_GP;
-    const long long ioff = li * i_ls;
     if (weights != nullptr) weights += li * w_ls;
     const long long* last_cur;
     long long* last_next;
@@ -705,7 +695,7 @@ locality_accumulate(const void* __restrict__ ids, int idx_kind, long long i_rs, 
         // one lane per record: adjacency
         __syncwarp();
         for (int i = lane; i < nrec; i += 32)
-            ds4_adjacency(ids, idx_kind, ioff, i_rs, i_cs, T, k, E, pos, pos64, pos_base, seq, seq64, num_seqs,
+            ds4_adjacency(cids + li * T * k, T, k, E, pos, pos64, pos_base, seq, seq64, num_seqs,
                           snap_pos, snap_ids, prev_pos, prev_ids, s_adj, r0 + i, st, r0);
     }
     __syncthreads();

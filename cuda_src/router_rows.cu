@@ -56,20 +56,17 @@ __device__ unsigned long long ds4_rows_dbg[24];
 // A 16-byte read-only load with an L2 prefetch-size hint of PF bytes (0: none).  With PF = 128 an
 // L2 miss brings the rest of the 128-byte line along (the lane pair's later chunks of the row):
 // float32 rows 2-3% faster at T >= 65536 on an H100, bfloat16 rows ~1.5% slower (bench/NOTES.md).
+#define DS4_LDG_L2(BYTES, v, q) \
+    asm("ld.global.nc.L2::" #BYTES "B.v4.u32 {%0, %1, %2, %3}, [%4];" \
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q))
 template <int PF>
 __device__ __forceinline__ uint4 ds4_ldg_hint(const uint4* q) {
-    if constexpr (PF == 64 || PF == 128 || PF == 256) {
-        uint4 v;
-        if constexpr (PF == 64)
-            asm("ld.global.nc.L2::64B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
-        else if constexpr (PF == 128)
-            asm("ld.global.nc.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
-        else
-            asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q));
-        return v;
-    } else {
-        return __ldg(q);
-    }
+    uint4 v;
+    if constexpr (PF == 64) DS4_LDG_L2(64, v, q);
+    else if constexpr (PF == 128) DS4_LDG_L2(128, v, q);
+    else if constexpr (PF == 256) DS4_LDG_L2(256, v, q);
+    else v = __ldg(q);
+    return v;
 }
 
 // A lane's row in global memory (read-only path; the chunks of one warp's 32 rows share L1 lines).

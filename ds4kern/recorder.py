@@ -400,7 +400,7 @@ class LocalityRecorder:
         if smem > 48 * 1024:
             acc.max_dynamic_shared_size_bytes = smem
         acc((NB, n), (256,),
-            (ids, kind, np.int64(i_rs), np.int64(i_cs), np.int64(i_ls), w if w is not None else null,
+            (w if w is not None else null,
              np.int64(w_rs), np.int64(w_cs), np.int64(w_ls), np.int64(T), np.int32(k), np.int32(E),
              pos if pos is not None else null, np.int32(pos is not None and pos.dtype == np.int64),
              np.int64(self.records[layer0]), seq_arg, seq64, np.int64(self.S), np.int64(self.clock[layer0]),

@@ -242,13 +242,14 @@ __host__ __device__ constexpr int ds4_rows_cap() { return KMAX + (GROUPED ? 24 :
 // experts, a multiple of 16 (each lane holds whole chunks of every group), m = k / group_topk <= 2.
 // Step 1 also keeps, per group, the top two screened selection scores of the lane's chunks; at a
 // group's last chunk the two lanes of the token merge theirs and add the top m (the group score,
-// within m * eps of the exact one).  The top group_topk groups by those screened sums are the
-// exact ones when the last kept sum is more than 2 m eps above the first dropped one; otherwise
-// (near-ties, ~0.5% of random rows; non-finite sums) the group scores are computed exactly, as the
-// reference does (ds4_rows_exact_groups: one more pass over the row, no list), and the row goes on
-// screened with those groups; only where a kept group's score is not a number (experts of the
-// other groups, -inf, can then win over NaN scores) does the row take the exact path.  tau and
-// the live chunks come from the kept groups' chunks only; the rest is as without groups.
+// within m * eps of the exact one).  The top group_topk groups by those screened sums are the exact
+// ones when the last kept sum is more than 2 m eps above the first dropped one; otherwise
+// (near-ties: ~0.04% of random rows with the sigmoid screen's bound; non-finite sums) the group
+// scores are computed exactly, as the reference does (ds4_rows_exact_groups: one more pass over the
+// row, no list), and the row goes on screened with those groups; only where a kept group's score is
+// not a number (experts of the other groups, -inf, can then win over NaN scores) does the row take
+// the exact path.  tau and the live chunks come from the kept groups' chunks only; the rest is as
+// without groups.
 template <typename T, int SF, int KMAX, int LPT, bool GROUPED>
 __device__ __forceinline__ void
 ds4_rows_tile(const Ds4Row<T> row, long long token, bool valid, float* candx, unsigned char* cand, const float* sb,

@@ -179,7 +179,7 @@ def test_screening_nan_and_inf_rows_match_reference(cp, rng, variant):
             np.testing.assert_array_equal(cp.asnumpy(i), i_ref, err_msg=f"{sf} k={k}")
 
 
-@pytest.mark.parametrize("sf,abs_,rel", [("sigmoid", 2e-7, 1e-6), ("sqrtsoftplus", 1e-5, 1e-5)])
+@pytest.mark.parametrize("sf,abs_,rel", [("sigmoid", 2e-7, 1e-6), ("sqrtsoftplus", 5e-4, 5e-4)])
 def test_warp_screening_error_bounds(cp, sf, abs_, rel):
     """The screened kernel's approximations stay within a third of the bounds it assumes
     (DS4_SIG_* / DS4_SSP_* in router_common.cuh), and its precise scores match float64 formulas."""
@@ -199,7 +199,7 @@ def test_warp_screening_error_bounds(cp, sf, abs_, rel):
 
 def test_sqrtsoftplus_screening_error_bound(cp):
     """The screening approximation stays within a third of the bound the threshold kernel
-    assumes (DS4_SSP_ABS + DS4_SSP_REL * |s| = 1e-5 + 1e-5 |s|), tiny scores included."""
+    assumes (DS4_SSP_ABS + DS4_SSP_REL * |s| = 5e-4 + 5e-4 |s|), tiny scores included."""
     from ds4kern.ops.router import ROUTER_KERNELS, SSP_PROBE
 
     xs = np.concatenate([np.linspace(-100, 40, 2_000_001), np.random.default_rng().standard_normal(1_000_000) * 10])
@@ -207,7 +207,7 @@ def test_sqrtsoftplus_screening_error_bound(cp):
     a, e = cp.empty_like(x), cp.empty_like(x)
     ROUTER_KERNELS.kernel(SSP_PROBE)(((x.size + 255) // 256,), (256,), (x, a, e, np.int64(x.size)))
     err = cp.abs(a - e)
-    bound = 1e-5 + 1e-5 * cp.abs(e)
+    bound = 5e-4 + 5e-4 * cp.abs(e)
     worst = float(cp.max(err / bound))
     assert worst <= 1 / 3, f"approximation error reaches {worst:.3f} of the bound"
     # and the precise score matches the float64 formula while e^x is a normal float32

@@ -109,10 +109,10 @@ def bench(tokens, dtypes, repeat=200, config="flash", only=None):
                 if v in rejected:
                     continue  # this variant cannot run the configuration
 
-                def call(v=v):
+                def call(v=v, xs=xs):  # (bound now: xs is deleted after each T)
                     ds4kern.router_topk(xs[cur[0]], K, expert_bias=bias, out=(w_o, i_o), variant=v, **kw)
 
-                def call_j(j, v=v):
+                def call_j(j, v=v, xs=xs):
                     ds4kern.router_topk(xs[j % nsets], K, expert_bias=bias, out=(w_o, i_o), variant=v, **kw)
                 try:
                     t = cuda_time(call, warmup=10, repeat=repeat, setup=rotate)

@@ -288,3 +288,17 @@ def test_torch_cpu_tensors_run_the_reference(rng):
     _, ib = ds4kern.router_topk(tb, 6, score_function="sigmoid")
     _, ib_np = ds4kern.router_topk(tb.float().numpy(), 6, score_function="sigmoid")
     np.testing.assert_array_equal(ib.numpy(), ib_np)
+
+
+def test_compare_router_infinite_scores_quietly():
+    """compare_router on rows whose selected scores are equal infinities (or NaN): in order, no
+    RuntimeWarning from inf - inf; a rising pair is still caught."""
+    import warnings
+
+    sel = np.array([[np.inf, np.inf, 1.0, -np.inf], [np.nan, -np.inf, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    i = np.array([[0, 1], [3, 2], [2, 3]])  # row 2: 3.0 then 4.0 rises
+    w = np.full((3, 2), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cmp = compare_router(w, i, w, i, sel, 1e-6, 1e-6)
+    assert cmp.bad_order_rows == [2] and cmp.bad_set_rows == []

@@ -105,8 +105,11 @@ def test_explain_lists_every_candidate_with_reasons(clean_overrides):
 
 
 def test_buckets():
-    assert [_bucket_tokens(t) for t in (0, 1, 2, 3, 4, 5, 100, 128, 129, 65536)] == \
-        [0, 1, 2, 4, 4, 8, 128, 128, 256, 65536]
+    assert [_bucket_tokens(t) for t in (0, 1, 2, 3, 4, 5, 7, 100, 128, 129, 192, 193, 12288, 12289, 65536)] == \
+        [0, 1, 2, 3, 4, 6, 8, 128, 128, 192, 192, 256, 12288, 16384, 65536]
+    edges = sorted({1 << n for n in range(2, 14)} | {3 << n for n in range(12)})  # 3, 4, 6, 8, 12, ...
+    for t in range(3, 5000):  # each bucket: the smallest edge (a power of two or 3/4 of one) >= t
+        assert _bucket_tokens(t) == next(e for e in edges if e >= t), t
     a = ds4kern.explain("router_topk", np.ones((100, 16), np.float32), 2).problem
     b = ds4kern.explain("router_topk", np.ones((120, 16), np.float32), 2).problem
     assert a == b and a.bucket == b.bucket
@@ -124,7 +127,7 @@ def test_router_static_rule_threshold_vs_naive():
 
 
 def test_router_static_rule_between_cuda_variants():
-    """The measured rule (bench/NOTES.md): rows from 32768 tokens where it
+    """The measured rule (bench/NOTES.md): rows above 12288 tokens where it
     applies (group-limited routing included), screened for E <= 512 and k < 32 otherwise, grouped
     for group-limited routing on whole lanes, threshold from 4096 tokens for 512 < E <= 1024,
     naive below that, radix from k = 32 (or k >= 16 above E = 1024) and beyond E = 3072.
@@ -136,20 +139,23 @@ def test_router_static_rule_between_cuda_variants():
         p = RouterProblem("cuda", T, E, k, dtype, "int32", sf, False, True, groups, gt if groups else 0)
         return dispatch.decide(OP, p).chosen.name
 
-    # rows: from 32768 tokens (sigmoid / sqrtsoftplus, E % 8 == 0, E <= 256, k <= 16)
+    # rows: from the bucket 12289-16384 (sigmoid / sqrtsoftplus, E % 8 == 0, E <= 256, k <= 16)
     assert chosen(65536, 256, 6, dtype="bfloat16", sf="sqrtsoftplus") == "rows"
     assert chosen(32768, 256, 8, dtype="float16") == "rows"
-    assert chosen(16384, 256, 6, dtype="bfloat16") == "screened"
+    assert chosen(16384, 256, 6, dtype="bfloat16") == "rows"
+    assert chosen(12288, 256, 6, dtype="bfloat16") == "screened"
     assert chosen(65536, 256, 6) == "rows"  # float32 too (measured faster from the fifth session)
-    assert chosen(16384, 256, 6) == "screened"
+    assert chosen(16384, 256, 6) == "rows"
+    assert chosen(12288, 256, 6) == "screened"
     assert chosen(65536, 256, 6, dtype="bfloat16", sf="softmax") == "screened"
     assert chosen(65536, 512, 6, dtype="bfloat16") == "screened"
     assert chosen(65536, 256, 24, dtype="bfloat16") == "screened"
-    # group-limited: rows' grouped form from 32768 tokens where groups are 16n experts, k <= 8 and
+    # group-limited: rows' grouped form above 12288 tokens where groups are 16n experts, k <= 8 and
     # k / group_topk <= 2; grouped otherwise
     assert chosen(65536, 256, 8, groups=8, dtype="bfloat16") == "rows"
     assert chosen(32768, 256, 8, groups=8) == "rows"
-    assert chosen(16384, 256, 8, groups=8) == "grouped"
+    assert chosen(16384, 256, 8, groups=8) == "rows"
+    assert chosen(12288, 256, 8, groups=8) == "grouped"
     assert chosen(65536, 256, 8, groups=8, gt=2) == "grouped"  # k / group_topk = 4
     assert chosen(65536, 256, 16, groups=8) == "grouped"       # k > 8
     assert chosen(65536, 256, 8, groups=32, gt=8) == "grouped"  # groups of 8 experts

@@ -50,8 +50,14 @@ __all__ = ["router_topk", "router_hash", "RouterArgs", "RouterProblem", "RouterH
 
 
 def _bucket_tokens(t: int) -> int:
-    """Token counts share decisions in power-of-two buckets (0 and 1 are their own)."""
-    return 1 << (t - 1).bit_length() if t > 1 else t
+    """Token counts share decisions in buckets whose upper edges are the powers of two and the
+    three-quarter points between them (..., 8192, 12288, 16384, 24576, 32768, ...; 0, 1 and 2 are
+    their own): the rows kernels overtake the warp kernels inside the power-of-two bucket
+    8193-16384 (bench/NOTES.md), so a power-of-two bucket there would be wrong at one end."""
+    if t <= 2:
+        return t
+    p = 1 << (t - 1).bit_length()
+    return 3 * p // 4 if t <= 3 * p // 4 else p
 
 
 @dataclass(frozen=True)
@@ -445,7 +451,8 @@ THRESHOLD_VPL = (1, 2, 4, 8, 16, 32)
 THRESHOLD_MAX_E = 32 * THRESHOLD_VPL[-1]
 # Static rule, from bench/NOTES.md (H100, 2026-11-25): threshold beats naive at T >= 4096
 # (by 4-8%) and loses at T <= 128 (6.1-6.4 vs 5.3-5.7 us); nothing was measured in between.
-# Override with DS4KERN_ROUTER_THRESHOLD_MIN_TOKENS (a token count) or DS4KERN_VARIANT.
+# The rule takes the buckets from 4096 (T > 3072).  Override with
+# DS4KERN_ROUTER_THRESHOLD_MIN_TOKENS (a bucket edge) or DS4KERN_VARIANT.
 THRESHOLD_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_THRESHOLD_MIN_TOKENS", "4096"))
 
 
@@ -741,16 +748,21 @@ def _screened_cost(p: RouterProblem) -> float:
 # and loses below (T=16384: 23.3 vs 18.5; T=128: 18.7 vs 3.8: one 32-token tile per warp is a long
 # serial chain).  float32 joined in the fifth session, with the loads issued ahead in the rows
 # kernel (same run: T=32768 29.8 vs 32.4 us, T=65536 56.3 vs 59.4; before: 57.9 vs 59.8).
-# Override with DS4KERN_ROUTER_ROWS_MIN_TOKENS (a token count) or DS4KERN_VARIANT.
-ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "32768"))
+# Inside 8193-16384 (eighth session, graph us, rows / screened): 8448 13.5 / 10.5 float32, 12.8 /
+# 10.3 bf16; 12288 14.8 / 14.3, 13.6 / 14.3; 16384 16.4 / 18.1, 14.2 / 18.0 (twelfth session:
+# 16.1 / 17.9, 14.0 / 17.4); 24576 20.3 / 25.6.  So rows from the bucket 12289-16384 (T > 12288).
+# Override with DS4KERN_ROUTER_ROWS_MIN_TOKENS (a bucket edge, see _bucket_tokens) or
+# DS4KERN_VARIANT.
+ROWS_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_MIN_TOKENS", "16384"))
 
 
 # Group-limited routing, rows' grouped form against `grouped` (bench/NOTES.md, H100, 2026-11-25, V3
 # style): rows wins from T = 12288 (float32 20.2 vs 22.2 us; 16384: 23.6 vs 28.6, bf16 21.8 vs
 # 28.1; 24576: 27.6 vs 41.3; T=65536 58.2 vs 99.7 / 48.4 vs 99.5) and loses at 8448 (18.2 vs 16.1)
-# and 4096 (18.1 vs 9.8).  The 8193-16384 bucket is mixed, the next one all rows: the rule starts
-# at 32768, as for Flash.  Override with DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS or DS4KERN_VARIANT.
-ROWS_GROUPED_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS", "32768"))
+# and 4096 (18.1 vs 9.8).  The 8193-12288 bucket is mixed (twelfth session, with the tighter
+# sigmoid bound: 16384 21.6 vs 28.1 float32, 19.7 vs 27.7 bf16): rows from the bucket 12289-16384,
+# as for Flash.  Override with DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS or DS4KERN_VARIANT.
+ROWS_GROUPED_MIN_TOKENS = int(os.environ.get("DS4KERN_ROUTER_ROWS_GROUPED_MIN_TOKENS", "16384"))
 
 
 def _rows_cost(p: RouterProblem) -> float:

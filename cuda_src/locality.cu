@@ -124,16 +124,6 @@ __device__ __forceinline__ int ds4_suffix_counts(const unsigned* bm, int n, int*
     return carry;
 }
 
-// Shared memory of one locality_prepare block (ds4kern.recorder._prepare_smem mirrors it): per part
-// last keys [GP][E], per part the next part accessing each expert [GP][E] (bytes), the prefix
-// bitmaps of one batch of `nbp` prefixes over the block's keys [nbp][nw] and their suffix counts
-// [nbp][nw], and with `stage` the block's ids [GP P k] (int16, -1 invalid).
-__host__ __device__ __forceinline__ long long ds4_prepare_smem(int E, int k, int P, int nbp, int stage) {
-    const long long nw = ((long long)DS4_LOC_GP * P * k + 31) / 32;
-    return ds4_align16(4LL * DS4_LOC_GP * E) + ds4_align16(1LL * DS4_LOC_GP * E) + 2 * ds4_align16(4LL * nbp * nw)
-           + (stage ? ds4_align16(2LL * DS4_LOC_GP * P * k) : 0);
-}
-
 template <int W>
 __global__ void __launch_bounds__(256, 4)
 locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, long long i_cs, long long i_ls, long long T,
@@ -178,6 +168,10 @@ locality_prepare(const void* __restrict__ ids, int idx_kind, long long i_rs, lon
     const int Pk = P * k, nkb = nrec * k;  // slots per part, slots of the block
     const int nwb = (int)(((long long)DS4_LOC_GP * Pk + 31) / 32);
     const int K0 = (int)(r0 * k);  // the block's first key
+    // shared memory (ds4kern.recorder._prepare_smem mirrors it): per part last keys [GP][E], per
+    // part the next part accessing each expert [GP][E] (bytes), the prefix bitmaps of one batch of
+    // `nbp` prefixes over the block's keys [nbp][nwb] and their suffix counts [nbp][nwb], and with
+    // `stage` the block's ids [GP P k] (int16, -1 invalid)
     int* s_last = reinterpret_cast<int*>(smem);  // [GP][E]
     unsigned char* s_np = smem + ds4_align16(4LL * DS4_LOC_GP * E);  // [GP][E]
     unsigned* s_bm = reinterpret_cast<unsigned*>(s_np + ds4_align16(1LL * DS4_LOC_GP * E));  // [nbp][nwb]

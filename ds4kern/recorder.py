@@ -90,7 +90,7 @@ def _prepare_plan(k: int, part: int) -> tuple[int, bool]:
 
 
 def _prepare_smem(E: int, k: int, part: int) -> int:
-    """Bytes of shared memory of one ``locality_prepare`` block of parts (``ds4_prepare_smem``)."""
+    """Bytes of shared memory of one ``locality_prepare`` block of parts (its carve in locality.cu)."""
     nbp, stage = _prepare_plan(k, part)
     nw = (_GP * part * k + 31) // 32
     return _a16(4 * _GP * E) + _a16(_GP * E) + 2 * _a16(4 * nbp * nw) + (_a16(2 * _GP * part * k) if stage else 0)
@@ -395,8 +395,10 @@ class LocalityRecorder:
               np.int32(pstage), cids),
              shared_mem=psmem)
         acc = LOCALITY_KERNELS.kernel(f"locality_accumulate<{W}>")
-        stage = _accumulate_smem(E, W, adj_len, P * k, P * k) <= _STAGE_SMEM  # the part's ids kept for the adjacency
-        smem = _accumulate_smem(E, W, adj_len, P * k, P * k if stage else 0)
+        smem = _accumulate_smem(E, W, adj_len, P * k, P * k)
+        stage = smem <= _STAGE_SMEM  # the part's ids kept for the adjacency
+        if not stage:
+            smem = _accumulate_smem(E, W, adj_len, P * k)
         if smem > 48 * 1024:
             acc.max_dynamic_shared_size_bytes = smem
         acc((NB, n), (256,),

@@ -291,7 +291,7 @@ __global__ void router_topk_threshold(const T* __restrict__ logits,
     unsigned lo = theta;
     if (approx && theta >= 2u) {
         const float th = ds4_key_to_float(theta);
-        lo = ds4_order_key(th - (2.0f * DS4_SSP_ABS + 2.0f * DS4_SSP_REL * fabsf(th)));
+        lo = ds4_order_key(th - 2.0f * ds4_screen_err<DS4_SF_SQRTSOFTPLUS>(fabsf(th)));
         lo = max(lo, 2u);  // never admit NaN screening keys
     }
     unsigned mask = 0u;
@@ -603,8 +603,7 @@ router_topk_warp(const T* __restrict__ logits, const float* __restrict__ bias, l
                 const float th = ds4_key_to_float(theta);
                 const float lo = fabsf(th) == __int_as_float(0x7f800000)
                                      ? th
-                                     : th - 2.0f * (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS + DS4_SIG_REL * fabsf(th)
-                                                                         : DS4_SSP_ABS + DS4_SSP_REL * fabsf(th));
+                                     : th - 2.0f * ds4_screen_err<SF>(fabsf(th));
 #pragma unroll
                 for (int i = 0; i < VPL; ++i)
                     if (a[i] >= lo) cm |= 1u << i;

@@ -108,6 +108,13 @@ __device__ __forceinline__ float ds4_sigmoid_approx(float x) {
     return r;
 }
 
+// The screen's error bound for score function SF at a score of magnitude a (>= 0): the approximate
+// score is within this of the precise one (DS4_SIG_* for sigmoid, DS4_SSP_* for sqrtsoftplus).
+template <int SF>
+__device__ __forceinline__ float ds4_screen_err(float a) {
+    return SF == DS4_SF_SIGMOID ? DS4_SIG_ABS + DS4_SIG_REL * a : DS4_SSP_ABS + DS4_SSP_REL * a;
+}
+
 __device__ __forceinline__ float ds4_bits16_to_float(unsigned short h, const __half*) {
     return __half2float(__ushort_as_half(h));
 }

@@ -376,9 +376,7 @@ ds4_rows_tile(const Ds4Row<T> row, long long token, bool valid, float* candx, un
         }
         // each of the m screened terms of a sum S is within ABS + REL (|s| + rounding) of the exact
         // one, |s| <= |S| + 2 max |bias|; 2x on REL covers the float32 roundings of both sums
-        const float eabs = SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS;
-        const float erel = SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL;
-        auto ev = [&](float S) { return eabs + 2.0f * erel * (fabsf(S) + 2.0f * babs); };  // one term
+        auto ev = [&](float S) { return ds4_screen_err<SF>(2.0f * (fabsf(S) + 2.0f * babs)); };  // one term
         auto dl = [&](float S) { return (float)m * ev(S); };                                // a sum
         const bool sfin = gsure;  // every screened sum a number
         if (sfin && group_topk < num_groups) gsure = kmin - dl(kmin) > dmax + dl(dmax);
@@ -499,8 +497,7 @@ ds4_rows_tile(const Ds4Row<T> row, long long token, bool valid, float* candx, un
     // (the same on both lanes of a token: tau is)
     bool exact_all = !(fabsf(tau) < __int_as_float(0x7f800000)) || !gsure;  // NaN / inf / near-tied groups
     if (!exact_all) {
-        const float eps = (SF == DS4_SF_SIGMOID ? DS4_SIG_ABS : DS4_SSP_ABS) +
-                          (SF == DS4_SF_SIGMOID ? DS4_SIG_REL : DS4_SSP_REL) * (2.0f * fabsf(tau) + babs);
+        const float eps = ds4_screen_err<SF>(2.0f * fabsf(tau) + babs);
         const float lo_c = tau - 2.0f * eps;
         const float lo_h = plain ? tau - 4.0f * eps : lo_c;
         unsigned live = 0u;

@@ -364,9 +364,10 @@ __host__ __device__ __forceinline__ Ds4AccLayout ds4_acc_layout(int E, int W, in
 
 // Adjacency of record r (lane's) with the previous record of its sequence, and the sequence's
 // last record kept for the next call.  `cl` holds the layer's ids as the first kernel wrote them
-// (int16, -1 invalid), `st` (if not null) a shared-memory copy of those of the records from r0 on; the previous record of a run's first record is the sequence's kept one: read here
-// when the run is this one record (its thread alone reads and then writes it), else the snapshot
-// prepare took.
+// (int16, -1 invalid), `st` (if not null) a shared-memory copy of those of the records from r0
+// on.  The previous record of a run's first record is the sequence's kept one: read here when the
+// run is this one record (its thread alone reads and then writes it), else the snapshot prepare
+// took.
 __device__ __forceinline__ void ds4_adjacency(const short* cl, long long T, int k, int E, const void* pos, int pos64,
                                               long long pos_base, const void* seq, int seq64, long long num_seqs,
                                               const long long* snap_pos, const int* snap_ids, long long* prev_pos,

@@ -57,7 +57,8 @@ def _bucket_tokens(t: int) -> int:
     if t <= 2:
         return t
     p = 1 << (t - 1).bit_length()
-    return 3 * p // 4 if t <= 3 * p // 4 else p
+    q = 3 * p // 4
+    return q if t <= q else p
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ if want tests; then
 fi
 if want cli; then
   step cli tests
-  $py -m pytest -q tests/test_cli.py -p no:cacheprovider 2>&1 | tail -3
+  $py -m pytest -q tests/test_cli.py tests/test_docs.py -p no:cacheprovider 2>&1 | tail -3
 fi
 if want run; then
   step main job
@@ -31,25 +31,25 @@ if want run; then
 fi
 if want sanitizer; then
   step compute-sanitizer
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_router_gpu.py \
-     -k "not largest and not torch" -p no:cacheprovider > "$OUT/sanitizer.txt" 2>&1
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/router \
+     -k "not largest and not torch and not property" -p no:cacheprovider > "$OUT/sanitizer.txt" 2>&1
   echo "sanitizer (router) exit $?"; tail -3 "$OUT/sanitizer.txt"
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_compressor_gpu.py \
-     -k "not largest and not torch and not autotune" -p no:cacheprovider > "$OUT/sanitizer_compressor.txt" 2>&1
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/compressor \
+     -k "not largest and not torch and not autotune and not property" -p no:cacheprovider > "$OUT/sanitizer_compressor.txt" 2>&1
   echo "sanitizer (compressor) exit $?"; tail -3 "$OUT/sanitizer_compressor.txt"
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/test_router_te_gpu.py \
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu tests/router_te/test_router_te_gpu.py \
      -k "bitmap or odd or indices or narrow or empty or aux" -p no:cacheprovider > "$OUT/sanitizer_te.txt" 2>&1
   echo "sanitizer (TE forms) exit $?"; tail -3 "$OUT/sanitizer_te.txt"
 fi
 if want overhead; then
   step overhead
-  $py bench/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
+  $py bench/core/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
 fi
 if want router; then
   step router bench
-  $py bench/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+  $py bench/router/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 fi
 if want compressor; then
   step compressor bench
-  $py bench/compressor_bench.py ${COMPRESSOR_ARGS:-} --json "$OUT/compressor.json" 2>&1 | tee "$OUT/compressor.txt"
+  $py bench/compressor/compressor_bench.py ${COMPRESSOR_ARGS:-} --json "$OUT/compressor.json" 2>&1 | tee "$OUT/compressor.txt"
 fi

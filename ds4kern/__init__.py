@@ -9,16 +9,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import autotune
-from .dispatch import use_variant
-from .hookspecs import hookimpl
-from .ops import OPS as _OPS
+from . import ops  # noqa: F401  (registers every op with the core)
+from .core import autotune
+from .core.dispatch import use_variant
+from .core.hookspecs import hookimpl
+from .core.op import get_op
+from .core.registry import PluginWarning, Variant, registry
+from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
-from .ops.router import router_hash, router_topk
+from .ops.router import router_topk
+from .ops.router_hash import router_hash
 from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
                              router_aux_scores_backward, router_topk_backward, router_topk_dense)
-from .recorder import LocalityRecorder
-from .registry import PluginWarning, Variant, registry
 from .rope import rope_table
 
 __all__ = [
@@ -50,14 +52,11 @@ __all__ = [
 def explain(op: str, *args, **kwargs):
     """How the dispatcher would handle ``op(*args, **kwargs)``, without running it.
 
-    Returns a :class:`ds4kern.dispatch.Decision`; ``print()`` it to see every candidate variant,
-    why each was rejected, and which one is chosen and why.
+    Returns a :class:`ds4kern.core.dispatch.Decision`; ``print()`` it to see every candidate
+    variant, why each was rejected, and which one is chosen and why.  Takes the op's own
+    arguments (validated as a call would), so a bad argument raises the same error.
     """
-    try:
-        _, explain_fn = _OPS[op]
-    except KeyError:
-        raise ValueError(f"unknown op {op!r}; ops: {sorted(_OPS)}") from None
-    return explain_fn(*args, **kwargs)
+    return get_op(op).explain(*args, **kwargs)
 
 
 def variants(op: str | None = None) -> list:

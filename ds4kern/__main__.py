@@ -32,8 +32,8 @@ def _gpu_status():
 
 def cmd_info(args) -> int:
     import ds4kern
-    from ds4kern import kernels
-    from ds4kern.registry import registry
+    from ds4kern.core import kernels
+    from ds4kern.core.registry import registry
 
     print(f"ds4kern {ds4kern.__version__}  python {platform.python_version()}  numpy {np.__version__}")
     cp, why = _gpu_status()
@@ -56,10 +56,10 @@ def cmd_info(args) -> int:
             if v.op == op:
                 print(f"    {v.name:16s} backend={v.backend:5s} plugin={v.plugin}  {v.description}")
     print("kernel sources:")
-    for path in kernels.list_sources():
-        fam = kernels.FAMILIES.get(path.name)
+    for rel in kernels.list_sources():
+        fam = kernels.FAMILIES.get(rel)
         n = len(fam.name_expressions) if fam else 0
-        print(f"  {path}  ({n} instantiations)")
+        print(f"  cuda_src/{rel}  ({n} instantiations)")
     return 0
 
 
@@ -68,12 +68,13 @@ FLASH = dict(num_experts=256, topk=6, score_function="sqrtsoftplus", scaling_fac
 
 def cmd_run(args) -> int:
     import ds4kern
-    from ds4kern.checks import compare_router, router_tolerances, router_topk64
+    from ds4kern.core.arrays import BFLOAT16
+    from ds4kern.ops.router.checks import compare_router, router_tolerances, router_topk64
     from ds4kern.ops.router import reference_router_topk
 
     E, k = FLASH["num_experts"], FLASH["topk"]
     rng = np.random.default_rng(args.seed)
-    dt = {"float32": np.float32, "bfloat16": ds4kern._arrays.BFLOAT16, "float16": np.float16}[args.dtype]
+    dt = {"float32": np.float32, "bfloat16": BFLOAT16, "float16": np.float16}[args.dtype]
     logits = rng.standard_normal((args.tokens, E), dtype=np.float32).astype(dt)
     bias = (0.1 * rng.standard_normal(E)).astype(np.float32)
     kw = dict(score_function=FLASH["score_function"], expert_bias=bias, scaling_factor=FLASH["scaling_factor"])
@@ -94,7 +95,7 @@ def cmd_run(args) -> int:
               f"{'ok' if cmp.ok else 'FAILED'} ({cmp})")
         return 0 if cmp.ok else 1
 
-    from ds4kern.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name
+    from ds4kern.core.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name
 
     name = device_name()
     bw = copy_bandwidth()
@@ -117,7 +118,7 @@ def cmd_run(args) -> int:
             continue
         w, i = ds4kern.router_topk(x_d, k, **{**kw, "expert_bias": b_d}, variant=v.name)
         if ref_sel is None:
-            from ds4kern.checks import router_scores64
+            from ds4kern.ops.router.checks import router_scores64
             ref_sel = router_scores64(logits.astype(np.float32), FLASH["score_function"], False, bias)[0]
         cmp = compare_router(cp.asnumpy(w), cp.asnumpy(i), w_ref, i_ref, ref_sel, atol, rtol)
         fails += not cmp.ok
@@ -151,11 +152,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("profile", help="expert locality report of a routing payload or capture", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "profile":
-        from ds4kern.locality import main as profile_main
+        from ds4kern.locality.analysis import main as profile_main
 
         return profile_main(argv[1:])
     if argv and argv[0] == "compile-check":
-        from ds4kern.compile_check import main as cc_main
+        from ds4kern.core.compile_check import main as cc_main
 
         return cc_main(argv[1:])
     args = ap.parse_args(argv)

@@ -235,7 +235,7 @@ class RoutingCapture:
     def route_hash(self, layer: int, logits, tid2eid, token_ids, *, row: int = 0, weights_out=None,
                    **router_kwargs):
         """``router_hash`` for a hash-routed layer, its table lookups written into the buffer."""
-        from .ops.router import router_hash
+        from .ops.router_hash import router_hash
 
         T = int(logits.shape[0])
         if int(tid2eid.shape[1]) != self.topk:

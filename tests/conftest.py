@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def isolated_autotune(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's autotune cache, and none leaves autotune switched on."""
-    from ds4kern import autotune
+    from ds4kern.core import autotune
 
     monkeypatch.setenv("DS4KERN_CACHE_DIR", str(tmp_path_factory.mktemp("ds4kern-cache")))
     monkeypatch.delenv("DS4KERN_AUTOTUNE", raising=False)
@@ -59,3 +59,25 @@ def cp():
 def clean_overrides(monkeypatch):
     monkeypatch.delenv("DS4KERN_VARIANT", raising=False)
     yield
+
+
+def require_support(op, variant, *args, **kwargs):
+    """Skip unless the registry says ``variant`` supports ``op(*args, **kwargs)`` (the reason is
+    the variant's own ``supports`` answer, from ``ds4kern.explain``): tests never copy a
+    variant's limits."""
+    import ds4kern
+
+    d = ds4kern.explain(op, *args, **kwargs)
+    cand = next((c for c in d.candidates if c.variant.name == variant), None)
+    if cand is None:
+        pytest.skip(f"{op}: variant {variant} is not registered")
+    if cand.rejected is not None:
+        pytest.skip(f"{op}/{variant}: {cand.rejected}")
+
+
+def supported_variants(op, *args, backend="cuda", **kwargs):
+    """Names of the ``backend`` variants the registry says can run ``op(*args, **kwargs)``."""
+    import ds4kern
+
+    d = ds4kern.explain(op, *args, **kwargs)
+    return [c.variant.name for c in d.candidates if c.rejected is None and c.variant.backend == backend]

@@ -1,7 +1,7 @@
 """Count the kernel launches of a piece of GPU code: capture it into a CUDA graph on a fresh
-stream (driver API, :class:`ds4kern.timing.CapturedGraph`) and count the graph's kernel nodes."""
+stream (driver API, :class:`ds4kern.core.timing.CapturedGraph`) and count the graph's kernel nodes."""
 
-from ds4kern.timing import CapturedGraph
+from ds4kern.core.timing import CapturedGraph
 
 
 def count_kernel_nodes(cp, fn) -> int:

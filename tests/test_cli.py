@@ -16,8 +16,8 @@ def test_info_lists_ops_variants_plugins():
     r = run("info")
     assert r.returncode == 0, r.stderr
     assert "router_topk" in r.stdout and "naive" in r.stdout and "reference" in r.stdout
-    assert "ds4kern.ops.router (builtin)" in r.stdout
-    assert "router.cu" in r.stdout
+    assert "ds4kern.ops.router.variants (builtin)" in r.stdout
+    assert "router/naive.cu" in r.stdout
 
 
 @pytest.mark.skipif(GPU_SKIP_REASON is None, reason="the GPU machine runs the GPU path of the main job")

@@ -22,8 +22,12 @@ def test_wheel_in_fresh_venv_finds_sources_and_plugin(tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(next(w for w in wheels if w.name.startswith("ds4kern-"))).namelist()
-    for p in (ROOT / "cuda_src").iterdir():
-        assert f"ds4kern/cuda_src/{p.name}" in names, f"{p.name} missing from the wheel"
+    shipped = {p.relative_to(ROOT / "cuda_src").as_posix() for p in (ROOT / "cuda_src").rglob("*.cu*")}
+    for rel in shipped:
+        assert f"ds4kern/cuda_src/{rel}" in names, f"{rel} missing from the wheel"
+    pkgs = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "ds4kern").rglob("__init__.py")}
+    for pkg in pkgs:
+        assert f"{pkg}/__init__.py" in names, f"package {pkg} missing from the wheel (pyproject's packages)"
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
@@ -37,10 +41,10 @@ def test_wheel_in_fresh_venv_finds_sources_and_plugin(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
                     "--no-index", *map(str, wheels)], check=True)
     code = (
-        "import ds4kern, ds4kern.kernels as k, numpy as np, sys;"
+        "import ds4kern, ds4kern.core.kernels as k, numpy as np, sys;"
         "print(ds4kern.__file__);"
-        "print(*[p.name for p in k.list_sources()]);"
-        "print(k.load_source('router.cu')[:40].splitlines()[0]);"
+        "print(*k.list_sources());"
+        "print(k.load_source('router/naive.cu')[:60].splitlines()[0]);"
         "print(*sorted(v.name for v in ds4kern.variants('router_topk')));"
         "print(ds4kern.registry.plugins['cupy_router'].dist);"
         "print('cupy_composite' in str(ds4kern.explain('router_topk', np.ones((2, 8), np.float32), 2)))"
@@ -50,11 +54,11 @@ def test_wheel_in_fresh_venv_finds_sources_and_plugin(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith(str(site_pkgs)), lines[0]
-    assert set(lines[1].split()) == {p.name for p in (ROOT / "cuda_src").glob("*.cu")}
-    assert lines[2] == '#line 1 "cuda_src/router.cu"'
+    assert set(lines[1].split()) == {r for r in shipped if r.endswith(".cu")}
+    assert lines[2] == '#line 1 "cuda_src/router/naive.cu"'
     import ds4kern
 
-    builtin = [v.name for v in ds4kern.variants("router_topk") if v.plugin == "ds4kern.ops.router"]
+    builtin = [v.name for v in ds4kern.variants("router_topk") if v.plugin == "ds4kern.ops.router.variants"]
     assert lines[3].split() == sorted(builtin + ["cupy_composite"])
     assert lines[4] == "ds4kern-cupy-router 0.1.0"
     assert lines[5] == "True"

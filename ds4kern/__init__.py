@@ -19,6 +19,7 @@ from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
 from .ops.router import router_topk
 from .ops.router_hash import router_hash
+from .ops.sparse_attention import pack_kv_fp8, sparse_attention, unpack_kv_fp8
 from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
                              router_aux_scores_backward, router_topk_backward, router_topk_dense)
 from .rope import rope_table
@@ -35,6 +36,9 @@ __all__ = [
     "router_aux_loss_backward",
     "compress_decode",
     "compress_prefill",
+    "sparse_attention",
+    "pack_kv_fp8",
+    "unpack_kv_fp8",
     "rope_table",
     "LocalityRecorder",
     "explain",

@@ -17,6 +17,7 @@ from .core.op import get_op
 from .core.registry import PluginWarning, Variant, registry
 from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
+from .ops.hyper_connections import hc_post, hc_post_pre, hc_pre
 from .ops.router import router_topk
 from .ops.router_hash import router_hash
 from .ops.sparse_attention import pack_kv_fp8, sparse_attention, unpack_kv_fp8
@@ -37,6 +38,9 @@ __all__ = [
     "compress_decode",
     "compress_prefill",
     "sparse_attention",
+    "hc_pre",
+    "hc_post",
+    "hc_post_pre",
     "pack_kv_fp8",
     "unpack_kv_fp8",
     "rope_table",

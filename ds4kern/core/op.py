@@ -66,7 +66,6 @@ class Op:
     prepare: Callable[..., Call]
     rule: Optional[Callable] = None
     kernels: tuple = ()
-    doc: str = ""
     _hash: Optional[str] = field(default=None, repr=False)
 
     def plan(self, *args, **kwargs) -> Call:
@@ -141,7 +140,7 @@ def define_op(name: str, *, rule: Optional[Callable] = None, kernels: tuple = ()
         sig = inspect.signature(prepare)
         if "plan_only" not in sig.parameters:
             raise TypeError(f"{name}: the prepare function must take plan_only")
-        op = Op(name, prepare, rule, tuple(kernels), inspect.getdoc(prepare) or "")
+        op = Op(name, prepare, rule, tuple(kernels))
         if name in OPS:
             raise ValueError(f"op {name!r} is defined twice")
         OPS[name] = op

@@ -15,7 +15,6 @@ from ...core.registry import Variant
 from . import kernels as K
 from .api import OP, SCORE_FUNCTIONS, IDX_KIND, RouterArgs, RouterProblem
 from .reference import reference_router_topk
-from .rule import RADIX_MIN_K  # noqa: F401  (re-exported for sweeps)
 
 
 def _reference(a: RouterArgs) -> None:
@@ -87,7 +86,7 @@ def _warp(a: RouterArgs) -> None:
     kern = K.WARP.kernel(K.warp_name(p.dtype, K.WARP_SF[(a.score_function, a.use_pre_softmax)], grouped, vpl))
     warps = K.WARP_THREADS // 32
     grid = min((T + warps - 1) // warps, K.WARP_BLOCKS_PER_SM * _sm_count(a.frame.xp))
-    vec = int(a.logits.data.ptr % 16 == 0 and (E * a.logits.itemsize) % 16 == 0 and E >= vpl)
+    vec = int(p.aligned16 and (E * a.logits.itemsize) % 16 == 0 and E >= vpl)
     bias = a.expert_bias if a.expert_bias is not None else np.uint64(0)  # nullptr
     direct = int(T <= K.WARP_DIRECT_MAX_TOKENS)  # (used where the keys are exact: groups, softmax)
     kern((grid,), (K.WARP_THREADS,),

@@ -1,18 +1,88 @@
-"""Command line: ``python -m ds4kern {run,info,compile-check}``.
+"""Command line: ``python -m ds4kern {run,info,profile,compile-check}``.
 
 ``run`` is the main job: the DeepSeek-V4-Flash router problem (E=256, k=6, sqrtsoftplus with
 expert bias, scaling 1.5), run with every variant that can take it, validated against the
 reference, timed.  Without a GPU it runs the reference backend and says so.
+
+An ordinary mistake (a missing or malformed input file, a bad option value, an output folder
+that does not exist, a missing optional dependency) is one line on stderr and exit code 2,
+found before any long work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import re
 import sys
 import time
 
 import numpy as np
+
+
+class UsageError(Exception):
+    """An ordinary mistake on the command line: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _int_list(lo: int):
+    """Comma-separated integers >= lo (empty: none)."""
+    one = _int_at_least(lo)
+
+    def parse(text: str) -> list:
+        return [one(v.strip()) for v in text.split(",") if v.strip()]
+
+    return parse
+
+
+def _top(text: str):
+    if text == "all":
+        return text
+    try:
+        return _int_at_least(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'all', got {text!r}") from None
+
+
+def _input_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def _output_file(text: str) -> str:
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist (for {text})")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file name")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into the folder {folder}")
+    return text
+
+
+def _arch(text: str) -> str:
+    if not re.fullmatch(r"sm_\d{2,3}[af]?", text):
+        raise argparse.ArgumentTypeError(f"must name a GPU architecture such as sm_80 or sm_90, got {text!r}")
+    return text
 
 
 def _gpu_status():
@@ -136,31 +206,136 @@ def cmd_run(args) -> int:
     return 1 if fails else 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds4kern", description="ds4kern command line")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("run", help="main job: DeepSeek-V4-Flash router, every variant, validated and timed")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--repeat", type=int, default=100)
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh inputs)")
+def _need_matplotlib() -> None:
+    import importlib
+
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        raise UsageError("--png needs matplotlib, which is not installed: pip install 'ds4kern[plot]'") from None
+
+
+def _load_routing(path: str):
+    """``(selections [records, layers, k], start)`` from a payload (.json) or capture (.npy)."""
+    import json
+
+    from ds4kern.locality.analysis import load_selections
+
+    try:
+        arr, start = load_selections(path)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
+    except (OSError, EOFError, ValueError, TypeError) as e:  # unreadable, truncated, malformed
+        raise UsageError(f"{path}: {e}") from None
+    if arr.dtype.kind not in "iu":
+        raise UsageError(f"{path}: expert ids must be integers, got dtype {arr.dtype}")
+    return arr, start
+
+
+def cmd_profile(args) -> int:
+    """Expert locality report of a payload or capture (JSON, summary table, optional PNG)."""
+    import json
+
+    from ds4kern.locality.analysis import analyze, render_png, summary_text
+
+    if args.png:
+        _need_matplotlib()
+    arr, start = _load_routing(args.file)
+    R, L, _ = arr.shape
+    E = args.experts
+    if E is None:
+        if arr.dtype != np.uint8:
+            raise UsageError(f"--experts is required for {arr.dtype} data (only uint8 data implies 256)")
+        E = 256
+    beyond = [x for x in args.hash_layers if x >= L]
+    if beyond:
+        raise UsageError(f"--hash-layers: layer(s) {beyond} beyond the {L} layers of {args.file} (0 .. {L - 1})")
+    show = not args.quiet and R * L >= 100_000
+
+    def progress(done, total):
+        if show:
+            bar = "#" * int(30 * done / total)
+            print(f"\r[{bar:<30}] layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    report = analyze(arr, E, positions=start + np.arange(R), hash_layers=args.hash_layers,
+                     cache_sizes=args.cache_sizes, top_n=args.top, source=str(args.file), model=args.model,
+                     progress=progress)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    if args.png:
+        render_png(report, args.png)
+    if not args.quiet:
+        print(summary_text(report))
+    return 0
+
+
+def cmd_compile_check(args) -> int:
+    from ds4kern.core.compile_check import run_check
+
+    return run_check(args.arch, cache=not args.no_cache, verbose=args.verbose)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m ds4kern", description="ds4kern command line: python -m ds4kern COMMAND --help "
+                 "describes each command")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands", required=True)
+    p = sub.add_parser("run", help="main job: DeepSeek-V4-Flash router, every variant, validated and timed",
+                       description="The DeepSeek-V4-Flash router (E=256, k=6, sqrtsoftplus + bias, scaling 1.5) "
+                                   "with every variant that can run it, checked and timed (without a GPU: the "
+                                   "reference backend against a float64 formulation).")
+    p.add_argument("--tokens", type=_int_at_least(1), default=4096, help="tokens T (default %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the logits (default %(default)s)")
+    p.add_argument("--repeat", type=_int_at_least(1), default=100,
+                   help="timed calls per variant on the GPU (default %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=None, help="random seed (default: fresh inputs)")
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("info", help="versions, device, registered ops and variants")
+    p = sub.add_parser("info", help="versions, device, plugins, registered ops and variants, kernel sources",
+                       description="Versions, the device, plugins, every op and variant, the kernel sources.")
     p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("compile-check", help="compile every kernel with NVRTC (no GPU needed)", add_help=False)
-    p.set_defaults(fn=None)
-    p = sub.add_parser("profile", help="expert locality report of a routing payload or capture", add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "profile":
-        from ds4kern.locality.analysis import main as profile_main
+    p = sub.add_parser("profile", help="expert locality report of a routing payload (.json) or capture (.npy)",
+                       description="Expert locality report (JSON, a summary table, optionally a PNG) of a "
+                                   "routing-replay payload (.json) or a capture saved with numpy.save (.npy).")
+    p.add_argument("file", type=_input_file, help="payload (.json) or capture [records, layers, k] (.npy)")
+    p.add_argument("--out", required=True, type=_output_file, help="JSON report to write")
+    p.add_argument("--png", type=_output_file,
+                   help="picture to write; needs matplotlib: pip install 'ds4kern[plot]'")
+    p.add_argument("--experts", type=_int_at_least(1), help="number of experts E (default 256 for uint8 data)")
+    p.add_argument("--hash-layers", type=_int_list(0), default=[],
+                   help="comma-separated hash-routed layers, e.g. 0,1,2")
+    p.add_argument("--cache-sizes", type=_int_list(1), default=[],
+                   help="comma-separated extra LRU cache sizes besides the powers of two")
+    p.add_argument("--top", type=_top, default=16, help="top experts per layer in the report, or 'all' (default 16)")
+    p.add_argument("--model", default="", help="model name written into the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("compile-check", help="compile every kernel with NVRTC (no GPU needed)",
+                       description="NVRTC compile of every kernel source and instantiation, without a GPU; "
+                                   "passing results are kept in $DS4KERN_CACHE_DIR/nvrtc (default "
+                                   "~/.cache/ds4kern/nvrtc) and not compiled again while unchanged.")
+    p.add_argument("--arch", nargs="+", type=_arch, default=["sm_80", "sm_90"], metavar="SM",
+                   help="architectures to compile for (default: sm_80 sm_90)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything, even what passed unchanged before")
+    p.add_argument("-v", "--verbose", action="store_true", help="print ptxas resource usage too")
+    p.set_defaults(fn=cmd_compile_check)
+    return ap
 
-        return profile_main(argv[1:])
-    if argv and argv[0] == "compile-check":
-        from ds4kern.core.compile_check import main as cc_main
 
-        return cc_main(argv[1:])
+def main(argv=None) -> int:
+    ap = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        ap.print_help()
+        return 0
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"python -m ds4kern {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. head, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
 
 
 if __name__ == "__main__":

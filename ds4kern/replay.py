@@ -22,6 +22,9 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .core.args import is_int as _is_int
+from .core.arrays import require_cupy
+
 __all__ = [
     "PAYLOAD_DTYPES",
     "decode_payload",
@@ -33,10 +36,6 @@ __all__ = [
 
 PAYLOAD_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 _FIELDS = ("data", "shape", "dtype", "start")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def decode_payload(payload: Mapping) -> tuple[np.ndarray, int]:
@@ -57,7 +56,7 @@ def decode_payload(payload: Mapping) -> tuple[np.ndarray, int]:
     dtype_name = payload.get("dtype", "uint8")
     if dtype_name is None:
         dtype_name = "uint8"
-    if dtype_name not in PAYLOAD_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in PAYLOAD_DTYPES:
         raise ValueError(f"payload field 'dtype' must be one of {list(PAYLOAD_DTYPES)}, got {dtype_name!r}")
     dt = PAYLOAD_DTYPES[dtype_name]
     shape = payload["shape"]
@@ -139,7 +138,9 @@ def attribute_routing(arr: Optional[np.ndarray], path_len: int, node_tokens: Seq
     out: list = [None] * len(ns)
     if arr is None:
         return out
-    if getattr(arr, "ndim", None) != 3:
+    if not hasattr(arr, "ndim"):
+        raise TypeError(f"arr must be a numpy or CuPy array [rows, layers, k] (or None), got {type(arr).__name__}")
+    if arr.ndim != 3:
         raise ValueError(f"arr must have shape [rows, layers, k], got {getattr(arr, 'shape', None)}")
     rows = int(arr.shape[0])
     off = int(path_len) - int(start)
@@ -184,6 +185,7 @@ class RoutingCapture:
     Each MoE layer's router call writes its top-k indices straight into this layer's strided
     slice ``buffer[row:row+T, layer, :]`` through the router's index output, so capture costs no
     kernel of its own.  dtype: uint8 when ``num_experts <= 256``, else uint16 (or as given).
+    Needs CuPy (without it, an ImportError says how to install it).
 
     >>> cap = RoutingCapture(max_tokens=4096, num_layers=43, topk=6, num_experts=256)
     >>> w, _ = cap.route(3, logits, score_function="sqrtsoftplus", expert_bias=b, row=pos)
@@ -191,8 +193,6 @@ class RoutingCapture:
     """
 
     def __init__(self, max_tokens: int, num_layers: int, topk: int, num_experts: int, dtype=None):
-        import cupy as cp
-
         for name, v in (("max_tokens", max_tokens), ("num_layers", num_layers), ("topk", topk),
                         ("num_experts", num_experts)):
             if not _is_int(v) or v < 1:
@@ -204,8 +204,9 @@ class RoutingCapture:
             raise TypeError(f"dtype must be uint8 or uint16, got {dt}")
         if num_experts > np.iinfo(dt).max + 1:
             raise ValueError(f"dtype {dt} cannot name {num_experts} experts")
-        self.num_layers, self.topk, self.num_experts = num_layers, topk, num_experts
-        self.buffer = cp.empty((max_tokens, num_layers, topk), dt)
+        cp = require_cupy("ds4kern.replay.RoutingCapture (a device buffer the routers write into)")
+        self.num_layers, self.topk, self.num_experts = int(num_layers), int(topk), int(num_experts)
+        self.buffer = cp.empty((int(max_tokens), self.num_layers, self.topk), dt)
 
     @property
     def max_tokens(self) -> int:

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from .core.arrays import require_cupy
+
 __all__ = ["rope_frequencies", "rope_table"]
 
 
@@ -67,15 +69,14 @@ def rope_table(max_pos: int, dim: int = 64, theta: float = 10000.0, *, yarn_fact
     Computed in float64 on the host, rounded once to float32.  ``yarn_factor=None`` gives plain
     RoPE; a number turns YaRN on (see the module docstring).  DeepSeek-V4's compressed layers use
     ``dim=64`` and ``theta=160000`` with YaRN; take the factor and original length from the model's
-    config.  ``device=True`` returns CuPy arrays on the current device.
+    config.  ``device=True`` returns CuPy arrays on the current device (needs CuPy and a GPU).
     """
+    cp = require_cupy("rope_table(device=True)") if device else None
     max_pos = _positive("max_pos", max_pos, integer=True)
     freqs = rope_frequencies(dim, theta, yarn_factor=yarn_factor, original_max_pos=original_max_pos,
                              beta_fast=beta_fast, beta_slow=beta_slow)
     ang = np.outer(np.arange(max_pos, dtype=np.float64), freqs)
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     if device:
-        import cupy as cp
-
         return cp.asarray(cos), cp.asarray(sin)
     return cos, sin

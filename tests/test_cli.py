@@ -31,3 +31,90 @@ def test_main_job_without_gpu_runs_reference_and_says_so():
 def test_usage_error():
     r = run("frobnicate")
     assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def test_no_command_prints_the_commands():
+    r = run()
+    assert r.returncode == 0, r.stderr
+    for cmd in ("run", "info", "profile", "compile-check"):
+        assert cmd in r.stdout
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from ds4kern.__main__ import _parser
+
+    ap = _parser()
+    (sub,) = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {c.dest for c in sub._choices_actions} == set(sub.choices)  # every command has a help line
+    assert all(c.help for c in sub._choices_actions)
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            assert a.help, f"{name} {a.option_strings or a.dest}: no help text"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A payload and a capture, and broken files of each kind."""
+    import json
+
+    import numpy as np
+
+    from ds4kern.replay import encode_payload
+
+    d = tmp_path_factory.mktemp("cli")
+    arr = np.random.default_rng(0).integers(0, 64, (40, 3, 6)).astype(np.uint8)
+    text = json.dumps(encode_payload(arr))
+    (d / "p.json").write_text(text)
+    (d / "truncated.json").write_text(text[: len(text) // 2])
+    (d / "malformed.json").write_text(json.dumps({"data": "AA==", "shape": [1, 2]}))
+    np.save(d / "c.npy", arr)
+    np.save(d / "floats.npy", arr.astype(np.float32))
+    (d / "truncated.npy").write_bytes((d / "c.npy").read_bytes()[:90])
+    return d
+
+
+def cli(capsys, *args):
+    """``python -m ds4kern ARGS`` in this process: (exit code, stdout, stderr); any exception but
+    SystemExit would have been a traceback."""
+    from ds4kern.__main__ import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["profile", "{d}/missing.json", "--out", "{d}/r.json"], "no such file"),
+    (["profile", "{d}/truncated.json", "--out", "{d}/r.json"], "not valid JSON"),
+    (["profile", "{d}/malformed.json", "--out", "{d}/r.json"], "payload field 'shape'"),
+    (["profile", "{d}/truncated.npy", "--out", "{d}/r.json"], "truncated.npy"),
+    (["profile", "{d}/floats.npy", "--out", "{d}/r.json", "--experts", "64"], "integers"),
+    (["profile", "{d}/p.json", "--out", "{d}/r.json", "--top", "foo"], "--top"),
+    (["profile", "{d}/p.json", "--out", "{d}/r.json", "--experts", "0"], "--experts"),
+    (["profile", "{d}/p.json", "--out", "{d}/r.json", "--hash-layers", "0,3"], "--hash-layers"),
+    (["profile", "{d}/p.json", "--out", "{d}/r.json", "--cache-sizes", "-3"], "--cache-sizes"),
+    (["profile", "{d}/p.json", "--out", "{d}/no/such/folder/r.json"], "does not exist"),
+    (["profile", "{d}/p.json", "--out", "{d}/r.json", "--png", "{d}/no/x.png"], "does not exist"),
+    (["profile", "{d}/p.json"], "--out"),
+    (["run", "--tokens", "-5"], "--tokens"),
+    (["run", "--repeat", "0"], "--repeat"),
+    (["compile-check", "--arch", "foo"], "--arch"),
+])
+def test_ordinary_mistakes_are_one_line_and_exit_2(inputs, capsys, args, words):
+    rc, out, err = cli(capsys, *(a.format(d=inputs) for a in args))
+    assert rc == 2, out + err
+    assert len(err.strip().splitlines()) == 1 and words in err and out == "", err
+    assert not (inputs / "r.json").exists()
+
+
+def test_png_without_matplotlib_stops_before_the_work(inputs, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    out = inputs / "png.json"
+    rc, _, err = cli(capsys, "profile", str(inputs / "p.json"), "--out", str(out), "--png", str(inputs / "x.png"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "pip install 'ds4kern[plot]'" in err, err
+    assert not out.exists()  # checked before the analysis, not after writing the JSON

@@ -12,14 +12,62 @@ from typing import Any
 
 import numpy as np
 
-try:  # ml_dtypes registers bfloat16 with numpy (a runtime dependency)
-    import ml_dtypes
 
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is a hard dependency
-    BFLOAT16 = None
 
-FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16) if d is not None)
+class LazyDtype:
+    """A numpy dtype from a module imported on first use (``ml_dtypes`` alone takes ~0.7 s).
+
+    It goes wherever numpy or CuPy take a dtype (``np.empty(n, BFLOAT16)``, ``x.astype(BFLOAT16)``,
+    ``x.view(BFLOAT16)``, ``np.dtype(BFLOAT16)``: numpy reads a ``.dtype`` attribute), compares
+    and hashes like the real dtype (``x.dtype == BFLOAT16``, ``x.dtype in FLOAT_DTYPES``) and
+    answers its attributes (``.itemsize``, ``.name``).  Comparing it with a dtype imports the
+    module; comparing a float32 array's dtype with ``FLOAT_DTYPES`` does not reach it.
+    """
+
+    __slots__ = ("_module", "_attr", "_dtype")
+
+    def __init__(self, module: str, attr: str):
+        self._module, self._attr, self._dtype = module, attr, None
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self._dtype is None:
+            import importlib
+
+            self._dtype = np.dtype(getattr(importlib.import_module(self._module), self._attr))
+        return self._dtype
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # (copy / pickle probe these before __init__ ran)
+            raise AttributeError(name)
+        return getattr(self.dtype, name)
+
+    def __eq__(self, other):
+        try:
+            return self.dtype == np.dtype(other)
+        except TypeError:
+            return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self):
+        return hash(self.dtype)
+
+    def __repr__(self):
+        return repr(self.dtype)
+
+    def __str__(self):
+        return str(self.dtype)
+
+
+# ml_dtypes registers bfloat16 with numpy (a runtime dependency), imported on first use
+BFLOAT16 = LazyDtype("ml_dtypes", "bfloat16")
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+
+CUPY_INSTALL = "install ds4kern[cuda12] or ds4kern[cuda13] (CUDA 12 / 13) on a machine with an NVIDIA GPU"
 
 
 def cupy_or_none():
@@ -27,6 +75,16 @@ def cupy_or_none():
         import cupy
     except Exception:
         return None
+    return cupy
+
+
+def require_cupy(what: str):
+    """CuPy, or an ImportError saying that ``what`` needs it and how to install it."""
+    try:
+        import cupy
+    except Exception as e:
+        raise ImportError(f"{what} needs a CUDA GPU and CuPy, which is not importable ({type(e).__name__}: {e}); "
+                          f"{CUPY_INSTALL}") from None
     return cupy
 
 
@@ -89,19 +147,17 @@ class Frame:
     def _need_cupy(self, name, x):
         cp = cupy_or_none()
         if cp is None:
-            raise TypeError(
-                f"{name} is a GPU array ({type(x).__name__}) but CuPy is not installed; "
-                "install ds4kern[cuda12] or ds4kern[cuda13]"
-            )
+            raise TypeError(f"{name} is a GPU array ({type(x).__name__}) but CuPy is not installed; {CUPY_INSTALL}")
         self.cp = cp
         return cp
 
     # -- other arguments ------------------------------------------------------------------
-    def convert(self, x: Any, name: str):
-        """Bring another array argument onto this frame's backend and device (zero-copy)."""
+    def convert(self, x: Any, name: str, written: bool = False):
+        """Bring another array argument onto this frame's backend and device (zero-copy);
+        ``written``: the op writes into it, so a read-only host array is refused."""
         if self.backend == "numpy":
             if isinstance(x, np.ndarray):
-                return x
+                return writable(x, name) if written else x
             if _is_torch(x) and not x.is_cuda:
                 return x.detach().numpy()
             raise TypeError(
@@ -181,6 +237,14 @@ class Frame:
         return arr
 
 
+def writable(a, name: str):
+    """``a``, or a ValueError naming it if it is a read-only numpy array (the op writes into it)."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only (numpy flags.writeable is False) but the op writes into it; "
+                         "pass a writable array")
+    return a
+
+
 def _external_stream(cp, torch_stream):
     """A CuPy stream object for a torch stream (no copy, no synchronisation)."""
     from_external = getattr(cp.cuda.Stream, "from_external", None)
@@ -206,14 +270,16 @@ def _torch_cpu_bf16(t):
 
 _DTYPE_NAMES = {np.dtype(n): n for n in ("float32", "float16", "float64", "int8", "int16", "int32", "int64",
                                           "uint8", "uint16", "uint32", "uint64", "bool")}
-if BFLOAT16 is not None:
-    _DTYPE_NAMES[BFLOAT16] = "bfloat16"
 
 
 def dtype_name(dt) -> str:
     """Short name of a dtype ("bfloat16" for ml_dtypes' bfloat16); a dict hit on the hot path."""
     name = _DTYPE_NAMES.get(dt)
-    return name if name is not None else np.dtype(dt).name
+    if name is None:
+        name = np.dtype(dt).name
+        if isinstance(dt, np.dtype):  # (bfloat16 once it is in use)
+            _DTYPE_NAMES[dt] = name
+    return name
 
 
 def rows_view(xp, arr, lead: tuple, k: int, name: str):

@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-__all__ = ["enable", "enabled", "autotuning", "cache_path", "clear", "TIMERS"]
+from .args import int_arg
+
+__all__ = ["enable", "enabled", "autotuning", "cache_dir", "cache_path", "clear", "TIMERS"]
 
 SCHEMA = 2  # 2: keys carry the kernel sources' hash instead of the version string
 _lock = threading.Lock()
@@ -52,8 +54,8 @@ def enabled() -> bool:
 
 def enable(on: bool = True, repeat: Optional[int] = None) -> None:
     """Switch autotuning on or off for this process (overrides ``DS4KERN_AUTOTUNE``)."""
-    if repeat is not None and (not isinstance(repeat, int) or repeat < 1):
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if repeat is not None:
+        repeat = int_arg("repeat", repeat, lo=1)
     _state["enabled"] = bool(on)
     if repeat is not None:
         _state["repeat"] = repeat
@@ -70,12 +72,17 @@ def autotuning(on: bool = True):
         _state["enabled"] = before
 
 
-def cache_path() -> Path:
+def cache_dir() -> Path:
+    """``$DS4KERN_CACHE_DIR``, else ``$XDG_CACHE_HOME/ds4kern``, else ``~/.cache/ds4kern``."""
     base = os.environ.get("DS4KERN_CACHE_DIR")
     if not base:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         base = os.path.join(xdg, "ds4kern")
-    return Path(base) / "autotune.json"
+    return Path(base)
+
+
+def cache_path() -> Path:
+    return cache_dir() / "autotune.json"
 
 
 def clear(memory: bool = True, file: bool = False) -> None:

@@ -6,15 +6,25 @@ library from the ``nvidia-cuda-nvrtc-cu12`` (or ``-cu13``) wheel, a CUDA toolkit
 search path, and the CUDA runtime headers (``cuda_bf16.h``, ...) from the
 ``nvidia-cuda-runtime-cu12`` wheel or a toolkit.
 
-Command line: ``python -m ds4kern compile-check [--arch sm_80 sm_90] [-v]``.
+Each (source, arch) is one NVRTC program holding all the source's name expressions; the programs
+compile in parallel threads (NVRTC releases the GIL), the largest first.  A passing result is kept
+under ``<cache dir>/nvrtc`` (``$DS4KERN_CACHE_DIR``, default ``~/.cache/ds4kern``), keyed by a
+hash of the folded source, the name expressions, the options and arch, the NVRTC library and its
+version and the CUDA headers' names, sizes and times: what has not changed is not compiled again.
+Failures are never cached.
+
+Command line: ``python -m ds4kern compile-check [--arch sm_80 sm_90] [--no-cache] [-v]``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
+import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -162,6 +172,7 @@ class CheckResult:
     seconds: float
     spills: list[str] = field(default_factory=list)
     log: str = ""
+    cached: bool = False
 
 
 def _spill_lines(log: str) -> list[str]:
@@ -176,12 +187,64 @@ def _spill_lines(log: str) -> list[str]:
     return bad
 
 
-def check_all(archs=DEFAULT_ARCHS, families=None, verbose=False) -> list[CheckResult]:
-    """Compile every registered kernel family for every arch; raise NVRTCError on failure.
+def cache_dir() -> Path:
+    """Where passing compile results are kept: ``<ds4kern cache dir>/nvrtc``."""
+    from .autotune import cache_dir as base
 
-    The families are those the imported ops registered (``import ds4kern`` imports them all)."""
-    if families is None and not kernels.FAMILIES:
-        raise NVRTCError("no kernel families registered: import ds4kern (which imports its ops) first")
+    return base() / "nvrtc"
+
+
+def _headers_stamp(incs: list[str]) -> str:
+    """Names, sizes and modification times of the CUDA headers: another header release, another key."""
+    h = hashlib.sha256()
+    for d in incs:
+        for root, _, files in sorted(os.walk(d)):
+            for name in sorted(files):
+                st = os.stat(os.path.join(root, name))
+                h.update(f"{root}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _entry_path(folder: Path, source: str, arch: str, key: str) -> Path:
+    return folder / f"{source.replace('/', '--')}.{arch}.{key}.json"
+
+
+def _load_entry(path: Path) -> CheckResult | None:
+    try:
+        d = json.loads(path.read_text())
+        return CheckResult(**{**d, "spills": _spill_lines(d["log"]), "cached": True})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # missing or unreadable: compile again
+
+
+def _store_entry(path: Path, res: CheckResult) -> None:
+    """Atomically (temporary file + rename); older entries of the same source and arch go."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = path.name.rsplit(".", 2)[0] + "."
+        for old in path.parent.glob(glob.escape(prefix) + "*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        d = {k: v for k, v in res.__dict__.items() if k != "cached"}
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder only costs the next run a compile
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def compile_jobs(jobs, *, cache: Path | None = None, workers: int | None = None) -> dict:
+    """Compile each ``(KernelFamily, arch)`` of ``jobs`` (all the family's name expressions in one
+    NVRTC program), in parallel threads, the largest sources first.  Returns ``{(source, arch):
+    CheckResult or NVRTCError}``: a failure is returned, naming the source and arch, not raised.
+    ``cache``: the folder of kept results (None: compile everything)."""
     nv = NVRTC()
     incs = find_include_dirs()
     if not incs:
@@ -189,46 +252,81 @@ def check_all(archs=DEFAULT_ARCHS, families=None, verbose=False) -> list[CheckRe
             "CUDA runtime headers (cuda_bf16.h) not found; install nvidia-cuda-runtime-cu12 "
             "(part of the test extra) or set DS4KERN_CUDA_INCLUDE"
         )
-    fams = families if families is not None else list(kernels.FAMILIES.values())
+    ident = f"{nv.path}|{nv.version()}|{_headers_stamp(incs)}" if cache is not None else ""
 
     def one(fam, arch):
         code = kernels.load_source(fam.source)
         opts = list(fam.options) + [f"-arch={arch}", "--ptxas-options=-v"] + [f"-I{d}" for d in incs]
+        path = None
+        if cache is not None:
+            key = hashlib.sha256("\0\1".join([ident, code, *opts, "", *fam.name_expressions]).encode()).hexdigest()
+            path = _entry_path(cache, fam.source, arch, key[:32])
+            hit = _load_entry(path)
+            if hit is not None:
+                return hit
         t0 = time.perf_counter()
-        size, lowered, log = nv.compile(code, fam.source, opts, list(fam.name_expressions))
-        return CheckResult(fam.source, arch, len(lowered), size, time.perf_counter() - t0, _spill_lines(log), log)
+        try:
+            size, lowered, log = nv.compile(code, fam.source, opts, list(fam.name_expressions))
+        except NVRTCError as e:
+            return NVRTCError(f"{fam.source} for {arch}: {e}")
+        res = CheckResult(fam.source, arch, len(lowered), size, time.perf_counter() - t0, _spill_lines(log), log)
+        if path is not None:
+            _store_entry(path, res)
+        return res
 
-    # ctypes drops the GIL during nvrtcCompileProgram, so threads compile in parallel.
+    # ctypes drops the GIL during nvrtcCompileProgram, so threads compile in parallel; the largest
+    # (source length x instantiations: a fair guess of the time) first, so that none starts last
+    order = sorted(jobs, key=lambda j: -len(kernels.load_source(j[0].source)) * len(j[0].name_expressions))
+    n = max(1, min(len(order), workers or _workers()))
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        done = list(ex.map(lambda j: one(*j), order))
+    return {(fam.source, arch): r for (fam, arch), r in zip(order, done)}
+
+
+def check_all(archs=DEFAULT_ARCHS, families=None, verbose=False, cache: bool = True) -> list[CheckResult]:
+    """Compile every registered kernel family for every arch; raise NVRTCError naming each failed
+    source and arch.  ``cache``: reuse and keep passing results (see the module docstring).
+
+    The families are those the imported ops registered (``import ds4kern`` imports them all)."""
+    if families is None and not kernels.FAMILIES:
+        raise NVRTCError("no kernel families registered: import ds4kern (which imports its ops) first")
+    fams = families if families is not None else list(kernels.FAMILIES.values())
     jobs = [(fam, arch) for fam in fams for arch in archs]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as ex:
-        results = list(ex.map(lambda j: one(*j), jobs))
+    out = compile_jobs(jobs, cache=cache_dir() if cache else None)
+    failed = [r for r in out.values() if isinstance(r, NVRTCError)]
+    if failed:
+        raise NVRTCError("\n\n".join(str(e) for e in failed))
+    results = [out[(fam.source, arch)] for fam, arch in jobs]
     if verbose:
         for res in results:
+            how = "cached" if res.cached else f"{res.seconds:.1f} s"
             print(f"{res.source:24s} {res.arch}: {res.n_kernels} kernels, {res.cubin_bytes} bytes cubin, "
-                  f"{res.seconds:.1f} s, spills: {len(res.spills)}")
+                  f"{how}, spills: {len(res.spills)}")
     return results
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m ds4kern compile-check", description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
-    ap.add_argument("-v", "--verbose", action="store_true", help="print ptxas resource usage too")
-    args = ap.parse_args(argv)
-    nv = NVRTC()
-    print(f"NVRTC {'.'.join(map(str, nv.version()))} from {nv.path}")
-    print(f"headers: {find_include_dirs()}")
+def run_check(archs=DEFAULT_ARCHS, cache: bool = True, verbose: bool = False) -> int:
+    """``python -m ds4kern compile-check``: prints what compiled; 0 if everything did, else 1."""
     try:
-        results = check_all(args.arch, verbose=True)
+        nv = NVRTC()
+        print(f"NVRTC {'.'.join(map(str, nv.version()))} from {nv.path}")
+        print(f"headers: {find_include_dirs()}")
+        results = check_all(archs, verbose=True, cache=cache)
     except NVRTCError as e:
         print(e, file=sys.stderr)
         return 1
-    if args.verbose:
+    if verbose:
         for r in results:
             print(f"--- {r.source} {r.arch}\n{r.log}")
-    spills = [(r, s) for r in results for s in r.spills]
-    for r, s in spills:
-        print(f"warning: {r.source} {r.arch}: {s}")
+    for r in results:
+        for s in r.spills:
+            print(f"warning: {r.source} {r.arch}: {s}")
     print(f"ok: {sum(r.n_kernels for r in results)} instantiations compiled")
     return 0
+
+
+def main(argv=None) -> int:
+    """The ``compile-check`` command of ``python -m ds4kern`` (its options: ``--help``)."""
+    from ..__main__ import main as cli
+
+    return cli(["compile-check", *(sys.argv[1:] if argv is None else argv)])

@@ -51,7 +51,8 @@ def use_variant(op_or_map: Union[str, dict], name: Optional[str] = None):
     """Force variants inside a ``with`` block (this thread / task only).
 
     ``with ds4kern.use_variant("router_topk", "naive"): ...`` or
-    ``with ds4kern.use_variant({"router_topk": "reference"}): ...``.
+    ``with ds4kern.use_variant({"router_topk": "reference"}): ...``.  An op or variant name that
+    is not registered raises ``ValueError`` on entering the block.
     """
     if isinstance(op_or_map, dict):
         if name is not None:
@@ -64,11 +65,20 @@ def use_variant(op_or_map: Union[str, dict], name: Optional[str] = None):
     for op, n in pairs:
         if not isinstance(op, str) or not isinstance(n, str):
             raise TypeError(f"use_variant: op and name must be strings, got {op!r}: {n!r}")
+        _check_registered(op, n)
     token = _override.set(pairs + _override.get())
     try:
         yield
     finally:
         _override.reset(token)
+
+
+def _check_registered(op: str, name: str) -> None:
+    names = [v.name for v in registry.variants(op)]
+    if not names:
+        raise ValueError(f"use_variant: unknown op {op!r}; ops: {registry.ops()}")
+    if name not in names:
+        raise ValueError(f"use_variant: {name!r} is not a registered variant of {op}; registered: {names}")
 
 
 @functools.lru_cache(maxsize=16)

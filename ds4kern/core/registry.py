@@ -6,6 +6,10 @@ Loading order: built-in plugins, then entry points of group ``ds4kern``.  Enviro
   ``a,b`` loads only the entry points named ``a`` and ``b``.
 - ``DS4KERN_DISABLE_PLUGINS``: ``a,b`` never loads those entry points.
 
+A name in either variable that no installed entry point has warns (``EnvWarning``, naming the
+variable and the installed plugins) and is ignored; when ``DS4KERN_PLUGINS`` names no known
+plugin at all, its default (every plugin) stands.
+
 A plugin that fails to import, to validate, or raises while registering is skipped with a
 warning naming it; it never breaks ``import ds4kern`` or the other plugins.
 """
@@ -22,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 import pluggy
 
 from . import hookspecs
+from .env import EnvWarning
 
 __all__ = ["Variant", "PluginWarning", "registry", "BUILTIN_PLUGINS", "add_builtin"]
 
@@ -121,6 +126,19 @@ def _env_list(name: str) -> Optional[set]:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def _known_names(var: str, names: Optional[set], known: set, keywords: frozenset = frozenset()) -> Optional[set]:
+    """``names`` without those no installed plugin has (with a warning naming ``var``); None when
+    nothing known is left (the variable's default stands)."""
+    unknown = set() if names is None else names - known - keywords
+    if not unknown:
+        return names
+    kept = names - unknown
+    then = "ignored" if kept else "ignored; using the default"
+    warnings.warn(f"ds4kern: {var} names unknown plugin(s) {sorted(unknown)} ({then}); installed plugins: "
+                  f"{sorted(known) or 'none'}", EnvWarning, stacklevel=4)
+    return kept or None
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -158,15 +176,16 @@ class Registry:
         self._load_entry_points()
 
     def _load_entry_points(self) -> None:
-        select = _env_list("DS4KERN_PLUGINS")
-        if select is not None and select & {"all"}:
-            select = None
-        block = _env_list("DS4KERN_DISABLE_PLUGINS") or set()
         try:
             eps = importlib.metadata.entry_points(group=hookspecs.PROJECT)
         except Exception as e:  # a broken metadata folder on sys.path
             warnings.warn(f"ds4kern: could not read entry points: {e}", PluginWarning, stacklevel=3)
             return
+        known = {ep.name for ep in eps}
+        select = _known_names("DS4KERN_PLUGINS", _env_list("DS4KERN_PLUGINS"), known, frozenset({"all", "none"}))
+        if select is not None and select & {"all"}:
+            select = None
+        block = _known_names("DS4KERN_DISABLE_PLUGINS", _env_list("DS4KERN_DISABLE_PLUGINS"), known) or set()
         seen = set()
         for ep in eps:
             if ep.name in seen:  # the same distribution visible twice on sys.path

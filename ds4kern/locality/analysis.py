@@ -37,6 +37,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..core.args import int_arg, int_list
+
 __all__ = ["SCHEMA_VERSION", "DEFINITIONS", "layer_stats", "layer_counts", "layer_from_counts", "stack_distances",
            "analyze", "assemble_report", "summary_text"]
 
@@ -132,8 +134,8 @@ def stack_distances(ids: np.ndarray, num_experts: int, *, workspace: Optional[Wo
     gathers and a popcount per access, queries in time order.  ``workspace`` reuses the large
     scratch arrays from one call to the next (fresh pages cost more than the work itself).
     """
-    ids = np.asarray(ids)
-    E = int(num_experts)
+    ids = _id_array("ids", ids, 2, "[R, k]")
+    E = int_arg("num_experts", num_experts, lo=1)
     valid = _valid_ids(ids, E)
     dist = np.full(ids.shape, -1, np.int64)
     out = dist.ravel()
@@ -289,6 +291,7 @@ def layer_stats(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndarr
                 hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16,
                 workspace: Optional[Workspace] = None) -> dict:
     """Statistics of one layer (see the module docstring); ``ids`` and ``weights`` ``[R, k]``."""
+    cache_sizes, top_n = _cache_sizes(cache_sizes), _top_n(top_n)  # (checked before the work)
     return layer_from_counts(**layer_counts(ids, num_experts, weights=weights, positions=positions,
                                             seq_ids=seq_ids, workspace=workspace),
                              hash_router=hash_router, cache_sizes=cache_sizes, top_n=top_n)
@@ -300,16 +303,18 @@ def layer_counts(ids: np.ndarray, num_experts: int, *, weights: Optional[np.ndar
     """The counters every statistic comes from (what the GPU recorder accumulates online):
     ``hist`` / ``wsum`` per expert, ``dist`` / ``wdist`` per LRU stack distance (bin E: first
     access), adjacent ``pairs``, same-slot matches ``eq``, and ``iu[inter, union]`` counts."""
-    ids = np.asarray(ids)
+    ids = _id_array("ids", ids, 2, "[R, k]")
     R, k = ids.shape
-    E = int(num_experts)
+    E = int_arg("num_experts", num_experts, lo=1)
+    _check_weights(weights, ids.shape)
+    positions, seq_ids = _record_ints("positions", positions, R), _record_ints("seq_ids", seq_ids, R)
     valid = _valid_ids(ids, E)
     e = ids[valid].astype(np.int64)
     hist = np.bincount(e, minlength=E)[:E]
     w = None if weights is None else np.asarray(weights, np.float64)
     wsum = None if w is None else np.bincount(e, weights=w[valid], minlength=E)[:E]
-    pos = np.arange(R) if positions is None else np.asarray(positions).astype(np.int64)
-    sq = np.zeros(R, np.int64) if seq_ids is None else np.asarray(seq_ids).astype(np.int64)
+    pos = np.arange(R) if positions is None else positions.astype(np.int64)
+    sq = np.zeros(R, np.int64) if seq_ids is None else seq_ids.astype(np.int64)
     # LRU stack-distance histogram, bin E: first accesses
     dist = np.zeros(E + 1, np.int64)
     wdist = None if w is None else np.zeros(E + 1, np.float64)
@@ -351,6 +356,7 @@ def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dis
                       hash_router: bool = False, cache_sizes: Sequence[int] = (), top_n=16) -> dict:
     """One layer's report from its counters (offline analysis and the GPU recorder share this,
     so equal counters give equal reports)."""
+    cache_sizes, top_n = _cache_sizes(cache_sizes), _top_n(top_n)
     E = int(num_experts)
     hist = np.asarray(hist, np.int64)
     sel = int(hist.sum())
@@ -360,7 +366,7 @@ def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dis
     order = np.lexsort((np.arange(E), -key_w, -hist))
     order = order[hist[order] > 0]
     if top_n != "all":
-        order = order[: int(top_n)]
+        order = order[:top_n]
     cum = np.cumsum(hist[order]) * (100.0 / sel) if sel else np.zeros(len(order))
     top = []
     for j, x in enumerate(order.tolist()):
@@ -380,7 +386,7 @@ def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dis
         stab = eq / (pairs * k)
     else:
         overlap = jac = stab = None
-    sizes = sorted({1 << i for i in range(int(math.log2(E)) + 1) if (1 << i) <= E} | set(int(c) for c in cache_sizes))
+    sizes = sorted({1 << i for i in range(int(math.log2(E)) + 1) if (1 << i) <= E} | set(cache_sizes))
     dist = np.asarray(dist, np.int64)
     hits_upto = np.concatenate([[0], np.cumsum(dist[:E])])  # hits_upto[n] = accesses with distance < n
     wd = None if wdist is None else np.concatenate([[0.0], np.cumsum(np.asarray(wdist, np.float64)[:E])])
@@ -400,22 +406,27 @@ def layer_from_counts(*, num_experts: int, k: int, records: int, hist, wsum, dis
 def analyze(selections, num_experts: int, *, weights=None, positions=None, seq_ids=None, hash_layers=(),
             cache_sizes: Sequence[int] = (), top_n=16, source: str = "", model: str = "",
             progress=None, workers: Optional[int] = None) -> dict:
-    """The JSON report of a ``[records, layers, k]`` selection array (numpy or CuPy)."""
+    """The JSON report of a ``[records, layers, k]`` selection array (numpy or CuPy) of integer
+    expert ids.  ``positions`` / ``seq_ids``: integers ``[records]``; ``hash_layers``: layers in
+    ``[0, layers)``; ``cache_sizes``: extra LRU sizes (ints >= 1); ``top_n``: an int >= 0 or
+    ``"all"``; ``workers``: an int >= 1 (default: by cores and memory); ``progress(done, total)``
+    after each layer.  Every argument is checked before the work starts."""
     if hasattr(selections, "get") and not isinstance(selections, np.ndarray):
         selections = selections.get()
     arr = np.asarray(selections)
     if arr.ndim != 3:
         raise ValueError(f"selections must have shape [records, layers, k], got {arr.shape}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    num_experts = int_arg("num_experts", num_experts, lo=1)
     R, L, k = arr.shape
-    if weights is not None and np.shape(weights) != arr.shape:
-        raise ValueError(f"weights must have the shape of selections {arr.shape}, got {np.shape(weights)}")
-    for name, v in (("positions", positions), ("seq_ids", seq_ids)):
-        if v is not None and np.shape(v) != (R,):
-            raise ValueError(f"{name} must have shape ({R},), got {np.shape(v)}")
-    hashed = set(hash_layers)
-    w_all = None if weights is None else np.asarray(weights)
+    w_all = _check_weights(weights, arr.shape, "selections")
+    positions, seq_ids = _record_ints("positions", positions, R), _record_ints("seq_ids", seq_ids, R)
+    arr = _id_array("selections", arr, 3, "[records, layers, k]")
+    hashed = set(int_list("hash_layers", hash_layers, lo=0, hi=L - 1))
+    cache_sizes, top_n = _cache_sizes(cache_sizes), _top_n(top_n)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be None or a function progress(done, total), got {progress!r}")
+    if workers is not None:
+        workers = int_arg("workers", workers, lo=1)
 
     kw = dict(num_experts=num_experts, positions=positions, seq_ids=seq_ids, hashed=hashed, cache_sizes=cache_sizes,
               top_n=top_n)
@@ -460,6 +471,50 @@ def _layer_results(arr, w_all, L, n_workers, kw):
         with ThreadPoolExecutor(max_workers=n_workers) as ex:
             for fut in as_completed([ex.submit(in_thread, layer) for layer in range(L)]):
                 yield fut.result()
+
+
+def _id_array(name: str, a, ndim: int, shape: str) -> np.ndarray:
+    """``a`` as a numpy array of ``ndim`` dimensions holding integer expert ids, or an error
+    naming it (float ids would be truncated, bools are no ids)."""
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
+    return a
+
+
+def _check_weights(weights, shape: tuple, of: str = "ids") -> Optional[np.ndarray]:
+    """``weights`` as a numpy array of ``shape`` with real numbers, None if None."""
+    if weights is None:
+        return None
+    w = np.asarray(weights)
+    if w.shape != tuple(shape):
+        raise ValueError(f"weights must have the shape of {of} {tuple(shape)}, got {w.shape}")
+    if w.dtype.kind not in "iuf":
+        raise TypeError(f"weights must be real numbers, got dtype {w.dtype}")
+    return w
+
+
+def _record_ints(name: str, v, R: int) -> Optional[np.ndarray]:
+    """Per-record ``positions`` / ``seq_ids``: integers of shape ``(R,)``, None if None."""
+    if v is None:
+        return None
+    a = np.asarray(v)
+    if a.shape != (R,):
+        raise ValueError(f"{name} must have shape ({R},), got {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers (float values would be truncated), got dtype {a.dtype}")
+    return a
+
+
+def _cache_sizes(v) -> list[int]:
+    return int_list("cache_sizes", v, lo=1)
+
+
+def _top_n(v):
+    """``"all"`` or an int >= 0."""
+    return v if isinstance(v, str) and v == "all" else int_arg("top_n (or 'all')", v, lo=0)
 
 
 def _one_layer(arr, w_all, layer, ws, *, num_experts, positions, seq_ids, hashed, cache_sizes, top_n):
@@ -605,7 +660,7 @@ def load_selections(path):
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
         if arr.ndim != 3:
-            raise ValueError(f"{p}: a capture must have shape [records, layers, k], got {arr.shape}")
+            raise ValueError(f"a capture must have shape [records, layers, k], got {arr.shape}")
         return arr, 0
     with open(p) as f:
         payload = json.load(f)
@@ -613,45 +668,9 @@ def load_selections(path):
 
 
 def main(argv=None) -> int:
-    """``python -m ds4kern profile FILE --out report.json [--png report.png]``."""
-    import argparse
-    import json
+    """``python -m ds4kern profile FILE --out report.json [--png report.png]`` (options: ``--help``)."""
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m ds4kern profile",
-                                 description="expert locality report of a routing payload (.json) or capture (.npy)")
-    ap.add_argument("file")
-    ap.add_argument("--out", required=True, help="JSON report to write")
-    ap.add_argument("--png", help="picture to write (needs matplotlib)")
-    ap.add_argument("--experts", type=int, help="number of experts E (default 256 for uint8 data)")
-    ap.add_argument("--hash-layers", default="", help="comma-separated hash-routed layers, e.g. 0,1,2")
-    ap.add_argument("--cache-sizes", default="", help="extra LRU sizes besides the powers of two")
-    ap.add_argument("--top", default="16", help="top experts per layer, or 'all'")
-    ap.add_argument("--model", default="")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    args = ap.parse_args(argv)
-    arr, start = load_selections(args.file)
-    E = args.experts
-    if E is None:
-        if arr.dtype != np.uint8:
-            ap.error(f"--experts is required for {arr.dtype} data")
-        E = 256
-    ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
-    positions = start + np.arange(arr.shape[0])
-    show = not args.quiet and arr.shape[0] * arr.shape[1] >= 100_000
+    from ..__main__ import main as cli
 
-    def progress(done, total):
-        if show:
-            bar = "#" * int(30 * done / total)
-            print(f"\r[{bar:<30}] layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    report = analyze(arr, E, positions=positions, hash_layers=ints(args.hash_layers),
-                     cache_sizes=ints(args.cache_sizes), top_n=args.top if args.top == "all" else int(args.top),
-                     source=str(args.file), model=args.model, progress=progress)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    if args.png:
-        render_png(report, args.png)
-    if not args.quiet:
-        print(summary_text(report))
-    return 0
+    return cli(["profile", *(sys.argv[1:] if argv is None else argv)])

@@ -35,9 +35,10 @@ from typing import Sequence
 import numpy as np
 
 from ..core import kernels
-from ..core.arrays import Frame, dtype_name
+from ..core.args import int_arg, int_list
+from ..core.arrays import Frame, dtype_name, require_cupy
 from ..ops.router.api import IDX_KIND as _IDX_KIND  # DS4_IDX_* in cuda_src/common/common.cuh
-from .analysis import assemble_report, layer_from_counts
+from .analysis import _cache_sizes, _top_n, assemble_report, layer_from_counts
 
 __all__ = ["LocalityRecorder"]
 
@@ -120,31 +121,31 @@ def _plan(E: int, k: int, T: int, layers: int, sms: int, have: int, part: int | 
 
 
 class LocalityRecorder:
-    """Accumulates locality statistics of router outputs on the current CUDA device.
+    """Accumulates locality statistics of router outputs on the current CUDA device (needs CuPy:
+    without it, an ImportError says how to install it).
 
     Args:
         num_layers, num_experts (E <= 512), topk (k <= 32).
-        cache_sizes: LRU sizes besides the powers of two up to E.
-        hash_layers: hash-routed layers (flagged in the report).
+        cache_sizes: LRU sizes (ints >= 1) besides the powers of two up to E.
+        hash_layers: hash-routed layers in ``[0, num_layers)`` (flagged in the report).
         max_sequences: sequence ids must lie in ``[0, max_sequences)`` (others are skipped for
             adjacency).
     """
 
     def __init__(self, num_layers: int, num_experts: int, topk: int, *, cache_sizes: Sequence[int] = (),
                  hash_layers: Sequence[int] = (), max_sequences: int = 4096):
-        import cupy as cp
-
-        for name, v, lo, hi in (("num_layers", num_layers, 1, None), ("num_experts", num_experts, 1, 512),
-                                ("topk", topk, 1, 32), ("max_sequences", max_sequences, 1, None)):
-            if type(v) is not int or v < lo or (hi is not None and v > hi):
-                raise ValueError(f"{name} must be an int in [{lo}, {hi or 'inf'}], got {v!r}")
+        num_layers = int_arg("num_layers", num_layers, lo=1)
+        num_experts = int_arg("num_experts", num_experts, lo=1, hi=512)
+        topk = int_arg("topk", topk, lo=1, hi=32)
+        max_sequences = int_arg("max_sequences", max_sequences, lo=1)
         if topk > num_experts:
             raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
+        self.cache_sizes = tuple(_cache_sizes(cache_sizes))
+        self.hash_layers = set(int_list("hash_layers", hash_layers, lo=0, hi=num_layers - 1))
+        cp = require_cupy("ds4kern.LocalityRecorder (it counts on the device)")
         self.cp = cp
         self.L, self.E, self.k, self.S = num_layers, num_experts, topk, max_sequences
         self.W = _words(num_experts)
-        self.cache_sizes = tuple(int(c) for c in cache_sizes)
-        self.hash_layers = set(int(x) for x in hash_layers)
         self.device = cp.cuda.runtime.getDevice()
         L, E, k = self.L, self.E, self.k
         self.hist = cp.zeros((L, E), cp.uint64)
@@ -180,8 +181,7 @@ class LocalityRecorder:
         Before handing one out, the current stream waits until the recording that last read it
         is done (a stream wait, no host synchronisation)."""
         cp = self.cp
-        if type(T) is not int or T < 0:
-            raise ValueError(f"T must be an int >= 0, got {T!r}")
+        T = int_arg("T", T, lo=0)
         dt = np.dtype(dtype if dtype is not None else (np.uint8 if self.E <= 256 else np.int16))
         if dt.name not in _IDX_KIND:
             raise ValueError(f"dtype must be one of {sorted(_IDX_KIND)}, got {dt.name}")
@@ -240,8 +240,7 @@ class LocalityRecorder:
         """Add one router output of ``layer``: ``indices`` ``[T, k]`` (any integer dtype, may be a
         strided view such as a routing-capture slice), optional float32 ``weights`` ``[T, k]``,
         ``positions`` and ``seq_ids`` int32/int64 ``[T]``.  Two launches on the current stream."""
-        if type(layer) is not int or not 0 <= layer < self.L:
-            raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
+        layer = int_arg("layer", layer, lo=0, hi=self.L - 1)
         self._record(layer, 1, indices, weights, positions, seq_ids, step=False)
 
     def record_step(self, indices, *, weights=None, positions=None, seq_ids=None, first_layer: int = 0,
@@ -258,8 +257,7 @@ class LocalityRecorder:
         ``indices`` (and ``weights``) must come from :meth:`step_buffers`, which holds a buffer
         back until its recording has read it; ``positions`` / ``seq_ids`` are copied first.
         Other calls, :meth:`report` and :meth:`reset` wait for these recordings on the device."""
-        if type(first_layer) is not int or not 0 <= first_layer < self.L:
-            raise ValueError(f"first_layer must be an int in [0, {self.L}), got {first_layer!r}")
+        first_layer = int_arg("first_layer", first_layer, lo=0, hi=self.L - 1)
         shape = getattr(indices, "shape", None)
         if shape is None or len(shape) != 3:
             raise ValueError(f"indices must have shape [T, layers, {self.k}], got {shape!r}")
@@ -413,6 +411,7 @@ class LocalityRecorder:
 
     def report(self, *, source: str = "online", model: str = "", top_n=16) -> dict:
         """The report (the schema of :func:`ds4kern.locality.analyze`); synchronises."""
+        top_n = _top_n(top_n)
         cp = self.cp
         self.join()
         hist, wsum, dist, wdist, adj = (cp.asnumpy(a) for a in (self.hist, self.wsum, self.dist, self.wdist, self.adj))

@@ -210,6 +210,24 @@ def test_decode_validation(rng, change, exc, words):
         ds4kern.compress_decode(**a, **kw)
 
 
+
+@pytest.mark.parametrize("same", [("kv_state", "score_state"), ("kv_state", "cache"), ("score_state", "cache")])
+def test_in_place_buffers_must_be_separate(rng, same):
+    """As on the GPU: one array given twice would be updated twice (garbage, not an error)."""
+    a = _args(rng)
+    buf = np.zeros(max(a[same[0]].size, a[same[1]].size), np.float32)
+    a[same[0]] = buf[:a[same[0]].size].reshape(a[same[0]].shape)
+    a[same[1]] = buf[:a[same[1]].size].reshape(a[same[1]].shape)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        ds4kern.compress_decode(**a, ratio=4)
+
+
+def test_read_only_state_is_refused_by_name(rng):
+    a = _args(rng)
+    a["score_state"].setflags(write=False)
+    with pytest.raises(ValueError, match="score_state is read-only"):
+        ds4kern.compress_decode(**a, ratio=4)
+
 def test_rope_position_beyond_table_is_rejected(rng):
     a = _args(rng)
     a["rope_cos"], a["rope_sin"] = a["rope_cos"][:3], a["rope_sin"][:3]

@@ -101,3 +101,14 @@ def test_explain_lists_every_candidate_with_reasons(clean_overrides):
     assert "bucket" in text
     with pytest.raises(ValueError, match="unknown op"):
         ds4kern.explain("no_such_op", X, 2)
+
+
+@pytest.mark.parametrize("args,words", [
+    (("router_topk", "nope"), "'nope' is not a registered variant of router_topk"),
+    (("router_tpok", "naive"), "unknown op 'router_tpok'"),
+    (({"router_topk": "reference", "compress_decode": "nope"},), "'nope' is not a registered variant"),
+])
+def test_use_variant_refuses_unknown_names(args, words):
+    with pytest.raises(ValueError, match=words):
+        with ds4kern.use_variant(*args):
+            pass

@@ -5,6 +5,7 @@ import re
 import pytest
 
 import ds4kern  # noqa: F401  (its ops register their kernel families)
+from ds4kern.core import compile_check as cc
 from ds4kern.core import kernels
 
 FAMILIES = sorted(kernels.FAMILIES)
@@ -63,25 +64,65 @@ def test_undeclared_instantiation_refused():
         kernels.get_kernel(rk.NAIVE, "router_topk_naive<double, int, 8>")
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("source", FAMILIES)
-def test_nvrtc_compile_check(source, arch):
-    """Compiles one source and all its name expressions for one architecture with NVRTC (no GPU)."""
-    from ds4kern.core import compile_check as cc
+# where passing compile results are kept, resolved at collection (before the autouse fixture
+# points DS4KERN_CACHE_DIR at a temporary folder); set DS4KERN_CACHE_DIR to an empty folder to
+# compile everything
+COMPILE_CACHE = cc.cache_dir()
 
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    """Every selected (source, arch) of ``test_nvrtc_compile_check``, compiled at once on all cores
+    (unchanged sources that passed before come from the cache): ``{(source, arch): result or error}``."""
     try:
         cc.NVRTC()
     except cc.NVRTCError as e:
         pytest.fail(f"NVRTC is part of the test extra and must be present: {e}")
+    wanted = sorted({(it.callspec.params["source"], it.callspec.params["arch"]) for it in request.session.items
+                     if getattr(it, "originalname", "") == "test_nvrtc_compile_check"})
+    return cc.compile_jobs([(kernels.FAMILIES[src], arch) for src, arch in wanted], cache=COMPILE_CACHE)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", FAMILIES)
+def test_nvrtc_compile_check(compiled, source, arch):
+    """One source with all its name expressions compiles for one architecture with NVRTC (no GPU)."""
+    r = compiled[(source, arch)]
+    if isinstance(r, Exception):
+        pytest.fail(str(r), pytrace=False)
     fam = kernels.FAMILIES[source]
-    (r,) = cc.check_all((arch,), families=[fam])
     assert r.n_kernels == len(fam.name_expressions) and r.cubin_bytes > 0
     assert not r.spills, f"{r.source} {r.arch} spills registers: {r.spills[:3]}"
 
 
-def test_compile_check_reports_errors_with_file_and_line(tmp_path):
-    from ds4kern.core import compile_check as cc
+def test_compile_cache_reuses_passing_results_only(tmp_path, monkeypatch):
+    """A passing result is kept and served again; a changed source is compiled anew; a failure is
+    not kept."""
+    src = tmp_path / "src"
+    (src / "t").mkdir(parents=True)
+    (src / "t" / "k.cu").write_text("template <int N> __global__ void k(int* p) { p[0] = N; }\n")
+    monkeypatch.setattr(kernels, "source_dir", lambda: src)
+    kernels.load_source.cache_clear()
+    fam = kernels.KernelFamily("t/k.cu", ("k<1>", "k<2>"))
+    cache = tmp_path / "cache"
+    try:
+        first = cc.compile_jobs([(fam, "sm_80")], cache=cache)[("t/k.cu", "sm_80")]
+        again = cc.compile_jobs([(fam, "sm_80")], cache=cache)[("t/k.cu", "sm_80")]
+        assert not first.cached and again.cached and again.n_kernels == 2 and again.spills == first.spills
+        (src / "t" / "k.cu").write_text("template <int N> __global__ void k(int* p) { p[1] = N; }\n")
+        kernels.load_source.cache_clear()
+        changed = cc.compile_jobs([(fam, "sm_80")], cache=cache)[("t/k.cu", "sm_80")]
+        assert not changed.cached and len(list(cache.glob("*.json"))) == 1  # the stale entry went
+        (src / "t" / "k.cu").write_text("__global__ void k(int* p) { undefined(); }\n")
+        kernels.load_source.cache_clear()
+        for _ in range(2):
+            bad = cc.compile_jobs([(kernels.KernelFamily("t/k.cu", ()), "sm_90")], cache=cache)[("t/k.cu", "sm_90")]
+            assert isinstance(bad, cc.NVRTCError) and "t/k.cu for sm_90" in str(bad)
+    finally:
+        kernels.load_source.cache_clear()
 
+
+def test_compile_check_reports_errors_with_file_and_line(tmp_path):
     nv = cc.NVRTC()
     # an error after a folded two-line header still names the source file and its own line 4
     (tmp_path / "h.cuh").write_text("#pragma once\n__device__ int h() { return 1; }\n")

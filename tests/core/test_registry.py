@@ -141,6 +141,9 @@ def test_entry_point_plugin_loads(ep_path, monkeypatch):
     assert reg.plugins["goodplug"].status == "loaded"
 
 
+OTHER = GOOD.replace("ep_variant", "other_variant")
+
+
 @pytest.mark.parametrize("env,loaded", [
     ({"DS4KERN_PLUGINS": "none"}, False),
     ({"DS4KERN_PLUGINS": "otherplug"}, False),
@@ -155,9 +158,30 @@ def test_env_selects_and_blocks(ep_path, monkeypatch, env, loaded):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     _make_entry_point_dir(ep_path, "goodplug", GOOD)
+    _make_entry_point_dir(ep_path, "otherplug", OTHER, dist="otherdist")
     reg = Registry()
     assert any(v.name == "ep_variant" for v in reg.variants("router_topk")) == loaded
     assert reg.plugins["goodplug"].status == ("loaded" if loaded else "blocked")
+
+
+@pytest.mark.parametrize("env,loaded", [
+    ({"DS4KERN_PLUGINS": "otherplug"}, True),  # nothing known: the default (every plugin) stands
+    ({"DS4KERN_PLUGINS": "goodplug,otherplug"}, True),
+    ({"DS4KERN_PLUGINS": "none,otherplug"}, False),
+    ({"DS4KERN_DISABLE_PLUGINS": "otherplug"}, True),
+])
+def test_unknown_plugin_name_in_env_warns(ep_path, monkeypatch, env, loaded):
+    from ds4kern.core.env import EnvWarning
+
+    monkeypatch.delenv("DS4KERN_PLUGINS", raising=False)
+    monkeypatch.delenv("DS4KERN_DISABLE_PLUGINS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _make_entry_point_dir(ep_path, "goodplug", GOOD)
+    reg = Registry()
+    with pytest.warns(EnvWarning, match=rf"{next(iter(env))} names unknown plugin\(s\) \['otherplug'\].*goodplug"):
+        got = any(v.name == "ep_variant" for v in reg.variants("router_topk"))
+    assert got == loaded
 
 
 def test_broken_entry_point_warns_and_is_skipped(ep_path, monkeypatch):

@@ -205,6 +205,52 @@ def test_command_line_on_a_payload_and_a_capture(tmp_path, rng):
     assert r.returncode != 0 and "--out" in r.stderr
 
 
+
+SEL = np.random.default_rng(1).integers(0, 8, (30, 3, 2)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(cache_sizes=[-1]), ValueError, "cache_sizes"),      # would wrap from the end
+    (dict(cache_sizes=[2.5]), TypeError, "cache_sizes"),      # would be truncated to 2
+    (dict(cache_sizes=3), TypeError, "cache_sizes"),          # not a sequence
+    (dict(top_n=-1), ValueError, "top_n"),                    # would drop the last expert
+    (dict(top_n="x"), TypeError, "top_n"),
+    (dict(hash_layers=(3,)), ValueError, "hash_layers"),      # beyond the 3 layers
+    (dict(hash_layers=(-1,)), ValueError, "hash_layers"),
+    (dict(selections=SEL + 0.5), TypeError, "selections"),   # float ids would be truncated
+    (dict(selections=SEL.astype(bool)), TypeError, "selections"),
+    (dict(positions=np.arange(30) * 0.5), TypeError, "positions"),
+    (dict(seq_ids=np.zeros(30)), TypeError, "seq_ids"),
+    (dict(weights=np.full(SEL.shape, "a")), TypeError, "weights"),
+    (dict(num_experts=True), TypeError, "num_experts"),
+    (dict(workers=0), ValueError, "workers"),
+    (dict(progress=1), TypeError, "progress"),
+])
+def test_bad_arguments_name_the_argument(kw, exc, words):
+    args = {"selections": SEL, "num_experts": 8, **kw}
+    with pytest.raises(exc, match=words):
+        analyze(args.pop("selections"), args.pop("num_experts"), **args)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: layer_stats(SEL[:, 0], 8, cache_sizes=[0]), ValueError, "cache_sizes"),
+    (lambda: layer_stats(SEL[:, 0], 8, top_n=-2), ValueError, "top_n"),
+    (lambda: layer_stats(SEL[:, 0, 0], 8), ValueError, r"ids must have shape \[R, k\]"),
+    (lambda: layer_stats(SEL[:, 0], 0), ValueError, "num_experts"),
+    (lambda: layer_stats(SEL[:, 0].astype(np.float32), 8), TypeError, "ids"),
+    (lambda: layer_stats(SEL[:, 0], 8, positions=np.arange(30.0)), TypeError, "positions"),
+    (lambda: stack_distances(SEL[:, 0], -1), ValueError, "num_experts"),
+])
+def test_layer_functions_check_their_arguments(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_numpy_ints_are_ints():
+    rep = analyze(SEL, np.int64(8), hash_layers=np.array([0]), cache_sizes=[np.int32(3)], top_n=np.int64(2))
+    assert rep["experts"] == 8 and rep["layers_detail"][0]["hash_router"] and 3 in rep["cache_sizes"]
+    assert len(rep["layers_detail"][1]["top_experts"]) == 2
+
 def test_empty_and_single_expert():
     rep = analyze(np.zeros((0, 2, 3), np.uint8), 8)
     assert rep["records"] == 0 and rep["selections"] == 0

@@ -216,6 +216,12 @@ def test_aux_loss_forward_backward_deterministic(rng):
     (lambda: ds4kern.router_aux_loss_backward(np.ones(3), np.ones((4, 8), np.float32), np.ones(8), topk=2, coeff=1.0),
      "grad_loss"),
     (lambda: ds4kern.router_aux_scores(np.ones((4, 8), np.float32), 0), "topk"),
+    (lambda: ds4kern.router_aux_loss(np.ones((4, 8), np.float32), np.arange(8) - 1, topk=2, coeff=1.0),
+     "tokens_per_expert must be counts >= 0"),
+    (lambda: ds4kern.router_aux_loss_backward(1.0, np.ones((4, 8), np.float32), -np.ones(8), topk=2, coeff=1.0),
+     "tokens_per_expert must be counts >= 0"),
+    (lambda: ds4kern.router_aux_loss(np.ones((0, 8), np.float32), np.ones(8), topk=2, coeff=1.0), "no rows"),
+    (lambda: ds4kern.router_aux_loss(np.ones((4, 8), np.float32), np.ones(8), topk=2, coeff=True), "coeff"),
     (lambda: ds4kern.router_aux_scores_backward(np.ones((4, 8), np.float32), np.ones((4, 8))), "intermediate"),
 ])
 def test_aux_validation(call, word):

@@ -22,12 +22,12 @@ alone exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import int_arg, is_int, number_arg
 from ...core.arrays import FLOAT_DTYPES, Frame, dtype_name
 from ...core.op import Call, define_op, reference_or
 from . import kernels
@@ -51,7 +51,10 @@ def state_shape(batch: int, ratio: int, dim: int) -> tuple:
 
 def init_state(batch: int, ratio: int, dim: int, xp=np):
     """Fresh ``(kv_state, score_state)``: kv = 0, score = -inf (float32, numpy or CuPy via ``xp``)."""
-    shape = state_shape(batch, ratio, dim)
+    batch, dim = int_arg("batch", batch, lo=0), int_arg("dim", dim, lo=1)
+    if not is_int(ratio) or ratio not in RATIOS:
+        raise ValueError(f"ratio must be 4 (CSA) or 128 (HCA), got {ratio!r}")
+    shape = state_shape(batch, int(ratio), dim)
     return xp.zeros(shape, np.float32), xp.full(shape, -np.inf, np.float32)
 
 
@@ -109,7 +112,7 @@ class CompressArgs:
 
 
 def _float_array(frame, x, name, shape=None, dtype=None, dtypes=FLOAT_DTYPES, contiguous=False):
-    a = frame.convert(x, name)
+    a = frame.convert(x, name, written=contiguous)  # (contiguous: updated in place)
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name} must be {dtype_name(dtype)}, got {dtype_name(a.dtype)}")
     if dtype is None and a.dtype not in dtypes:
@@ -162,16 +165,12 @@ def _prepare(op, kv, score, ape, norm_w, where, rope_cos, rope_sin, kv_state, sc
         raise ValueError(f"cache must have shape [B={B}, rows, d={d}], got {tuple(ca.shape)}")
     if ca.dtype not in (f32, x.dtype):
         raise TypeError(f"cache must be float32 or kv's dtype {dtype_name(x.dtype)}, got {dtype_name(ca.dtype)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if frame.backend == "cuda":
-        _no_alias(ks, ss, ca)
+    eps = number_arg("eps", eps, positive=True)
+    _no_alias(ks, ss, ca)  # (the reference would update one buffer twice, the kernels race)
     start = 0
     if prefill:
-        if isinstance(where, (int, np.integer)) and not isinstance(where, bool):
-            start, pos = int(where), None
-            if start < 0:
-                raise ValueError(f"start must be >= 0, got {start}")
+        if is_int(where):
+            start, pos = int_arg("start", where, lo=0), None
         else:
             pos = _positions(frame, where, "start", B)
     else:
@@ -226,8 +225,13 @@ def _check_positions_host(pos, S, ratio, cache_rows, max_pos, name, prefill):
                          f"{max_pos} rows")
 
 
+def _ptr(a) -> int:
+    return int(a.ctypes.data) if isinstance(a, np.ndarray) else int(a.data.ptr)
+
+
 def _no_alias(*arrays):
-    spans = sorted((a.data.ptr, a.data.ptr + a.nbytes, n) for a, n in zip(arrays, ("kv_state", "score_state", "cache"))
+    """The in-place buffers (C-contiguous: each spans its nbytes) must not share memory."""
+    spans = sorted((_ptr(a), _ptr(a) + a.nbytes, n) for a, n in zip(arrays, ("kv_state", "score_state", "cache"))
                    if a.nbytes)
     for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
@@ -267,8 +271,7 @@ def _config(pool_group):
     """(variant, setting) that ``pool_group`` asks for: 1 is naive, 2/4/8 the grouped variant."""
     if pool_group is None:
         return None, None
-    if isinstance(pool_group, bool) or not isinstance(pool_group, (int, np.integer)) or \
-            pool_group not in (1,) + POOL_GROUPS:
+    if not is_int(pool_group) or pool_group not in (1,) + POOL_GROUPS:
         raise ValueError(f"pool_group must be 1, 2, 4 or 8, got {pool_group!r}")
     if pool_group == 1:
         return "naive", None

@@ -243,7 +243,7 @@ def _iters(v) -> int:
 
 
 def _out(frame, x, name, dtype, shape):
-    a = frame.convert(x, name)
+    a = frame.convert(x, name, written=True)
     if a.dtype != dtype:
         raise TypeError(f"{name} must be {dtype_name(dtype)}, got {dtype_name(a.dtype)}")
     if tuple(a.shape) != tuple(shape):
@@ -254,7 +254,7 @@ def _out(frame, x, name, dtype, shape):
 
 
 def _streams_out(frame, x, name, dtype, shape):
-    a = frame.convert(x, name)
+    a = frame.convert(x, name, written=True)
     if a.dtype != dtype:
         raise TypeError(f"{name} must have X's dtype {dtype_name(dtype)}, got {dtype_name(a.dtype)}")
     if tuple(a.shape) != tuple(shape):

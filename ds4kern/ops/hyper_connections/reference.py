@@ -4,7 +4,6 @@ their dtype).  Semantics: ``shared/spec/hyper_connections.md``."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit
 
 from ...core.arrays import BFLOAT16
 
@@ -14,6 +13,8 @@ MIX = 24  # 4 pre | 4 post | 16 comb
 
 def reference_mix(X, hc_fn, hc_scale, hc_base, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20):
     """``(pre [B, 4], post [B, 4], comb [B, 4, 4])`` in float64 for streams ``X [B, 4, D]``."""
+    from scipy.special import expit  # (imported on first use: it adds ~0.1 s to import ds4kern)
+
     x = np.asarray(X).astype(np.float64)
     B = x.shape[0]
     flat = x.reshape(B, -1)

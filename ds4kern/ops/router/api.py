@@ -16,6 +16,20 @@ only when fewer than k non-NaN scores remain in the row; NaN scores among themse
 ascending index.  A NaN that reaches the arithmetic of a row's weights makes them NaN (for
 softmax one NaN logit makes the whole row's softmax NaN, as in numpy and torch).
 
+Infinities (as in torch, float32 arithmetic; pinned by tests/router/test_router_infinities.py):
+an infinite score is an ordinary number for the selection (+inf first, -inf last among numbers),
+but the weights follow IEEE arithmetic, so they can be NaN or inf:
+
+- ``softmax`` (post): a row with +inf among its selected logits, or with every logit -inf, gets
+  NaN weights (inf - inf); -inf logits selected behind a finite one weigh 0.
+- ``softmax`` (pre): a +inf logit or a row of only -inf makes the softmax over E NaN: every
+  score is NaN, so the NaN rule selects experts 0 .. k-1, with NaN weights.
+- ``sigmoid``: s(+inf) = 1, s(-inf) = 0, finite weights; a row of only -inf selects experts
+  0 .. k-1 (ties by index) with weights 0.
+- ``sqrtsoftplus``: s(+inf) = +inf, s(-inf) = 0; with k = 1 a selected +inf gives weight +inf,
+  with k > 1 the +inf experts weigh NaN (inf / inf) and the others 0; a row of only -inf selects
+  experts 0 .. k-1 with weights 0.
+
 Denormals: for logits below about -87, e^x is a float32 denormal; the GPU may flush it to zero
 where numpy keeps it, so sqrtsoftplus/softmax scores that small can tie on the GPU and break by
 index.  Everything above that range matches the reference to a few ulp.
@@ -31,6 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import bool_arg
 from ...core.arrays import FLOAT_DTYPES, Frame, dtype_name, rows_view
 from ...core.op import Call, define_op
 from . import kernels, rule
@@ -232,7 +247,7 @@ def _outputs(frame, out_w, out_i, lead, k, idt):
         w_full = frame.empty(lead + (k,), np.float32)
         w2 = w_full.reshape(T, k)
     else:
-        w_full = frame.convert(out_w, "out[0] (weights)")
+        w_full = frame.convert(out_w, "out[0] (weights)", written=True)
         if w_full.dtype != np.float32:
             raise TypeError(f"out[0] (weights) must have dtype float32, got {dtype_name(w_full.dtype)}")
         w2 = rows_view(frame.xp, w_full, lead, k, "out[0] (weights)")
@@ -291,7 +306,9 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
 
     Returns:
         ``(weights, indices)``: float32 ``[..., k]`` and ``[..., k]`` of ``index_dtype``, each row in
-        descending selection score, equal scores by ascending expert index.
+        descending selection score, equal scores by ascending expert index.  NaN and infinite
+        logits: see the module docstring (``ds4kern.ops.router.api``); e.g. a +inf logit makes
+        softmax weights NaN, as in torch.
     """
     frame, x, E = _logits(logits)
     if type(topk) is not int and (isinstance(topk, (bool, np.bool_)) or not isinstance(topk, numbers.Integral)):
@@ -300,16 +317,14 @@ def router_topk(logits, topk: int, *, score_function: str = "softmax", use_pre_s
     if not 1 <= k <= E:
         raise ValueError(f"topk must satisfy 1 <= topk <= E={E}, got {k}")
     sf = _score_function(score_function)
-    if not isinstance(use_pre_softmax, (bool, np.bool_)):
-        raise TypeError(f"use_pre_softmax must be a bool, got {use_pre_softmax!r}")
-    pre = bool(use_pre_softmax)
+    pre = bool_arg("use_pre_softmax", use_pre_softmax)
     if pre and sf != "softmax":
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
     scale = _scaling(scaling_factor)
     G, gt = _groups(num_groups, group_topk, E, k)
     out_w, out_i = (None, None) if out is None else _split_out(out)
     if out_i is not None:
-        out_i = frame.convert(out_i, "out[1] (indices)")
+        out_i = frame.convert(out_i, "out[1] (indices)", written=True)
     idt = _resolve_index_dtype(index_dtype, out_i, E)
     bias = None
     if expert_bias is not None:

@@ -111,7 +111,7 @@ def router_hash(logits, tid2eid, token_ids, *, score_function: str = "sqrtsoftpl
             raise TypeError(f"errors must be an int32 array of one element, got {dtype_name(errors.dtype)} {tuple(errors.shape)}")
     out_w, out_i = (None, None) if out is None else _split_out(out)
     if out_i is not None:
-        out_i = frame.convert(out_i, "out[1] (indices)")
+        out_i = frame.convert(out_i, "out[1] (indices)", written=True)
     idt = _resolve_index_dtype(index_dtype, out_i, E)
     problem = RouterHashProblem(frame.backend, bucket_tokens(T), E, k, dtype_name(x.dtype), dtype_name(idt), sf)
     if plan_only:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import bool_arg, int_arg
 from ...core.arrays import Frame, dtype_name, rows_view
 from ...core.op import Call, define_op, reference_or
 from ..router import api as _r
@@ -35,9 +36,9 @@ __all__ = ["router_topk_dense", "router_topk_backward", "DenseProblem", "DenseAr
            "BackwardArgs"]
 
 
-def _check_topk(topk, E: int) -> None:
-    if type(topk) is not int or not 1 <= topk <= E:
-        raise ValueError(f"topk must be an int with 1 <= topk <= E={E}, got {topk!r}")
+def _check_topk(topk, E: int) -> int:
+    """``topk`` as an int in [1, E] (numpy ints too), or an error naming it."""
+    return int_arg("topk", topk, lo=1, hi=E)
 
 
 
@@ -114,7 +115,7 @@ def _prepare(logits, topk, score_function, use_pre_softmax, expert_bias, scaling
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
     if topk_indices is not None:
-        idx = frame.convert(topk_indices, "topk_indices")
+        idx = frame.convert(topk_indices, "topk_indices", written=True)
         if dtype_name(idx.dtype) not in DENSE_INDEX_DTYPES:
             raise TypeError(f"topk_indices must be one of {DENSE_INDEX_DTYPES}, got {dtype_name(idx.dtype)}")
         if dtype_name(idx.dtype) == "int16" and E > 32768:
@@ -220,8 +221,9 @@ def _prepare_backward(grad_probs, intermediate, topk, routing_map, topk_indices,
         raise ValueError(f"intermediate must have the shape of grad_probs {tuple(g.shape)}, got {tuple(inter.shape)}")
     if inter.dtype != np.float32:
         raise TypeError(f"intermediate must be float32 (as the forward returns it), got {dtype_name(inter.dtype)}")
-    _check_topk(topk, E)
+    topk = _check_topk(topk, E)
     sf = _r._score_function(score_function)
+    use_pre_softmax = bool_arg("use_pre_softmax", use_pre_softmax)
     if use_pre_softmax and sf != "softmax":
         raise ValueError(f"use_pre_softmax=True applies to score_function='softmax' only, got {sf!r}")
     scale = _r._scaling(scaling_factor)

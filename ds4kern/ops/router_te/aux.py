@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import int_arg, is_number, number_arg
 from ...core.arrays import Frame, dtype_name
 from ...core.op import Call, define_op, reference_or
 from ..router import api as _r
@@ -48,7 +49,7 @@ class AuxArgs:
 
 def _aux_scores_prepare(logits, topk, score_function, allocate=True):
     frame, x, E = _r._logits(logits)
-    _check_topk(topk, E)
+    topk = _check_topk(topk, E)
     sf = _r._score_function(score_function)
     lead = tuple(x.shape[:-1])
     T = math.prod(lead)
@@ -111,6 +112,14 @@ def router_aux_scores_backward(grad_scores, intermediate, *, score_function: str
 
 
 
+def _non_negative_counts(tpe) -> None:
+    """Host ``tokens_per_expert``: counts, so no entry may be negative (or NaN)."""
+    bad = ~(tpe >= 0)
+    if bad.any():
+        e = int(np.flatnonzero(bad.ravel())[0])
+        raise ValueError(f"tokens_per_expert must be counts >= 0, found {tpe.ravel()[e]!r} for expert {e}")
+
+
 def _aux_loss_prepare(op, probs_like, tokens_per_expert, topk, coeff, num_tokens, grad_loss, allocate=True):
     name = "probs" if op == AUX_LOSS_OP else "probs_like"
     frame, p, E = _r._logits(probs_like, name)
@@ -120,15 +129,16 @@ def _aux_loss_prepare(op, probs_like, tokens_per_expert, topk, coeff, num_tokens
     if tuple(tpe.shape) != (E,) or tpe.dtype.kind not in "iuf":
         raise ValueError(f"tokens_per_expert must be a numeric array of shape ({E},), got "
                          f"{dtype_name(tpe.dtype)} {tuple(tpe.shape)}")
-    _check_topk(topk, E)
-    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(coeff):
-        raise ValueError(f"coeff must be a finite number, got {coeff!r}")
-    T = int(p.shape[0]) if num_tokens is None else num_tokens
-    if type(T) is not int or T < 1:
-        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    topk = _check_topk(topk, E)
+    coeff = number_arg("coeff", coeff)
+    if num_tokens is None and p.shape[0] == 0:
+        raise ValueError(f"{name} has no rows, so the loss has no token count T: pass num_tokens")
+    T = int_arg("num_tokens", int(p.shape[0]) if num_tokens is None else num_tokens, lo=1)
+    if frame.backend == "numpy":  # (on the GPU, a check would cost a host synchronisation)
+        _non_negative_counts(tpe)
     arrays = {"probs": p, "tpe": tpe}
     if op == AUX_LOSS_BACKWARD_OP:
-        if isinstance(grad_loss, (int, float, np.floating, np.integer)) and not isinstance(grad_loss, bool):
+        if is_number(grad_loss):
             arrays["grad_loss"] = np.float32(grad_loss)
         else:
             gl = frame.convert(grad_loss, "grad_loss")
@@ -148,7 +158,8 @@ def router_aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_to
                     plan_only: bool = False):
     """Load-balancing loss: sum_e (sum_t probs[t, e]) * tokens_per_expert[e] * E * coeff / (k * T^2).
 
-    ``probs`` ``[T, E]``; ``tokens_per_expert`` ``[E]``; ``num_tokens`` (T) defaults to the rows of
+    ``probs`` ``[T, E]``; ``tokens_per_expert`` ``[E]``, counts >= 0 (checked on host arrays; on the
+    GPU a check would cost a host synchronisation); ``num_tokens`` (T) defaults to the rows of
     probs.  Returns a float32 array of shape ``()``.  The sums run in a fixed order
     (deterministic: no atomics).
     """

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ...core.arrays import BFLOAT16, Frame, dtype_name
+from ...core.arrays import BFLOAT16, Frame, dtype_name, writable
 from ...core.op import Call, define_op
 from . import kernels
 from .reference import DIM, FP8_ROW, check_positions, check_slots
@@ -153,7 +153,7 @@ def _scale(scale) -> float:
 
 
 def _out(frame, x, name, dtype, shape, backend, align=16):
-    a = _device_array(frame, x, name, dtype, shape)
+    a = writable(_device_array(frame, x, name, dtype, shape), name)
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (strides {a.strides})")
     if backend == "cuda" and a.size and a.data.ptr % align:

@@ -18,7 +18,7 @@ ROWS_PER_BLOCK = K.FP8_THREADS // 32
 def _output(frame, out, shape, dtype, name="out"):
     if out is None:
         return frame.empty(shape, dtype)
-    o = frame.convert(out, name)
+    o = frame.convert(out, name, written=True)
     if o.dtype != dtype or tuple(o.shape) != shape:
         raise ValueError(f"{name} must be {dtype_name(dtype)} {shape}, got {dtype_name(o.dtype)} {tuple(o.shape)}")
     if not o.flags.c_contiguous:

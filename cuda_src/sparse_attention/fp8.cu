@@ -23,9 +23,8 @@ sparse_attention_pack_fp8(const __nv_bfloat16* __restrict__ kv, long long rows, 
     float v[16], amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
+        v[2 * i] = __uint_as_float(w[i] << 16);  // bf16 -> float by its bits: exact, subnormals kept
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 #pragma unroll
     for (int i = 0; i < 16; ++i) {

@@ -46,6 +46,13 @@ def check_mix(got, want, label):
             np.testing.assert_allclose(g, w, err_msg=f"{label}: {n}", equal_nan=True, **MIX_TOL)
 
 
+def pre_of_stored(X_new, inp):
+    """hc_post_pre's mix outputs are hc_pre of X_new *as stored*: the reference of them is taken on
+    the kernel's own X_new (a bf16 X_new may differ from the float64 reference's by one rounding
+    step, which the dot products would otherwise amplify)."""
+    return reference_hc_pre(X_new, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
+
+
 def device(cp, inp, scale_on_device=False):
     d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in inp.items()}
     if scale_on_device:
@@ -124,7 +131,6 @@ def test_hc_post_matches_reference(cp, rng, B, D, dtype, y_dtype):
 def test_hc_post_pre_variants_match_reference(cp, rng, B, D, dtype, y_dtype):
     inp = make_inputs(rng, B, D, dtype, y_dtype)
     new = reference_hc_post(inp["y"], inp["X"], inp["post"], inp["comb"])
-    want = reference_hc_pre(new, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
     dv = device(cp, inp)
     args = (dv["y"], dv["X"], dv["post"], dv["comb"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     pairs = settings("hc_post_pre", *args)
@@ -134,7 +140,7 @@ def test_hc_post_pre_variants_match_reference(cp, rng, B, D, dtype, y_dtype):
         run("hc_post_pre", variant, config, *args, out=outs)
         got = host(outs)
         check_new(got[0], new, dtype, f"hc_post_pre {variant} {config}: X_new")
-        check_mix(got[1:], want, f"hc_post_pre {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), f"hc_post_pre {variant} {config}")
 
 
 # -- layouts, in place, device hc_scale -------------------------------------------------------
@@ -173,14 +179,13 @@ def test_layouts_every_variant(cp, rng, layout, dtype):
         run("hc_pre", variant, config, Xd, dv["hc_fn"], dv["hc_scale"], dv["hc_base"], out=outs)
         check_mix(host(outs), want, f"{layout} {variant} {config}")
     new = reference_hc_post(inp["y"], inp["X"], inp["post"], inp["comb"])
-    want = reference_hc_pre(new, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
     args = (dv["y"], Xd, dv["post"], dv["comb"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     for variant, config in settings("hc_post_pre", *args):
         outs = (poisoned(cp, (B, 4, D), DTYPES[dtype]),) + pre_outs(cp, B, D)
         run("hc_post_pre", variant, config, *args, out=outs)
         got = host(outs)
         check_new(got[0], new, dtype, f"{layout} {variant}: X_new")
-        check_mix(got[1:], want, f"{layout} {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), f"{layout} {variant} {config}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -192,14 +197,13 @@ def test_in_place(cp, rng, dtype):
     X = cp.asarray(inp["X"])
     assert hc_post(dv["y"], X, dv["post"], dv["comb"], out=X) is X
     check_new(cp.asnumpy(X), new, dtype, "hc_post in place")
-    want = reference_hc_pre(new, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
     mix = (dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     for variant, config in settings("hc_post_pre", dv["y"], dv["X"], dv["post"], dv["comb"], *mix):
         X = cp.asarray(inp["X"])
         outs = (X,) + pre_outs(cp, B, D)
         run("hc_post_pre", variant, config, dv["y"], X, dv["post"], dv["comb"], *mix, out=outs)
         check_new(cp.asnumpy(X), new, dtype, f"hc_post_pre {variant} in place")
-        check_mix(host(outs[1:]), want, f"hc_post_pre {variant} {config} in place")
+        check_mix(host(outs[1:]), pre_of_stored(cp.asnumpy(X), inp), f"hc_post_pre {variant} {config} in place")
 
 
 # -- NaN isolation ------------------------------------------------------------------------------
@@ -215,7 +219,6 @@ def test_nan_stays_in_its_token(cp, rng, B):
     y[B - 1, 5] = np.nan
     want = reference_hc_pre(X, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
     new = reference_hc_post(y, X, inp["post"], inp["comb"])
-    want2 = reference_hc_pre(new, inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
     dv = device(cp, dict(inp, X=X, y=y))
     args = (dv["X"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     for variant, config in settings("hc_pre", *args):
@@ -232,7 +235,7 @@ def test_nan_stays_in_its_token(cp, rng, B):
         bad = {1, B - 1}
         assert all(np.isnan(got[2][t]).all() == (t in bad) for t in range(B)), variant
         check_new(got[0], new, "bfloat16", f"NaN {variant}: X_new")
-        check_mix(got[1:], want2, f"NaN post_pre {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), f"NaN post_pre {variant} {config}")
 
 
 # -- split's counters, graph capture --------------------------------------------------------------

@@ -3,12 +3,12 @@
 # Logs go to $OUT (or ./gpu_out).
 #   bash bench/gpu_session.sh [quick]              everything (quick: no sanitizer)
 #   STAGES="tests compressor" bash bench/gpu_session.sh   only the named stages, of:
-#   tests cli run sanitizer overhead router compressor
+#   tests cli run sanitizer sanitizer_new overhead router compressor sparse_attention hyper_connections topk
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 py=python3
-STAGES=${STAGES:-"tests cli run sanitizer overhead router compressor"}
+STAGES=${STAGES:-"tests cli run sanitizer sanitizer_new overhead router compressor sparse_attention hyper_connections topk"}
 [ "${1:-}" = quick ] && STAGES=${STAGES/sanitizer/}
 want() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -41,6 +41,18 @@ if want sanitizer; then
      -k "bitmap or odd or indices or narrow or empty or aux" -p no:cacheprovider > "$OUT/sanitizer_te.txt" 2>&1
   echo "sanitizer (TE forms) exit $?"; tail -3 "$OUT/sanitizer_te.txt"
 fi
+if want sanitizer_new; then
+  step compute-sanitizer, newer ops
+  san() {  # san LOG pytest-args...
+    local log="$OUT/$1"; shift
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -x -m gpu "$@" \
+      -p no:cacheprovider > "$log" 2>&1
+    echo "sanitizer ($log) exit $?"; tail -2 "$log"
+  }
+  san sanitizer_topk.txt tests/topk/test_topk_gpu.py -k "not largest and not property"
+  san sanitizer_sa.txt tests/sparse_attention/test_sparse_attention_gpu.py -k "N3-H8-K64 or N8-H64-K129 or fp8_pack or error"
+  san sanitizer_hc.txt tests/hyper_connections/test_hc_gpu.py -k "B3-D4096"
+fi
 if want overhead; then
   step overhead
   $py bench/core/overhead.py ${PROFILE:+--profile} 2>&1 | tee "$OUT/overhead.txt" | head -60
@@ -48,6 +60,16 @@ fi
 if want router; then
   step router bench
   $py bench/router/router_bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+fi
+for op in sparse_attention topk; do
+  if want $op; then
+    step $op bench
+    $py bench/$op/${op}_bench.py --json "$OUT/$op.json" 2>&1 | tee "$OUT/$op.txt"
+  fi
+done
+if want hyper_connections; then
+  step hyper_connections bench
+  $py bench/hyper_connections/hc_bench.py --json "$OUT/hc.json" 2>&1 | tee "$OUT/hc.txt"
 fi
 if want compressor; then
   step compressor bench

@@ -15,12 +15,14 @@ from .core.dispatch import use_variant
 from .core.hookspecs import hookimpl
 from .core.op import get_op
 from .core.registry import PluginWarning, Variant, registry
+from .core.scope import scope
 from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
 from .ops.hyper_connections import hc_post, hc_post_pre, hc_pre
 from .ops.router import router_topk
 from .ops.router_hash import router_hash
 from .ops.sparse_attention import pack_kv_fp8, sparse_attention, unpack_kv_fp8
+from .ops.topk import topk_rows
 from .ops.router_te import (router_aux_loss, router_aux_loss_backward, router_aux_scores,
                              router_aux_scores_backward, router_topk_backward, router_topk_dense)
 from .rope import rope_table
@@ -41,9 +43,11 @@ __all__ = [
     "hc_pre",
     "hc_post",
     "hc_post_pre",
+    "topk_rows",
     "pack_kv_fp8",
     "unpack_kv_fp8",
     "rope_table",
+    "scope",
     "LocalityRecorder",
     "explain",
     "use_variant",

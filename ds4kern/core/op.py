@@ -26,6 +26,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .scope import scope
+
 __all__ = ["Call", "Op", "define_op", "OPS", "get_op", "sources_hash", "reference_or"]
 
 
@@ -78,6 +80,10 @@ class Op:
         return dispatch.decide(self.name, c.problem, c.variant or variant, config=c.config)
 
     def __call__(self, *args, variant: Optional[str] = None, **kwargs):
+        with scope(self.name):  # outputs and scratch of the call (free when statistics are off)
+            return self._call(args, variant, kwargs)
+
+    def _call(self, args, variant, kwargs):
         from . import autotune, dispatch
 
         c = self.prepare(*args, **kwargs)

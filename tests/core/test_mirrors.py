@@ -9,6 +9,7 @@ from ds4kern.locality import recorder
 from ds4kern.ops.router import api as router_api
 from ds4kern.ops.router import kernels as rk
 from ds4kern.ops.router_te import kernels as tk
+from ds4kern.ops.topk import kernels as topk
 
 MIRRORS = [
     (rk.WARP, "DS4_WARP_THREADS", rk.WARP_THREADS),
@@ -21,6 +22,10 @@ MIRRORS = [
     (tk.BACKWARD, "DS4_MAP_INDICES", tk.MAP_KIND["indices"]),
     (recorder.PREPARE_KERNELS, "DS4_LOC_GP", recorder._GP),
     (recorder.ACCUMULATE_KERNELS, "DS4_LOC_GP", recorder._GP),
+    (topk.RADIX, "DS4_TOPK_THREADS", topk.THREADS),
+    (topk.SORT, "DS4_TOPK_THREADS", topk.THREADS),
+    (topk.RADIX, "DS4_TOPK_MAX_K", topk.MAX_K),
+    (topk.RADIX, "DS4_TOPK_BINS", 256),
 ] + [(rk.NAIVE, f"DS4_IDX_{c}", router_api.IDX_KIND[n])
      for c, n in (("U8", "uint8"), ("U16", "uint16"), ("I16", "int16"), ("I32", "int32"), ("I64", "int64"))]
 

@@ -1,0 +1,17 @@
+"""topk_rows' static dispatch rule over its built-in variants.
+
+Provisional until measured on the device (bench/topk/PERFORMANCE.md): radix everywhere (sort is
+the reference's GPU twin: O(C log^2 C) work, kept for checking and for autotune to time);
+``DS4KERN_VARIANT=topk_rows=<name>`` and autotune override the rule.
+"""
+
+from __future__ import annotations
+
+
+def rule(p, ok: frozenset) -> tuple[str, str]:
+    """``(variant, reason)`` for a problem; ``ok``: the built-ins that can run it."""
+    if "reference" in ok:
+        return "reference", "host arrays run the reference backend"
+    if "radix" in ok:
+        return "radix", "radix select: a few passes over keys held in registers, then a sort of the k winners"
+    return sorted(ok)[0], "radix cannot run it; the first variant by name that can"

@@ -1,0 +1,124 @@
+"""topk_rows' variants (launchers, what each supports) and their registration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ...core.hookspecs import hookimpl
+from ...core.registry import Variant
+from . import kernels as K
+from .api import OP, TopkArgs, TopkProblem
+from .reference import reference_variant
+
+NULL = np.uint64(0)
+MAX_GRID = 2 ** 31 - 1
+_smem_set: set = set()
+
+
+def _ptr(x):
+    return x if x is not None else NULL
+
+
+def _allow_smem(kern, nbytes: int) -> None:
+    """Raise a kernel's dynamic shared-memory limit above the default 48 kB (once per kernel)."""
+    if nbytes > 48 * 1024 and id(kern) not in _smem_set:
+        kern.max_dynamic_shared_size_bytes = nbytes
+        _smem_set.add(id(kern))
+
+
+def _grid(blocks: int) -> int:
+    if blocks > MAX_GRID:
+        raise ValueError(f"topk_rows needs {blocks} blocks, beyond the grid limit {MAX_GRID}; split the call along R")
+    return blocks
+
+
+# -- radix ------------------------------------------------------------------------------------
+
+
+def _radix_configs(p: TopkProblem) -> list:
+    """Chunk sizes (keys per thread) whose block fits the device, the static default first: one
+    chunk per row where the row fits, else the largest chunk (fewer merge levels)."""
+    fits = [per for per in K.PER_THREAD if K.radix_smem(per) <= p.smem_per_block]
+    if not fits:
+        return []
+    fit_row = [per for per in fits if K.chunk_of(per) >= p.cols_bucket and K.chunk_of(per) >= 4 * p.k_bucket]
+    first = min(fit_row) if fit_row else max(fits)
+    return [{"per_thread": first}] + [{"per_thread": per} for per in fits if per != first]
+
+
+def _radix_supports(p: TopkProblem) -> Optional[str]:
+    if max(K.PER_THREAD) not in [c["per_thread"] for c in _radix_configs(p)]:
+        return (f"a merge block needs {K.radix_smem(max(K.PER_THREAD))} bytes of shared memory; the device offers "
+                f"{p.smem_per_block}")
+    return None
+
+
+def _radix(a: TopkArgs, per_thread: int = max(K.PER_THREAD)) -> None:
+    if per_thread not in K.PER_THREAD:
+        raise ValueError(f"per_thread must be one of {K.PER_THREAD}, got {per_thread!r}")
+    R, C, k = a.rows, a.cols, a.k
+    levels = K.radix_plan(C, k, per_thread)
+    per0 = K.level_per(0, C, k, per_thread)
+    xp = a.frame.xp
+    final0 = len(levels) == 1
+    bufs = [None, None]
+    if not final0:
+        bufs[0] = (xp.empty(R * levels[0] * k, np.uint32), xp.empty(R * levels[0] * k, np.int32))
+    kern = K.RADIX.kernel(K.rows_name(a.problem.dtype, per0, final0))
+    smem = K.radix_smem(per0)
+    _allow_smem(kern, smem)
+    cand = bufs[0] or (NULL, NULL)
+    kern((_grid(R * levels[0]),), (K.THREADS,),
+         (a.scores, np.int64(a.row_stride), np.int32(C), _ptr(a.lengths), np.int32(levels[0]), np.int32(k),
+          cand[0], cand[1], a.out, _ptr(a.errors)), shared_mem=smem)
+    smem = K.radix_smem(max(K.PER_THREAD))
+    for i in range(1, len(levels)):
+        final = levels[i] == 1
+        src = bufs[(i - 1) % 2]
+        if not final:
+            if bufs[i % 2] is None or bufs[i % 2][0].size < R * levels[i] * k:
+                bufs[i % 2] = (xp.empty(R * levels[i] * k, np.uint32), xp.empty(R * levels[i] * k, np.int32))
+            dst = bufs[i % 2]
+        else:
+            dst = (NULL, NULL)
+        merge = K.RADIX.kernel(K.merge_name(final))
+        _allow_smem(merge, smem)
+        merge((_grid(R * levels[i]),), (K.THREADS,),
+              (src[0], src[1], np.int32(levels[i - 1] * k), np.int32(levels[i]), np.int32(k), dst[0], dst[1],
+               a.out if final else NULL), shared_mem=smem)
+
+
+# -- sort -------------------------------------------------------------------------------------
+
+
+def _sort_supports(p: TopkProblem) -> Optional[str]:
+    if p.cols_bucket > K.SORT_MAX_COLS:
+        return f"C > {K.SORT_MAX_COLS}: the whole row must fit one block's shared memory"
+    need = K.sort_smem(p.cols_bucket)
+    if need > p.smem_per_block:
+        return f"a row of {p.cols_bucket} 64-bit keys needs {need} bytes of shared memory; the device offers {p.smem_per_block}"
+    return None
+
+
+def _sort(a: TopkArgs) -> None:
+    n2 = max(1, 1 << max(0, (a.cols - 1).bit_length()))
+    kern = K.SORT.kernel(K.sort_name(a.problem.dtype))
+    smem = K.sort_smem(a.cols)
+    _allow_smem(kern, smem)
+    kern((_grid(a.rows),), (K.THREADS,),
+         (a.scores, np.int64(a.row_stride), np.int32(a.cols), _ptr(a.lengths), np.int32(n2), np.int32(a.k), a.out,
+          _ptr(a.errors)), shared_mem=smem)
+
+
+@hookimpl
+def ds4kern_register_variants(register):
+    register(Variant(OP, "reference", "numpy", reference_variant,
+                     description="numpy: a stable sort of each row's keys"))
+    register(Variant(OP, "sort", "cuda", _sort, supports=_sort_supports,
+                     description="one block per row sorts the whole row in shared memory (C <= 8192); "
+                                 "the reference's GPU twin"))
+    register(Variant(OP, "radix", "cuda", _radix, supports=_radix_supports, configs=_radix_configs,
+                     description="radix select over keys held in registers (8-bit digits), ordered compaction, "
+                                 "bitonic sort of the k winners; long rows in chunks merged by further levels"))

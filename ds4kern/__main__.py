@@ -1,4 +1,4 @@
-"""Command line: ``python -m ds4kern {run,info,profile,compile-check}``.
+"""Command line: ``python -m ds4kern {run,info,profile,scope-stats,compile-check}``.
 
 ``run`` is the main job: the DeepSeek-V4-Flash router problem (E=256, k=6, sqrtsoftplus with
 expert bias, scaling 1.5), run with every variant that can take it, validated against the
@@ -269,6 +269,34 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_scope_stats(args) -> int:
+    from ds4kern.core.scope import format_summary, read_stats, summarize
+
+    if args.png:
+        _need_matplotlib()
+    try:
+        rows = summarize(read_stats(args.file))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not rows:
+        raise UsageError(f"{args.file} holds no scope records")
+    print(format_summary(rows))
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.2))
+        ax.barh([r["path"] for r in rows][::-1], [r["peak_bytes"] / 2**20 for r in rows][::-1])
+        ax.set_xlabel("peak MiB in use (CuPy pool)")
+        ax.set_title(f"scope peaks: {os.path.basename(args.file)}")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def cmd_compile_check(args) -> int:
     from ds4kern.core.compile_check import run_check
 
@@ -289,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_int_at_least(1), default=100,
                    help="timed calls per variant on the GPU (default %(default)s)")
     p.add_argument("--seed", type=_int_at_least(0), default=None, help="random seed (default: fresh inputs)")
+    p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
+                   help="write memory-scope statistics (JSON lines, one per scope exit) to PATH")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("info", help="versions, device, plugins, registered ops and variants, kernel sources",
                        description="Versions, the device, plugins, every op and variant, the kernel sources.")
@@ -309,6 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="model name written into the report")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("scope-stats", help="peak memory per scope from a --scope-stats file",
+                       description="Summarise a memory-scope statistics file (written by --scope-stats or "
+                                   "DS4KERN_SCOPE_STATS): calls and peak bytes per scope, optionally as a bar chart.")
+    p.add_argument("file", type=_input_file, help="scope statistics (JSON lines)")
+    p.add_argument("--png", type=_output_file, help="bar chart to write; needs matplotlib: pip install 'ds4kern[plot]'")
+    p.set_defaults(fn=cmd_scope_stats)
     p = sub.add_parser("compile-check", help="compile every kernel with NVRTC (no GPU needed)",
                        description="NVRTC compile of every kernel source and instantiation, without a GPU; "
                                    "passing results are kept in $DS4KERN_CACHE_DIR/nvrtc (default "
@@ -328,7 +364,21 @@ def main(argv=None) -> int:
         ap.print_help()
         return 0
     args = ap.parse_args(argv)
+    stats = getattr(args, "scope_stats", None)
     try:
+        if stats:
+            from ds4kern.core import scope
+
+            open(stats, "w").close()  # this run's statistics only
+            scope.set_stats_path(stats)
+            try:
+                with scope.scope(args.cmd):
+                    rc = args.fn(args)
+            finally:
+                scope.set_stats_path(None)
+            rows = scope.summarize(scope.read_stats(stats))
+            print(f"\nmemory scopes ({stats}):\n{scope.format_summary(rows)}")
+            return rc
         return args.fn(args)
     except UsageError as e:
         print(f"python -m ds4kern {args.cmd}: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Command line on a machine without a GPU (the GPU run is exercised on the device)."""
 
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,43 @@ def test_png_without_matplotlib_stops_before_the_work(inputs, capsys, monkeypatc
     rc, _, err = cli(capsys, "profile", str(inputs / "p.json"), "--out", str(out), "--png", str(inputs / "x.png"))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "pip install 'ds4kern[plot]'" in err, err
     assert not out.exists()  # checked before the analysis, not after writing the JSON
+
+
+def NO_STATS_ENV():
+    return {k: v for k, v in os.environ.items() if k != "DS4KERN_SCOPE_STATS"}
+
+
+def test_scope_stats_switch_end_to_end(tmp_path, monkeypatch):
+    """--scope-stats writes the run's scopes (the command and every op call inside it), the file
+    parses, and the scope-stats command summarises it; without the switch nothing is written."""
+    import json
+
+    monkeypatch.delenv("DS4KERN_SCOPE_STATS", raising=False)
+    path = tmp_path / "scopes.jsonl"
+    r = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--tokens", "64", "--repeat", "2", "--scope-stats",
+                        str(path)], capture_output=True, text=True, cwd=tmp_path,
+                       env=NO_STATS_ENV())
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    paths = {rec["path"] for rec in recs}
+    assert "run" in paths and "run/router_topk" in paths, paths
+    assert "memory scopes" in r.stdout
+    r2 = run("scope-stats", str(path))
+    assert r2.returncode == 0 and "run/router_topk" in r2.stdout
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r3 = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--tokens", "64", "--repeat", "2"],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        env=NO_STATS_ENV())
+    assert r3.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "memory scopes" not in r3.stdout
+
+
+def test_scope_stats_command_refuses_bad_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    r = run("scope-stats", str(bad))
+    assert r.returncode == 2 and "bad.jsonl:1: not a JSON line" in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run("scope-stats", str(empty))
+    assert r.returncode == 2 and "no scope records" in r.stderr

@@ -1,0 +1,1 @@
+"""Model blocks built from ds4kern ops (dense projections through the array library's matmul)."""

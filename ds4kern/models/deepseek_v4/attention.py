@@ -1,0 +1,163 @@
+"""DeepSeek-V4's attention block, decode: B sequences, one token each at its own position.
+
+    X --hc_pre--> x_in -> RMSNorm -> q path (wq_a, q_norm, wq_b, per-head RMS, RoPE on dims
+    448:512) and the KV row (wkv, kv_norm, RoPE) -> window ring -> compressor (CSA / HCA) ->
+    indexer (CSA) -> slot indices -> sparse_attention (sink, inverse RoPE) -> grouped output
+    projection (wo_a per group, wo_b) -> hc_post -> X_new
+
+Every op but the dense projections is a ds4kern op (numpy arrays: the reference backend; CuPy:
+the GPU variants); projections are float32 matmuls of the array library (cuBLAS on the GPU).
+RoPE tables: theta 10000 without YaRN on SWA layers, ``compress_rope_theta`` with YaRN on CSA /
+HCA layers, one table per layer for q, the KV rows, the compressors, the indexer and the
+inverse RoPE (notes section 2).
+
+Deviations from the public inference code (bench/lab/deepseek_v4_attention_notes.md):
+- the KV rows stay bf16 (no FP8 round trip of the nope dims); the indexer keys stay bf16 (no
+  Hadamard transform, no FP4 round trip: the transform cancels without quantisation);
+- the compressors' projections are rounded to bf16 before pooling (the reference pools float32);
+- the hyper-connection streams may be float32 (the reference keeps bf16).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ...core.arrays import BFLOAT16
+from ...core.scope import scope
+from ...ops.compressor import compress_decode
+from ...ops.hyper_connections import hc_post, hc_pre
+from ...ops.indexer import indexer_topk
+from ...ops.sparse_attention import sparse_attention
+from ...rope import rope_table
+from .config import HEAD_DIM, INDEX_DIM, INDEX_HEADS, ROPE_DIM, Config
+from .state import LayerState
+from .weights import AttentionWeights
+
+
+@lru_cache(maxsize=8)
+def _host_tables(max_pos: int, theta: float, yarn: bool, factor: float, original: int):
+    return rope_table(max_pos, ROPE_DIM, theta, yarn_factor=factor if yarn else None, original_max_pos=original)
+
+
+def rope_tables(cfg: Config, ratio: int, xp=np):
+    """``(cos, sin)`` float32 ``[max_context, 32]`` of a layer kind, as arrays of ``xp``."""
+    if ratio == 0:
+        c, s = _host_tables(cfg.max_context, cfg.rope_theta, False, cfg.yarn_factor, cfg.yarn_original)
+    else:
+        c, s = _host_tables(cfg.max_context, cfg.compress_rope_theta, True, cfg.yarn_factor, cfg.yarn_original)
+    return (c, s) if xp is np else (xp.asarray(c), xp.asarray(s))
+
+
+def rms_norm(xp, x, weight, eps):
+    x = x.astype(np.float32)
+    r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
+    return x * r if weight is None else x * r * weight
+
+
+def apply_rope(xp, x, cos, sin):
+    """Rotate interleaved pairs (2i, 2i+1) of ``x[..., :64]`` (float32) by the angles whose cos /
+    sin are ``[N, 32]`` (broadcast over the axes between)."""
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    c, s = cos.reshape(shape), sin.reshape(shape)
+    x0, x1 = x[..., 0::2].copy(), x[..., 1::2].copy()
+    out = x.copy()
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def window_slots(xp, positions, ring_base: int, window: int = 128):
+    """int32 ``[B, window]``: pool slots of each sequence's window rows, positions p - 127 .. p
+    (oldest first), -1 for positions before 0."""
+    B = positions.shape[0]
+    q = positions.reshape(B, 1) - (window - 1) + xp.arange(window).reshape(1, window)
+    slot = ring_base + xp.arange(B).reshape(B, 1) * window + q % window
+    return xp.where(q >= 0, slot, -1).astype(np.int32)
+
+
+def _compressed_slots(xp, st: LayerState, positions, selected=None):
+    """CSA: the indexer's columns -> pool slots; HCA: every visible compressed row."""
+    B = positions.shape[0]
+    base = xp.arange(B).reshape(B, 1) * st.rows
+    if selected is not None:
+        return xp.where(selected >= 0, selected + base, -1).astype(np.int32)
+    visible = (positions + 1) // st.ratio
+    width = max(1, int(visible.max()))
+    c = xp.arange(width).reshape(1, width)
+    return xp.where(c < visible.reshape(B, 1), c + base, -1).astype(np.int32)
+
+
+def check_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions) -> np.ndarray:
+    """Validates one decode call before anything is changed; returns the positions (host int64)."""
+    if w.kind != st.kind:
+        raise ValueError(f"weights are for a {w.kind!r} layer, the state for a {st.kind!r} layer")
+    if tuple(X.shape) != (st.batch, 4, cfg.dim):
+        raise ValueError(f"X must have shape [B, 4, D] = {(st.batch, 4, cfg.dim)}, got {tuple(X.shape)}")
+    pos = np.asarray(positions.get() if hasattr(positions, "get") else positions)
+    if pos.shape != (st.batch,) or pos.dtype.kind not in "iu":
+        raise ValueError(f"positions must be integers of shape [B] = ({st.batch},), got {pos.dtype} {pos.shape}")
+    pos = pos.astype(np.int64)
+    if (pos >= cfg.max_context).any():
+        b = int(np.flatnonzero(pos >= cfg.max_context)[0])
+        raise ValueError(f"positions[{b}] = {int(pos[b])} is beyond the configured max_context {cfg.max_context}")
+    if (pos != st.next_pos).any():
+        b = int(np.flatnonzero(pos != st.next_pos)[0])
+        raise ValueError(f"positions[{b}] = {int(pos[b])}, but sequence {b}'s cache holds positions "
+                         f"0 .. {int(st.next_pos[b]) - 1}: decode its tokens in order (next: {int(st.next_pos[b])})")
+    return pos
+
+
+def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions):
+    """One decode step of the attention block; returns ``X_new`` ``[B, 4, D]`` (X's dtype) and
+    advances the state (KV ring row, compressor rows and states, indexer keys, next positions;
+    ``st.last_selected``: the indexer's columns ``[B, index_topk]`` on CSA layers, else None).
+    A call refused by validation changes nothing."""
+    pos_host = check_decode(cfg, w, st, X, positions)
+    xp = st.xp
+    B, H, r = st.batch, cfg.heads, st.ratio
+    pos = xp.asarray(pos_host)
+    cos, sin = rope_tables(cfg, r, xp)
+    pc, ps = cos[pos], sin[pos]
+    with scope("attention"):
+        x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
+                                  sinkhorn_iters=cfg.sinkhorn_iters)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
+        with scope("q"):
+            qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
+            q = rms_norm(xp, (qr @ w.wq_b.T).reshape(B, H, HEAD_DIM), None, cfg.norm_eps)
+            q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
+            q = q.astype(BFLOAT16)
+        with scope("kv"):
+            kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
+            kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
+            st.ring[xp.arange(B), pos % cfg.window] = kv.astype(BFLOAT16)
+        selected = None
+        if r == 4:
+            with scope("indexer"):
+                iq = (qr @ w.i_wq_b.T).reshape(B, INDEX_HEADS, INDEX_DIM)
+                iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
+                iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
+                compress_decode((x @ w.i_wkv.T).astype(BFLOAT16), (x @ w.i_wgate.T).astype(BFLOAT16), w.i_ape,
+                                w.i_norm, pos, cos, sin, st.index_comp[0], st.index_comp[1], st.index_keys,
+                                ratio=4, eps=cfg.norm_eps)
+                lengths = ((pos + 1) // 4).astype(np.int32)
+                selected = indexer_topk(iq.astype(BFLOAT16), iw.astype(np.float32), st.index_keys, cfg.index_topk,
+                                        lengths=lengths)
+        if r:
+            with scope("compressor"):
+                compress_decode((x @ w.c_wkv.T).astype(BFLOAT16), (x @ w.c_wgate.T).astype(BFLOAT16), w.c_ape,
+                                w.c_norm, pos, cos, sin, st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
+        idx = window_slots(xp, pos, st.ring_base, cfg.window)
+        if r:
+            idx = xp.concatenate([idx, _compressed_slots(xp, st, pos, selected)], axis=1)
+        o = sparse_attention(q, st.pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
+                             rope=(cos, sin))
+        with scope("output"):
+            z = xp.einsum("bgi,gri->bgr", o.astype(np.float32).reshape(B, cfg.o_groups, cfg.group_width), w.wo_a)
+            y = (z.reshape(B, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
+        X_new = hc_post(y, X, post, comb)
+    st.next_pos = pos_host + 1
+    st.last_selected = selected
+    return X_new

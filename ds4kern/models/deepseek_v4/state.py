@@ -1,0 +1,54 @@
+"""Per-layer KV state of a batch of B sequences: one pool of bf16 rows holding every sequence's
+compressed rows and its 128-row window ring, the compressors' states, the indexer's keys, and
+each sequence's next position."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...core.arrays import BFLOAT16
+from ...ops.compressor import init_state
+from .config import HEAD_DIM, INDEX_DIM, KINDS, Config
+
+
+class LayerState:
+    """Pool layout (``pool`` bf16 ``[B * rows + B * 128, 512]``): sequence b's compressed row c at
+    slot ``b * rows + c`` (``cache`` = the first ``B * rows`` rows as ``[B, rows, 512]``), its window
+    ring row ``p % 128`` at slot ``B * rows + b * 128 + p % 128`` (``ring`` ``[B, 128, 512]``).
+    ``next_pos[b]``: the position sequence b's next token must have (host int64)."""
+
+    def __init__(self, cfg: Config, kind: str, batch: int, xp=np):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        self.cfg, self.kind, self.batch, self.xp = cfg, kind, int(batch), xp
+        r = KINDS[kind]
+        self.ratio = r
+        self.rows = cfg.rows(r)
+        B, W = self.batch, cfg.window
+        self.pool = xp.zeros((B * self.rows + B * W, HEAD_DIM), np.float32).astype(BFLOAT16)
+        self.cache = self.pool[:B * self.rows].reshape(B, self.rows, HEAD_DIM)
+        self.ring = self.pool[B * self.rows:].reshape(B, W, HEAD_DIM)
+        self.comp = init_state(B, r, HEAD_DIM, xp=xp) if r else None
+        if r == 4:
+            self.index_keys = xp.zeros((B, self.rows, INDEX_DIM), np.float32).astype(BFLOAT16)
+            self.index_comp = init_state(B, 4, INDEX_DIM, xp=xp)
+        else:
+            self.index_keys = self.index_comp = None
+        self.next_pos = np.zeros(B, np.int64)
+        self.last_selected = None
+
+    @property
+    def ring_base(self) -> int:
+        return self.batch * self.rows
+
+    def snapshot(self) -> dict:
+        """Host copies of every array of the state (tests: a refused call changes nothing)."""
+        xp = self.xp
+        get = (lambda a: a.get()) if xp is not np else (lambda a: a.copy())
+        out = {"pool": get(self.pool), "next_pos": self.next_pos.copy()}
+        if self.comp is not None:
+            out["comp_kv"], out["comp_score"] = get(self.comp[0]), get(self.comp[1])
+        if self.index_keys is not None:
+            out["index_keys"] = get(self.index_keys)
+            out["index_kv"], out["index_score"] = get(self.index_comp[0]), get(self.index_comp[1])
+        return out

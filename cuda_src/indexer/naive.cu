@@ -41,7 +41,7 @@ indexer_logits_naive(const __nv_bfloat16* __restrict__ q, const float* __restric
                      const int* __restrict__ block_table, int max_pages, long long pages, int C, int per_token,
                      const int* __restrict__ lengths, int col_blocks, float* __restrict__ logits, int fill_tail,
                      int* __restrict__ errors) {
-    __shared__ float q_s[DS4_IX_HEADS * DS4_IX_DIM];
+    __shared__ __align__(16) float q_s[DS4_IX_HEADS * DS4_IX_DIM];
     __shared__ float w_s[DS4_IX_HEADS];
     constexpr int ROW_BYTES = FP8 ? DS4_IX_DIM : 2 * DS4_IX_DIM;
     const long long t = blockIdx.x / col_blocks;

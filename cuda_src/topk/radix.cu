@@ -1,4 +1,4 @@
-// topk_rows, radix variant: radix select over keys held in registers.
+// topk_rows, radix variant: radix select over keys staged in shared memory.
 //
 // One block takes one chunk of PER * 512 keys: a row's columns (topk_radix_rows) or a run of the
 // candidates an earlier level kept (topk_radix_merge).  The keys are loaded once (coalesced) into

@@ -107,7 +107,7 @@ def test_narrow_dtypes(cp, rng, dtype):
 @pytest.mark.parametrize("C,k", [(8192, 512), (262144, 1024), (700, 2048)])
 def test_lengths(cp, rng, C, k):
     R = 6
-    lens = np.array([C, 0, 1, k - 1 if k > 1 else 0, min(C, k + 3), C // 3], np.int32)
+    lens = np.array([C, 0, 1, min(C, max(k - 1, 0)), min(C, k + 3), C // 3], np.int32)
     check_all(cp, make_scores(rng, R, C), k, lens, label=f"lengths C={C} k={k}")
 
 

@@ -127,3 +127,25 @@ def test_radix_plan_levels():
 def test_explain_on_host():
     d = ds4kern.explain("topk_rows", np.ones((2, 9), np.float32), 3)
     assert d.chosen.name == "reference"
+
+
+def test_host_keeps_int64_lengths_exact(rng):
+    """int64 lengths reach the kernels clipped, not wrapped (2**32 + 5 must not become 5)."""
+    from ds4kern.core.arrays import Frame
+    from ds4kern.ops.topk.api import check_lengths_arg
+
+    n = np.array([2 ** 32 + 5, -2 ** 33, 7], np.int64)
+
+    class GpuLike(Frame):
+        def __init__(self):
+            self.backend = "cuda"
+
+        def convert(self, x, name):
+            return x
+
+        @property
+        def xp(self):
+            return np
+
+    got = check_lengths_arg(GpuLike(), n, 3, 100)
+    assert got.dtype == np.int32 and list(got) == [101, -1, 7]

@@ -266,7 +266,7 @@ def indexer_topk(q_idx, w, keys, k, *, lengths, key_format: str = "bf16", key_sc
             if errors.dtype != np.int32 or errors.size != 1:
                 raise TypeError(f"errors must be an int32 array of one element, got {dtype_name(errors.dtype)} "
                                 f"{tuple(errors.shape)}")
-        lens = xp.ascontiguousarray(xp.clip(ln, -1, C + 1).astype(np.int32))
+        lens = xp.ascontiguousarray(xp.clip(ln, -1, min(C + 1, 2 ** 31 - 1)).astype(np.int32))
     o = None
     if out is not None:
         o = _device_array(frame, out, "out", np.dtype(np.int32), (T, k))

@@ -116,7 +116,9 @@ def check_lengths_arg(frame: Frame, lengths, rows: int, cols: int):
         from .reference import check_lengths
 
         check_lengths(n, cols)
-    return frame.xp.ascontiguousarray(n.astype(np.int32, copy=False))
+        return np.ascontiguousarray(n.astype(np.int32, copy=False))
+    # clip before narrowing so an int64 length beyond int32 stays out of range (clamped and counted)
+    return frame.xp.ascontiguousarray(frame.xp.clip(n, -1, min(cols + 1, 2 ** 31 - 1)).astype(np.int32))
 
 
 def check_out(frame: Frame, out, rows: int, k: int):
@@ -168,7 +170,7 @@ def topk_rows(scores, k, *, lengths=None, out=None, errors=None, plan_only: bool
 
     Variants: ``reference`` (numpy), ``sort`` (one block per row sorts the whole row in shared
     memory: C <= 8192; the reference's GPU twin), ``radix`` (radix select: 8-bit digit histograms
-    over keys held in registers, an ordered compaction, a bitonic sort of the k winners; rows
+    over keys staged in shared memory, an ordered compaction, a bitonic sort of the k winners; rows
     longer than one chunk are cut into chunks whose k best are merged by further passes, so many
     blocks share a long row).  Device scratch of ``radix`` with S chunks per row: ``R * S * k * 8``
     bytes (none when a row fits one chunk).

@@ -9,7 +9,7 @@ from ...core import kernels
 
 MAX_K = 2048          # the largest k (the bitonic sort of the winners holds up to 2048 in shared memory)
 THREADS = 512         # radix and sort blocks
-PER_THREAD = (8, 16, 32)  # keys each radix thread holds in registers: chunks of 4096, 8192, 16384
+PER_THREAD = (8, 16, 32)  # keys each radix thread owns (in shared memory): chunks of 4096, 8192, 16384
 SORT_MAX_COLS = 8192  # sort: the whole row as 64-bit keys in shared memory (64 KB)
 DTYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
 

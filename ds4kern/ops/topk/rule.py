@@ -13,5 +13,5 @@ def rule(p, ok: frozenset) -> tuple[str, str]:
     if "reference" in ok:
         return "reference", "host arrays run the reference backend"
     if "radix" in ok:
-        return "radix", "radix select: a few passes over keys held in registers, then a sort of the k winners"
+        return "radix", "radix select: a few passes over keys staged in shared memory, then a sort of the k winners"
     return sorted(ok)[0], "radix cannot run it; the first variant by name that can"

@@ -120,5 +120,5 @@ def ds4kern_register_variants(register):
                      description="one block per row sorts the whole row in shared memory (C <= 8192); "
                                  "the reference's GPU twin"))
     register(Variant(OP, "radix", "cuda", _radix, supports=_radix_supports, configs=_radix_configs,
-                     description="radix select over keys held in registers (8-bit digits), ordered compaction, "
+                     description="radix select over keys staged in shared memory (8-bit digits), ordered compaction, "
                                  "bitonic sort of the k winners; long rows in chunks merged by further levels"))

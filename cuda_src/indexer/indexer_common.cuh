@@ -40,17 +40,21 @@ __device__ __forceinline__ long long ds4_ix_block_row(int b, int j, int C, const
     return (long long)page * DS4_IX_PAGE;
 }
 
-// e4m3 (fn: bias 7, no inf, 0x7f / 0xff NaN) -> float, exactly: the 7 magnitude bits placed at
-// float bit 20 give the value times 2^-120 (subnormals included), one multiply restores it.
+// e4m3 (fn: bias 7, no inf, 0x7f / 0xff NaN) -> float, exactly.  Normal codes: the 7 magnitude bits
+// placed at float bit 20 are a normal float times 2^-120, one multiply restores it.  Subnormal
+// codes (exponent 0) as m * 2^-9: CuPy compiles every kernel with -ftz=true, which would flush a
+// subnormal float intermediate to zero.
 __device__ __forceinline__ float ds4_ix_e4m3(unsigned x) {
-    const float v = __uint_as_float(((x & 0x7fu) << 20) | ((x & 0x80u) << 24)) * 0x1p120f;
-    return (x & 0x7fu) == 0x7fu ? __uint_as_float(0x7fffffffu) : v;
+    const unsigned mag = x & 0x7fu;
+    float v = mag >= 8u ? __uint_as_float(mag << 20) * 0x1p120f : (float)mag * 0x1p-9f;
+    v = (x & 0x80u) ? -v : v;
+    return mag == 0x7fu ? __uint_as_float(0x7fffffffu) : v;
 }
 
 // Four e4m3 bytes (low byte first) -> two bf16x2 words (bytes 0, 1 and 2, 3), exactly.  The same
-// bit placement as above in bf16 (8 exponent bits like float) gives value * 2^-120; a bf16x2
-// multiply by 2^120 restores it (bf16 arithmetic keeps subnormal inputs, and e4m3 values times
-// 2^-120 stay above bf16's smallest subnormal).  NaN codes take a rare slow path.
+// bit placement as above in bf16 (8 exponent bits like float) gives value * 2^-120 and a bf16x2
+// multiply by 2^120 restores it for normal codes; subnormal codes (a subnormal intermediate) and
+// NaN codes take a rare slow path through ds4_ix_e4m3.
 __device__ __forceinline__ void ds4_ix_e4m3x4_to_bf16(unsigned x, unsigned& lo, unsigned& hi) {
     const unsigned u0 = __byte_perm(x, 0u, 0x4140), u1 = __byte_perm(x, 0u, 0x4342);  // b0 | b1 << 16, b2 | b3 << 16
     const unsigned p0 = ((u0 & 0x007f007fu) << 4) | ((u0 & 0x00800080u) << 8);
@@ -60,12 +64,19 @@ __device__ __forceinline__ void ds4_ix_e4m3x4_to_bf16(unsigned x, unsigned& lo, 
     __nv_bfloat162 b = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&p1), k);
     lo = *reinterpret_cast<unsigned*>(&a);
     hi = *reinterpret_cast<unsigned*>(&b);
-    const unsigned nan = ((x & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;  // bit 7 of each 0x7f / 0xff byte
-    if (nan != 0u) {
-        if (nan & 0x00000080u) lo |= 0x00007fc0u;
-        if (nan & 0x00008000u) lo |= 0x7fc00000u;
-        if (nan & 0x00800000u) hi |= 0x00007fc0u;
-        if (nan & 0x80000000u) hi |= 0x7fc00000u;
+    const unsigned nan = ((x & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;   // bit 7 of each 0x7f / 0xff byte
+    const unsigned has_exp = ((x & 0x78787878u) + 0x78787878u) & 0x80808080u;  // exponent field != 0
+    const unsigned has_man = (((x & 0x07070707u) + 0x07070707u) & 0x08080808u) << 4;  // mantissa != 0
+    const unsigned slow = nan | (has_man & ~has_exp);
+    if (slow != 0u) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (!(slow & (0x80u << (8 * i)))) continue;
+            const unsigned short h = __bfloat16_as_ushort(__float2bfloat16_rn(ds4_ix_e4m3((x >> (8 * i)) & 0xffu)));
+            unsigned& w = i < 2 ? lo : hi;
+            const int sh = (i & 1) * 16;
+            w = (w & ~(0xffffu << sh)) | ((unsigned)h << sh);
+        }
     }
 }
 

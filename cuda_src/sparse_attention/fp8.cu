@@ -38,7 +38,7 @@ sparse_attention_pack_fp8(const __nv_bfloat16* __restrict__ kv, long long rows, 
         const float inv = __uint_as_float((unsigned)(127 - k) << 23);  // 2^-k, exact
         unsigned c[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-        for (int i = 0; i < 16; ++i) c[i / 4] |= ds4_float_to_e4m3(v[i] * inv) << (8 * (i % 4));
+        for (int i = 0; i < 16; ++i) c[i / 4] |= ds4_float_to_e4m3(ds4_mul_keep_subnormals(v[i], inv)) << (8 * (i % 4));
         uint2* d = reinterpret_cast<uint2*>(dst + 16 * lane);
         d[0] = make_uint2(c[0], c[1]);
         d[1] = make_uint2(c[2], c[3]);

@@ -40,9 +40,21 @@ __device__ __forceinline__ float ds4_ue8m0(unsigned b) {
 
 // e4m3 (fn: bias 7, no inf, 0x7f / 0xff NaN) -> float, exactly.  The 7 magnitude bits placed at
 // float bit 20 give the value times 2^-120 (subnormals included), so one multiply restores it.
+// Subnormal codes (exponent 0) are taken as m * 2^-9: CuPy compiles with -ftz=true, which would
+// flush the subnormal float intermediate of the bit placement to zero.
 __device__ __forceinline__ float ds4_e4m3_to_float(unsigned x) {
-    const float v = __uint_as_float(((x & 0x7fu) << 20) | ((x & 0x80u) << 24)) * 0x1p120f;
-    return (x & 0x7fu) == 0x7fu ? __uint_as_float(0x7fffffffu) : v;
+    const unsigned mag = x & 0x7fu;
+    float v = mag >= 8u ? __uint_as_float(mag << 20) * 0x1p120f : (float)mag * 0x1p-9f;
+    v = (x & 0x80u) ? -v : v;
+    return mag == 0x7fu ? __uint_as_float(0x7fffffffu) : v;
+}
+
+// a * b rounded to nearest without flushing subnormal inputs or results (kernels are compiled with
+// -ftz=true by CuPy; the FP8 packer must scale subnormal bf16 values exactly).
+__device__ __forceinline__ float ds4_mul_keep_subnormals(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
 }
 
 // float -> e4m3, round to nearest even; |v| <= 448 after scaling, anything else (NaN, inf) -> 0x7f

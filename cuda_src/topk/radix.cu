@@ -190,7 +190,7 @@ topk_radix_rows(const T* __restrict__ scores, long long row_stride, int cols, co
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
         const int i = threadIdx.x + j * DS4_TOPK_THREADS;
-        sm.stage[i + (i >> 5)] = i < n ? ds4_order_key(ds4_to_float(src[i])) : 0u;
+        sm.stage[i + (i >> 5)] = i < n ? ds4_topk_order(ds4_topk_float(src[i])) : 0u;
     }
     __syncthreads();
     const Ds4TopkCut c = ds4_topk_cut<PER>(k, sm);

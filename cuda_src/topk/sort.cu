@@ -20,7 +20,7 @@ topk_sort_rows(const T* __restrict__ scores, long long row_stride, int cols, con
     }
     const T* src = scores + row * row_stride;
     for (int i = threadIdx.x; i < n2; i += DS4_TOPK_THREADS)
-        ds4_topk_words[i] = i < len ? ds4_topk_word(ds4_order_key(ds4_to_float(src[i])), (unsigned)i) : 0ull;
+        ds4_topk_words[i] = i < len ? ds4_topk_word(ds4_topk_order(ds4_topk_float(src[i])), (unsigned)i) : 0ull;
     __syncthreads();
     if (n2 > 1) ds4_topk_bitonic_desc(ds4_topk_words, n2);
     const int kk = len < k ? len : k;

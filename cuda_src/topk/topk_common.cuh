@@ -12,6 +12,23 @@
 #define DS4_TOPK_MAX_K 2048
 #define DS4_TOPK_BINS 256
 
+// Scores as float bits, exactly (bf16 by its bits: no conversion instruction in between).
+__device__ __forceinline__ float ds4_topk_float(float x) { return x; }
+__device__ __forceinline__ float ds4_topk_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ds4_topk_float(__nv_bfloat16 x) {
+    return __uint_as_float((unsigned)__bfloat16_as_ushort(x) << 16);
+}
+
+// ds4_topk_order: ds4_order_key by bits alone.  CuPy compiles with -ftz=true, under which a float
+// comparison takes a subnormal for zero; here NaN -> 1, -0 -> +0, then sign flip / bit-not, and
+// subnormals keep their own keys, as in the reference.
+__device__ __forceinline__ unsigned ds4_topk_order(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 1u;
+    if (u == 0x80000000u) u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 __device__ __forceinline__ unsigned long long ds4_topk_word(unsigned key, unsigned pos) {
     return ((unsigned long long)key << 32) | (unsigned long long)(0xffffffffu - pos);
 }

@@ -256,7 +256,7 @@ def compile_jobs(jobs, *, cache: Path | None = None, workers: int | None = None)
 
     def one(fam, arch):
         code = kernels.load_source(fam.source)
-        opts = list(fam.options) + [f"-arch={arch}", "--ptxas-options=-v"] + [f"-I{d}" for d in incs]
+        opts = list(fam.options) + list(CUPY_APPENDED) + [f"-arch={arch}", "--ptxas-options=-v"] + [f"-I{d}" for d in incs]
         path = None
         if cache is not None:
             key = hashlib.sha256("\0\1".join([ident, code, *opts, "", *fam.name_expressions]).encode()).hexdigest()
@@ -281,6 +281,13 @@ def compile_jobs(jobs, *, cache: Path | None = None, workers: int | None = None)
     with ThreadPoolExecutor(max_workers=n) as ex:
         done = list(ex.map(lambda j: one(*j), order))
     return {(fam.source, arch): r for (fam, arch), r in zip(order, done)}
+
+
+# CuPy appends these to every NVRTC compile (cupy/cuda/compiler.py, _compile_with_cache_cuda): the
+# check compiles what the device runs.  -ftz=true flushes subnormal float inputs and results of
+# arithmetic and comparisons to zero; kernels that must keep subnormals use bit manipulation or
+# non-ftz inline PTX.
+CUPY_APPENDED = ("-ftz=true",)
 
 
 def check_all(archs=DEFAULT_ARCHS, families=None, verbose=False, cache: bool = True) -> list[CheckResult]:

@@ -31,7 +31,9 @@ __all__ = [
 ]
 
 # Options every kernel is compiled with.  No fast math: the router's scores must match the
-# float32 reference to a few ulp.
+# float32 reference to a few ulp.  CuPy appends -ftz=true to every compile (the last -ftz option
+# wins, so it cannot be undone here): subnormal floats flush to zero in arithmetic and
+# comparisons; see compile_check.CUPY_APPENDED.
 COMMON_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ds4kern {run,info,profile,scope-stats,compile-check}``.
+"""Command line: ``python -m ds4kern {run,attention,info,profile,scope-stats,compile-check}``.
 
 ``run`` is the main job: the DeepSeek-V4-Flash router problem (E=256, k=6, sqrtsoftplus with
 expert bias, scaling 1.5), run with every variant that can take it, validated against the
@@ -269,6 +269,73 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _op_table(records, steps: int, block_seconds: float) -> str:
+    """Per-scope device time per step (scopes synchronised at entry and exit) and share of the block."""
+    tot = {}
+    for r in records:
+        if r["path"].startswith("attention/") and r["path"].count("/") == 1:
+            tot[r["path"]] = tot.get(r["path"], 0.0) + float(r.get("seconds", 0.0))
+    lines = [f"{'part of the block':36s} {'ms / step':>10s} {'share':>7s}"]
+    whole = sum(tot.values()) or 1.0
+    for path, sec in sorted(tot.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{path:36s} {1e3 * sec / steps:10.3f} {100 * sec / whole:6.1f}%")
+    lines.append(f"{'block (no synchronisation, median)':36s} {1e3 * block_seconds:10.3f}")
+    return "\n".join(lines)
+
+
+def cmd_attention(args) -> int:
+    import tempfile
+
+    from ds4kern.core import scope
+    from ds4kern.models.deepseek_v4 import LayerState, attention_decode, flash, pro, random_attention_weights, small
+
+    cp, why = _gpu_status()
+    xp = np if cp is None else cp
+    model = args.model
+    if cp is None:
+        print(f"No GPU: {why}. Running the reference backend (numpy) at the small config.")
+        model = "small"
+    B, N, steps = args.batch, args.context, args.steps
+    max_context = -(-(N + steps + 1) // 512) * 512
+    cfg = {"flash": flash, "pro": pro, "small": small}[model](max_context)
+    positions = np.maximum(N - 7 * (np.arange(B) % 4), 0)  # mixed lengths in one batch
+    print(f"DeepSeek-V4 {model} attention block, {args.layer_kind} layer: decode, B={B} at positions "
+          f"{positions.min()}..{positions.max()} ({'GPU' if cp is not None else 'numpy'}), {steps} timed steps")
+    w = random_attention_weights(cfg, args.layer_kind, args.seed).to(xp)
+    st = LayerState(cfg, args.layer_kind, B, xp).fill_random(positions, args.seed)
+    X = xp.asarray(np.random.default_rng(args.seed).standard_normal((B, 4, cfg.dim), dtype=np.float32))
+    stats = scope.stats_path()
+    scope.set_stats_path(None)
+    times = []
+    try:
+        for i in range(steps + 1):  # the first step compiles the kernels
+            t0 = time.perf_counter()
+            attention_decode(cfg, w, st, X, st.next_pos.copy())
+            if cp is not None:
+                cp.cuda.get_current_stream().synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+            if not args.quiet and steps >= 20 and i % max(1, steps // 10) == 0:
+                print(f"  step {i}/{steps}", file=sys.stderr)
+        block = float(np.median(times))
+        path = stats or tempfile.mktemp(suffix=".jsonl")
+        scope.set_stats_path(path)
+        scope.set_sync(True)  # second pass: each part synchronised, for the table
+        for _ in range(steps):
+            attention_decode(cfg, w, st, X, st.next_pos.copy())
+    finally:
+        scope.set_sync(False)
+        scope.set_stats_path(stats)
+    recs = [r for r in scope.read_stats(path) if r["path"].startswith("attention")]
+    if not stats:
+        os.unlink(path)
+    print(_op_table(recs, steps, block))
+    peaks = scope.summarize(recs)
+    print("\nscope peaks (CuPy pool bytes in use):")
+    print(scope.format_summary(peaks))
+    return 0
+
+
 def cmd_scope_stats(args) -> int:
     from ds4kern.core.scope import format_summary, read_stats, summarize
 
@@ -320,6 +387,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
                    help="write memory-scope statistics (JSON lines, one per scope exit) to PATH")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("attention", help="DeepSeek-V4 attention block (decode): per-op time table, scope peaks",
+                       description="One layer's attention block, decode steps of B sequences at mixed positions "
+                                   "near --context, random weights and caches of the real shapes; prints the "
+                                   "block time, each part's share and the memory-scope peaks (without a GPU: the "
+                                   "reference backend at the small config).")
+    p.add_argument("--model", choices=["flash", "pro", "small"], default="flash", help="config (default %(default)s)")
+    p.add_argument("--layer-kind", choices=["csa", "hca", "swa"], default="csa", help="layer kind (default %(default)s)")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, help="sequences B (default %(default)s)")
+    p.add_argument("--context", type=_int_at_least(0), default=4096,
+                   help="tokens already in each sequence's cache (default %(default)s)")
+    p.add_argument("--steps", type=_int_at_least(1), default=10, help="timed decode steps (default %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, caches and inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
+                   help="also keep the memory-scope statistics (JSON lines) in PATH")
+    p.set_defaults(fn=cmd_attention)
     p = sub.add_parser("info", help="versions, device, plugins, registered ops and variants, kernel sources",
                        description="Versions, the device, plugins, every op and variant, the kernel sources.")
     p.set_defaults(fn=cmd_info)
@@ -372,8 +455,11 @@ def main(argv=None) -> int:
             open(stats, "w").close()  # this run's statistics only
             scope.set_stats_path(stats)
             try:
-                with scope.scope(args.cmd):
+                if args.cmd == "attention":  # its scopes are the block's own ("attention/...")
                     rc = args.fn(args)
+                else:
+                    with scope.scope(args.cmd):
+                        rc = args.fn(args)
             finally:
                 scope.set_stats_path(None)
             rows = scope.summarize(scope.read_stats(stats))

@@ -159,3 +159,19 @@ def test_scope_stats_command_refuses_bad_files(tmp_path):
     empty.write_text("")
     r = run("scope-stats", str(empty))
     assert r.returncode == 2 and "no scope records" in r.stderr
+
+
+def test_attention_command_without_gpu(tmp_path):
+    if GPU_SKIP_REASON is None:
+        pytest.skip("the GPU machine runs the GPU path")
+    path = tmp_path / "att.jsonl"
+    r = run("attention", "--layer-kind", "csa", "--batch", "2", "--context", "130", "--steps", "2",
+            "--scope-stats", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "No GPU" in r.stdout and "small config" in r.stdout
+    for part in ("attention/indexer", "attention/sparse_attention", "attention/q", "scope peaks"):
+        assert part in r.stdout, part
+    import json
+
+    paths = {json.loads(line)["path"] for line in path.read_text().splitlines()}
+    assert {"attention", "attention/compressor/compress_decode", "attention/indexer/indexer_topk"} <= paths

@@ -26,10 +26,10 @@ import threading
 import time
 from typing import Optional
 
-__all__ = ["scope", "set_stats_path", "stats_path", "refresh", "read_stats", "summarize", "format_summary", "ENV"]
+__all__ = ["scope", "set_stats_path", "set_sync", "stats_path", "refresh", "read_stats", "summarize", "format_summary", "ENV"]
 
 ENV = "DS4KERN_SCOPE_STATS"
-_cfg: dict = {"set": None, "env": os.environ.get(ENV) or None, "path": None}
+_cfg: dict = {"set": None, "env": os.environ.get(ENV) or None, "path": None, "sync": False}
 _local = threading.local()
 _write_lock = threading.Lock()
 
@@ -56,6 +56,21 @@ def set_stats_path(path: Optional[str]) -> None:
     environment variable then decides)."""
     _cfg["set"] = None if path is None else os.fspath(path)
     _update()
+
+
+def set_sync(on: bool) -> None:
+    """With statistics on, synchronise the device at every scope entry and exit, so that a
+    scope's ``seconds`` is the device time of its work (for per-op tables; slows the run)."""
+    _cfg["sync"] = bool(on)
+
+
+def _sync() -> None:
+    if _cfg["sync"]:
+        try:
+            import cupy
+        except Exception:
+            return
+        cupy.cuda.get_current_stream().synchronize()
 
 
 def refresh() -> None:
@@ -131,11 +146,13 @@ class _Scope:
             self.hook = _hook_class()()
             self.hook.__enter__()
         self.entry = self.peak = self._used()
+        _sync()
         self.t0 = time.perf_counter()
         stack.append(self)
         return self
 
     def __exit__(self, *exc) -> bool:
+        _sync()
         seconds = time.perf_counter() - self.t0
         stack = _local.stack
         if stack and stack[-1] is self:

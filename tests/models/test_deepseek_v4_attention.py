@@ -103,3 +103,14 @@ def test_scopes_of_the_block(tmp_path, monkeypatch):
 def test_decode_on_the_gpu_matches_reference(cp, kind):
     worst, ties = run_steps(small(512), kind, 3, 134, seed=5, xp=cp)
     print(f"{kind}: worst relative error {worst:.2e}, indexer near-tie steps {ties}")
+
+
+def test_fill_random_then_decode_at_a_long_context():
+    cfg = small(1024)
+    st = LayerState(cfg, "hca", 2).fill_random([700, 300], seed=1)
+    w = random_attention_weights(cfg, "hca", 1)
+    X = np.random.default_rng(0).standard_normal((2, 4, cfg.dim)).astype(np.float32)
+    out = attention_decode(cfg, w, st, X, np.array([700, 300]))
+    assert np.isfinite(out.astype(np.float32)).all() and list(st.next_pos) == [701, 301]
+    with pytest.raises(ValueError, match="positions must be 2 integers"):
+        st.fill_random([1024, 0])

@@ -37,6 +37,30 @@ class LayerState:
         self.next_pos = np.zeros(B, np.int64)
         self.last_selected = None
 
+    def fill_random(self, positions, seed: int = 0) -> "LayerState":
+        """State as if sequence b had decoded positions ``0 .. positions[b] - 1``, with random
+        contents of the right shapes and magnitudes (KV rows of unit RMS, finite compressor
+        state): for timing decode at a context length without decoding up to it."""
+        xp, cfg, B = self.xp, self.cfg, self.batch
+        pos = np.asarray(positions, np.int64).reshape(-1)
+        if pos.shape != (B,) or (pos < 0).any() or (pos >= cfg.max_context).any():
+            raise ValueError(f"positions must be {B} integers in [0, max_context={cfg.max_context})")
+        rs = np.random.default_rng(seed)
+
+        def rand(shape, dtype=np.float32):
+            return xp.asarray(rs.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+        self.pool[...] = rand(self.pool.shape, BFLOAT16)
+        if self.comp is not None:
+            self.comp[0][...] = rand(self.comp[0].shape)
+            self.comp[1][...] = rand(self.comp[1].shape)
+        if self.index_keys is not None:
+            self.index_keys[...] = rand(self.index_keys.shape, BFLOAT16)
+            self.index_comp[0][...] = rand(self.index_comp[0].shape)
+            self.index_comp[1][...] = rand(self.index_comp[1].shape)
+        self.next_pos = pos.copy()
+        return self
+
     @property
     def ring_base(self) -> int:
         return self.batch * self.rows

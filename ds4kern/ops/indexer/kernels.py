@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 from ...core import kernels
+from ...core.launch import device_facts  # noqa: F401  (re-exported: ops call kernels.device_facts)
 
 HEADS = 64             # index heads (DS4_IX_HEADS)
 DIM = 128              # index head dim (DS4_IX_DIM)
@@ -69,13 +70,6 @@ def logits_scratch_bytes(tokens: int, cols: int) -> int:
 # -- device facts (cached per device) ------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def device_facts(device_id: int) -> tuple:
-    """``(opt-in shared memory per block in bytes, multiprocessor count)`` of a CUDA device."""
-    import cupy
-
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
-    return int(props["sharedMemPerBlockOptin"]), int(props["multiProcessorCount"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,34 +11,15 @@ from typing import Optional
 import numpy as np
 
 from ...core.hookspecs import hookimpl
+from ...core.launch import allow_smem as _allow_smem, ptr as _ptr
+from ...core.launch import grid as _core_grid
 from ...core.registry import Variant
 from ..topk.api import topk_rows
 from . import kernels as K
 from .api import OP, IndexerArgs, IndexerProblem
 from .reference import reference_variant
 
-NULL = np.uint64(0)
-MAX_GRID = 2 ** 31 - 1
 MMA_MIN_CC = 80  # mma.sync bf16, ldmatrix, cp.async
-_smem_set: set = set()
-
-
-def _ptr(x):
-    return x if x is not None else NULL
-
-
-def _allow_smem(kern, nbytes: int) -> None:
-    """Raise a kernel's dynamic shared-memory limit above the default 48 kB (once per kernel)."""
-    if nbytes > 48 * 1024 and id(kern) not in _smem_set:
-        kern.max_dynamic_shared_size_bytes = nbytes
-        _smem_set.add(id(kern))
-
-
-def _grid(blocks: int, what: str) -> int:
-    if blocks > MAX_GRID:
-        raise ValueError(f"indexer_topk: {what} needs {blocks} blocks, beyond the grid limit {MAX_GRID}; "
-                         "split the call along T")
-    return blocks
 
 
 def _fp8(p: IndexerProblem) -> bool:
@@ -63,6 +44,10 @@ def _select(a: IndexerArgs, logits) -> None:
 def _common(a: IndexerArgs) -> tuple:
     return (a.q, a.w, a.keys, _ptr(a.key_scales), _ptr(a.block_table), np.int32(a.max_pages), np.int64(a.pages),
             np.int32(a.cols))
+
+
+def _grid(blocks: int, what: str = "the launch") -> int:
+    return _core_grid(blocks, "indexer_topk", what, "T")
 
 
 # -- naive ------------------------------------------------------------------------------------

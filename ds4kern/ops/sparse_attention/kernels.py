@@ -3,9 +3,8 @@ shared-memory layout of the tensor-core kernel, the split_k plan, and the device
 
 from __future__ import annotations
 
-import functools
-
 from ...core import kernels
+from ...core.launch import device_facts  # noqa: F401  (re-exported: ops call kernels.device_facts)
 
 THREADS = 256        # naive and head_batched blocks (DS4_SA_WARPS warps)
 WARPS = 8
@@ -71,13 +70,6 @@ def split_k_scratch_bytes(rows: int, heads: int, splits: int) -> int:
 # -- device facts (cached per device) ------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def device_facts(device_id: int) -> tuple:
-    """``(opt-in shared memory per block in bytes, multiprocessor count)`` of a CUDA device."""
-    import cupy
-
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
-    return int(props["sharedMemPerBlockOptin"]), int(props["multiProcessorCount"])
 
 
 # -- kernel families -----------------------------------------------------------------------

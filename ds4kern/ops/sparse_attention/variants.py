@@ -7,19 +7,14 @@ from typing import Optional
 import numpy as np
 
 from ...core.hookspecs import hookimpl
+from ...core.launch import NULL, allow_smem as _allow_smem, ptr as _ptr
+from ...core.launch import grid as _core_grid
 from ...core.registry import Variant
 from . import kernels as K
 from .api import OP, SparseAttentionArgs, SparseAttentionProblem
 from .reference import reference_variant
 
 LOG2E = 1.4426950408889634
-NULL = np.uint64(0)
-MAX_GRID = 2 ** 31 - 1
-_smem_set: set = set()
-
-
-def _ptr(x):
-    return x if x is not None else NULL
 
 
 def _rope_args(a: SparseAttentionArgs) -> tuple:
@@ -29,22 +24,12 @@ def _rope_args(a: SparseAttentionArgs) -> tuple:
             np.int64(a.rope_cos.shape[0]))
 
 
-def _allow_smem(kern, nbytes: int) -> None:
-    """Raise a kernel's dynamic shared-memory limit above the default 48 kB (once per kernel)."""
-    if nbytes > 48 * 1024 and id(kern) not in _smem_set:
-        kern.max_dynamic_shared_size_bytes = nbytes
-        _smem_set.add(id(kern))
-
-
-def _grid(blocks: int, what: str) -> int:
-    if blocks > MAX_GRID:
-        raise ValueError(f"sparse_attention: {what} needs {blocks} blocks, beyond the grid limit {MAX_GRID}; "
-                         "split the call along N")
-    return blocks
-
-
 def _fp8(p: SparseAttentionProblem) -> bool:
     return p.kv_format == "fp8"
+
+
+def _grid(blocks: int, what: str = "the launch") -> int:
+    return _core_grid(blocks, "sparse_attention", what, "N")
 
 
 # -- naive ------------------------------------------------------------------------------------

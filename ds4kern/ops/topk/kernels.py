@@ -3,9 +3,8 @@ radix variant and the device facts they need."""
 
 from __future__ import annotations
 
-import functools
-
 from ...core import kernels
+from ...core.launch import device_facts  # noqa: F401  (re-exported: ops call kernels.device_facts)
 
 MAX_K = 2048          # the largest k (the bitonic sort of the winners holds up to 2048 in shared memory)
 THREADS = 512         # radix and sort blocks
@@ -60,13 +59,6 @@ def scratch_bytes(rows: int, cols: int, k: int, per: int) -> int:
     return rows * k * 8 * (levels[0] + (levels[1] if len(levels) > 2 else 0))
 
 
-@functools.lru_cache(maxsize=None)
-def device_facts(device_id: int) -> tuple:
-    """``(opt-in shared memory per block in bytes, multiprocessor count)`` of a CUDA device."""
-    import cupy
-
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
-    return int(props["sharedMemPerBlockOptin"]), int(props["multiProcessorCount"])
 
 
 def rows_name(dtype: str, per: int, final: bool) -> str:

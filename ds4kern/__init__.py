@@ -74,7 +74,9 @@ def explain(op: str, *args, **kwargs):
 
 
 def variants(op: str | None = None) -> list:
-    """Registered variants (of one op, or all)."""
+    """Registered variants (of one op, or all); an unknown op name raises ValueError."""
+    if op is not None:
+        get_op(op)  # names the known ops when op is not one of them
     return registry.variants(op)
 
 

@@ -115,3 +115,22 @@ def test_read_only_outputs_are_refused_by_name(call, name):
 def test_odd_arguments_name_the_argument(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+def test_more_names_and_counts_are_checked():
+    """A float ratio, an unknown op name in variants(), a dict that is not a report: errors naming
+    the argument instead of a silent 4 / an empty list / a KeyError."""
+    from ds4kern.locality import summary_text
+    from ds4kern.ops.compressor import compress_decode
+
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        ds4kern.variants("nope")
+    with pytest.raises(ValueError, match="report must be a locality report"):
+        summary_text({})
+    B, d = 2, 128
+    kv_state, score_state = init_state(B, 4, d)
+    kv = np.ones((B, 2 * d), np.float32)
+    cos, sin = ds4kern.rope_table(64)
+    with pytest.raises(ValueError, match=r"ratio must be 4 \(CSA\) or 128 \(HCA\), got 4.0"):
+        compress_decode(kv, kv, np.zeros((4, 2 * d), np.float32), np.ones(d, np.float32), np.array([0, 1]), cos, sin,
+                        kv_state, score_state, np.zeros((B, 16, d), np.float32), ratio=4.0)

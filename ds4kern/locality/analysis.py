@@ -592,6 +592,8 @@ def assemble_report(layers: list, num_experts: int, k: int, records: int, *, sou
 
 def summary_text(report: dict, top: int = 3) -> str:
     """A plain-text table for the terminal."""
+    if not isinstance(report, dict) or not {"layers", "experts", "k", "records", "layers_detail"} <= set(report):
+        raise ValueError("report must be a locality report (the dict analyze() returns)")
     lines = [f"{report.get('model') or 'model'}: {report['layers']} layers, E={report['experts']}, "
              f"k={report['k']}, {report['records']} records, {report['selections']} selections",
              f"{'layer':>5} {'hash':>4} {'uniq':>5} {'H/lnE':>6} {'overlap':>7} {'jaccard':>7} {'stab':>6}  "

@@ -128,7 +128,7 @@ def _prepare(op, kv, score, ape, norm_w, where, rope_cos, rope_sin, kv_state, sc
              errors, allocate=True):
     prefill = op == PREFILL_OP
     frame = Frame(kv, "kv")
-    if isinstance(ratio, bool) or ratio not in RATIOS:
+    if not is_int(ratio) or ratio not in RATIOS:  # 4.0 is refused: an int, like every count
         raise ValueError(f"ratio must be 4 (CSA) or 128 (HCA), got {ratio!r}")
     ratio = int(ratio)
     c = coff_of(ratio)

@@ -114,3 +114,64 @@ def test_fill_random_then_decode_at_a_long_context():
     assert np.isfinite(out.astype(np.float32)).all() and list(st.next_pos) == [701, 301]
     with pytest.raises(ValueError, match="positions must be 2 integers"):
         st.fill_random([1024, 0])
+
+
+def prefill_then_decode(cfg, kind, chunks, total, seed, xp=np):
+    """Outputs of prefill chunks then decode steps, the decode-only outputs, and the float64
+    reference's, for one sequence."""
+    from ds4kern.models.deepseek_v4 import attention_prefill
+
+    w = random_attention_weights(cfg, kind, seed)
+    wx = w.to(xp)
+    Xs = np.random.default_rng(seed).standard_normal((total, 1, 4, cfg.dim)).astype(np.float32)
+    a, b = LayerState(cfg, kind, 1, xp=xp), LayerState(cfg, kind, 1, xp=xp)
+    host = (lambda v: v) if xp is np else (lambda v: v.get())
+    dec = [host(attention_decode(cfg, wx, a, xp.asarray(Xs[p]), np.array([p])))[0] for p in range(total)]
+    got, p = [], 0
+    for n in chunks:
+        got += list(host(attention_prefill(cfg, wx, b, xp.asarray(Xs[p:p + n, 0]))))
+        p += n
+    got += [host(attention_decode(cfg, wx, b, xp.asarray(Xs[q]), np.array([q])))[0] for q in range(p, total)]
+    ref = ReferenceAttention(cfg, w, 1)
+    want = [ref.step(Xs[q])[0] for q in range(total)] if kind != "csa" else None
+    return np.array(got, np.float64), np.array(dec, np.float64), want
+
+
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa"])
+def test_prefill_then_decode_equals_decode_alone(kind):
+    """Chunks of 70 and 60 tokens (70 is not a multiple of 4; 130 passes the window and the first
+    HCA row), then 10 decode steps, against 140 decode steps and (SWA / HCA) the float64 reference."""
+    got, dec, want = prefill_then_decode(small(512), kind, [70, 60], 140, seed=4)
+    err = np.abs(got - dec).max(axis=(1, 2)) / np.abs(dec).max(axis=(1, 2))
+    assert err.max() < TOL, (int(err.argmax()), float(err.max()))
+    if want is not None:
+        want = np.array(want)
+        err = np.abs(got - want).max(axis=(1, 2)) / np.abs(want).max(axis=(1, 2))
+        assert err.max() < TOL, (int(err.argmax()), float(err.max()))
+
+
+def test_refused_prefill_changes_nothing():
+    from ds4kern.models.deepseek_v4 import attention_prefill
+
+    cfg, w, st = make("hca", B=2)
+    X = np.random.default_rng(0).standard_normal((5, 4, cfg.dim)).astype(np.float32)
+    attention_prefill(cfg, w, st, X, seq=1)
+    assert list(st.next_pos) == [0, 5]
+    before = st.snapshot()
+    for kwargs, match in [(dict(seq=2), "seq must be a sequence of the state"),
+                          (dict(X=np.zeros((300, 4, cfg.dim), np.float32)), "beyond the configured max_context"),
+                          (dict(X=X[:, :2]), r"X must have shape \[T >= 1, 4, D"),
+                          (dict(w=random_attention_weights(cfg, "csa", 0)), "weights are for a 'csa' layer")]:
+        args = dict(X=X, seq=1, w=w)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            attention_prefill(cfg, args["w"], st, args["X"], seq=args["seq"])
+        same_state(before, st.snapshot())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa"])
+def test_prefill_on_the_gpu(cp, kind):
+    got, dec, want = prefill_then_decode(small(512), kind, [70, 60], 140, seed=6, xp=cp)
+    err = np.abs(got - dec).max(axis=(1, 2)) / np.abs(dec).max(axis=(1, 2))
+    assert err.max() < TOL, (int(err.argmax()), float(err.max()))

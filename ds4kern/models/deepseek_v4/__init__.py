@@ -6,11 +6,11 @@ What the block computes follows the public inference code as written down in
 :mod:`.attention`.
 """
 
-from .attention import attention_decode, window_slots
+from .attention import attention_decode, attention_prefill, window_slots
 from .config import Config, flash, pro, small
 from .reference import reference_attention_decode
 from .state import LayerState
 from .weights import AttentionWeights, random_attention_weights
 
 __all__ = ["Config", "flash", "pro", "small", "AttentionWeights", "random_attention_weights", "LayerState",
-           "attention_decode", "window_slots", "reference_attention_decode"]
+           "attention_decode", "attention_prefill", "window_slots", "reference_attention_decode"]

@@ -1,4 +1,5 @@
-"""DeepSeek-V4's attention block, decode: B sequences, one token each at its own position.
+"""DeepSeek-V4's attention block: decode (B sequences, one token each at its own position) and
+prefill (a chunk of T tokens of one sequence, continuing its state).
 
     X --hc_pre--> x_in -> RMSNorm -> q path (wq_a, q_norm, wq_b, per-head RMS, RoPE on dims
     448:512) and the KV row (wkv, kv_norm, RoPE) -> window ring -> compressor (CSA / HCA) ->
@@ -26,7 +27,7 @@ import numpy as np
 
 from ...core.arrays import BFLOAT16
 from ...core.scope import scope
-from ...ops.compressor import compress_decode
+from ...ops.compressor import compress_decode, compress_prefill
 from ...ops.hyper_connections import hc_post, hc_pre
 from ...ops.indexer import indexer_topk
 from ...ops.sparse_attention import sparse_attention
@@ -159,5 +160,84 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
             y = (z.reshape(B, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
         X_new = hc_post(y, X, post, comb)
     st.next_pos = pos_host + 1
+    st.last_selected = selected
+    return X_new
+
+
+def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: int = 0):
+    """A chunk of T tokens of sequence ``seq`` at positions ``next_pos[seq] ..`` through the block
+    at once (``X`` ``[T, 4, D]``); returns ``X_new`` ``[T, 4, D]`` and advances that sequence's
+    state exactly as T decode steps would (same rows, same compressor states, within float
+    rounding of the projections).  Causality lives in the indices: token t sees window positions
+    ``t - 127 .. t`` and compressed rows ``c < (t + 1) // ratio``.  The attention reads a temporary
+    pool: this sequence's compressed rows and window ring as they were, then the chunk's T rows."""
+    if w.kind != st.kind:
+        raise ValueError(f"weights are for a {w.kind!r} layer, the state for a {st.kind!r} layer")
+    if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < st.batch:
+        raise ValueError(f"seq must be a sequence of the state, 0 <= seq < {st.batch}, got {seq!r}")
+    T = int(X.shape[0]) if X.ndim == 3 else -1
+    if X.ndim != 3 or tuple(X.shape[1:]) != (4, cfg.dim) or T < 1:
+        raise ValueError(f"X must have shape [T >= 1, 4, D={cfg.dim}], got {tuple(X.shape)}")
+    p0 = int(st.next_pos[seq])
+    if p0 + T > cfg.max_context:
+        raise ValueError(f"positions {p0} .. {p0 + T - 1} go beyond the configured max_context {cfg.max_context}")
+    xp = st.xp
+    H, r, W, rows = cfg.heads, st.ratio, cfg.window, st.rows
+    pos_host = np.arange(p0, p0 + T, dtype=np.int64)
+    pos = xp.asarray(pos_host)
+    cos, sin = rope_tables(cfg, r, xp)
+    pc, ps = cos[pos], sin[pos]
+    b = int(seq)
+    with scope("attention_prefill"):
+        x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
+                                  sinkhorn_iters=cfg.sinkhorn_iters)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
+        with scope("q"):
+            qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
+            q = rms_norm(xp, (qr @ w.wq_b.T).reshape(T, H, HEAD_DIM), None, cfg.norm_eps)
+            q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
+            q = q.astype(BFLOAT16)
+        with scope("kv"):
+            kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
+            kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
+            kv = kv.astype(BFLOAT16)
+        lengths = ((pos + 1) // max(r, 1)).astype(np.int32)
+        selected = None
+        if r == 4:
+            with scope("indexer"):
+                iq = (qr @ w.i_wq_b.T).reshape(T, INDEX_HEADS, INDEX_DIM)
+                iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
+                iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
+                compress_prefill((x @ w.i_wkv.T).astype(BFLOAT16)[None], (x @ w.i_wgate.T).astype(BFLOAT16)[None],
+                                 w.i_ape, w.i_norm, p0, cos, sin, st.index_comp[0][b:b + 1],
+                                 st.index_comp[1][b:b + 1], st.index_keys[b:b + 1], ratio=4, eps=cfg.norm_eps)
+                selected = indexer_topk(iq.astype(BFLOAT16), iw.astype(np.float32), st.index_keys[b:b + 1],
+                                        cfg.index_topk, lengths=lengths)
+        if r:
+            with scope("compressor"):
+                compress_prefill((x @ w.c_wkv.T).astype(BFLOAT16)[None], (x @ w.c_wgate.T).astype(BFLOAT16)[None],
+                                 w.c_ape, w.c_norm, p0, cos, sin, st.comp[0][b:b + 1], st.comp[1][b:b + 1],
+                                 st.cache[b:b + 1], ratio=r, eps=cfg.norm_eps)
+        # temporary pool: [this sequence's compressed rows | its ring as before the chunk | the chunk's rows]
+        pool = xp.concatenate([st.cache[b], st.ring[b], kv], axis=0)
+        q_pos = pos.reshape(T, 1) - (W - 1) + xp.arange(W).reshape(1, W)           # window positions
+        slot = xp.where(q_pos >= p0, rows + W + (q_pos - p0), rows + q_pos % W)
+        idx = xp.where(q_pos >= 0, slot, -1).astype(np.int32)
+        if r == 4:
+            idx = xp.concatenate([idx, selected], axis=1)  # compressed row c sits at slot c
+        elif r:
+            width = max(1, int((p0 + T) // r))
+            c = xp.arange(width).reshape(1, width)
+            idx = xp.concatenate([idx, xp.where(c < lengths.reshape(T, 1), c, -1).astype(np.int32)], axis=1)
+        o = sparse_attention(q, pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
+                             rope=(cos, sin))
+        with scope("output"):
+            z = xp.einsum("tgi,gri->tgr", o.astype(np.float32).reshape(T, cfg.o_groups, cfg.group_width), w.wo_a)
+            y = (z.reshape(T, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
+        X_new = hc_post(y, X, post, comb)
+        last = slice(max(0, T - W), T)
+        st.ring[b, pos[last] % W] = kv[last]
+    st.next_pos = st.next_pos.copy()
+    st.next_pos[b] = p0 + T
     st.last_selected = selected
     return X_new

@@ -175,3 +175,29 @@ def test_prefill_on_the_gpu(cp, kind):
     got, dec, want = prefill_then_decode(small(512), kind, [70, 60], 140, seed=6, xp=cp)
     err = np.abs(got - dec).max(axis=(1, 2)) / np.abs(dec).max(axis=(1, 2))
     assert err.max() < TOL, (int(err.argmax()), float(err.max()))
+
+
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa"])
+def test_mixed_positions_in_one_decode_batch(kind):
+    """Two sequences prefilled to different lengths (70 and 133: past the window and the first
+    HCA row) decode together at positions [70, 133] .. ; each equals the same sequence run alone."""
+    from ds4kern.models.deepseek_v4 import attention_prefill
+
+    cfg = small(512)
+    w = random_attention_weights(cfg, kind, 7)
+    rng = np.random.default_rng(7)
+    lens, steps = (70, 133), 4
+    pre = [rng.standard_normal((n, 4, cfg.dim)).astype(np.float32) for n in lens]
+    dec = rng.standard_normal((steps, 2, 4, cfg.dim)).astype(np.float32)
+    both = LayerState(cfg, kind, 2)
+    for b in range(2):
+        attention_prefill(cfg, w, both, pre[b], seq=b)
+    got = [attention_decode(cfg, w, both, dec[s], both.next_pos.copy()) for s in range(steps)]
+    for b in range(2):
+        alone = LayerState(cfg, kind, 1)
+        attention_prefill(cfg, w, alone, pre[b])
+        for s in range(steps):
+            want = attention_decode(cfg, w, alone, dec[s, b:b + 1], alone.next_pos.copy())
+            a, e = got[s][b].astype(np.float64), want[0].astype(np.float64)
+            assert np.abs(a - e).max() / np.abs(e).max() < TOL, (b, s)
+    assert list(both.next_pos) == [70 + steps, 133 + steps]

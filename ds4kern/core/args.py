@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["is_int", "is_number", "int_arg", "number_arg", "int_list", "bool_arg"]
+__all__ = ["is_int", "is_number", "int_arg", "number_arg", "int_list", "bool_arg", "pow2_bucket"]
 
 
 def is_int(v) -> bool:
@@ -63,3 +63,9 @@ def int_list(name: str, values, *, lo: Optional[int] = None, hi: Optional[int] =
     if isinstance(values, (str, bytes)) or is_int(values) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
     return [int_arg(f"{name} entry", v, lo=lo, hi=hi) for v in values]
+
+
+def pow2_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (0 and 1 give 1): the size buckets problems share
+    dispatch decisions and autotune entries in."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

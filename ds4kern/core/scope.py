@@ -20,6 +20,7 @@ import and by :func:`refresh`, not at every call).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -102,7 +103,9 @@ def _pool():
     return cupy.get_default_memory_pool()
 
 
+@functools.lru_cache(maxsize=1)
 def _hook_class():
+    """The memory-hook class (made once: it subclasses CuPy's, imported on first use)."""
     from cupy.cuda import memory_hook
 
     class PeakHook(memory_hook.MemoryHook):

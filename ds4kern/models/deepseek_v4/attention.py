@@ -90,6 +90,51 @@ def _compressed_slots(xp, st: LayerState, positions, selected=None):
     return xp.where(c < visible.reshape(B, 1), c + base, -1).astype(np.int32)
 
 
+def state_rope(st: LayerState):
+    """The layer's ``(cos, sin)`` tables as arrays of the state's library, made once per state
+    (on the GPU: one host-to-device copy, not one per step)."""
+    if st.rope is None:
+        st.rope = rope_tables(st.cfg, st.ratio, st.xp)
+    return st.rope
+
+
+def _project(xp, cfg: Config, w: AttentionWeights, x, pc, ps):
+    """The q path and the KV row of n tokens: ``(qr, q bf16 [n, H, 512], kv bf16 [n, 512])``."""
+    n = x.shape[0]
+    with scope("q"):
+        qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
+        q = rms_norm(xp, (qr @ w.wq_b.T).reshape(n, cfg.heads, HEAD_DIM), None, cfg.norm_eps)
+        q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
+        q = q.astype(BFLOAT16)
+    with scope("kv"):
+        kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
+        kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
+        kv = kv.astype(BFLOAT16)
+    return qr, q, kv
+
+
+def _index_query(xp, w: AttentionWeights, qr, x, pc, ps):
+    """The indexer's queries (bf16 ``[n, 64, 128]``, RoPE on dims 64:128) and head weights (float32
+    ``[n, 64]``, the 1/sqrt(64 * 128) scale folded in)."""
+    iq = (qr @ w.i_wq_b.T).reshape(x.shape[0], INDEX_HEADS, INDEX_DIM)
+    iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
+    iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
+    return iq.astype(BFLOAT16), iw.astype(np.float32)
+
+
+def _compressor_inputs(x, wkv, wgate):
+    """A compressor's two projections of n tokens, bf16 (``(kv, score)``)."""
+    return (x @ wkv.T).astype(BFLOAT16), (x @ wgate.T).astype(BFLOAT16)
+
+
+def _output(xp, cfg: Config, w: AttentionWeights, o):
+    """Grouped output projection of the attention output ``o`` ``[n, H, 512]``: bf16 ``[n, D]``."""
+    n = o.shape[0]
+    with scope("output"):
+        z = xp.einsum("ngi,gri->ngr", o.astype(np.float32).reshape(n, cfg.o_groups, cfg.group_width), w.wo_a)
+        return (z.reshape(n, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
+
+
 def check_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions) -> np.ndarray:
     """Validates one decode call before anything is changed; returns the positions (host int64)."""
     if w.kind != st.kind:
@@ -117,48 +162,34 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
     A call refused by validation changes nothing."""
     pos_host = check_decode(cfg, w, st, X, positions)
     xp = st.xp
-    B, H, r = st.batch, cfg.heads, st.ratio
+    B, r = st.batch, st.ratio
     pos = xp.asarray(pos_host)
-    cos, sin = rope_tables(cfg, r, xp)
+    cos, sin = state_rope(st)
     pc, ps = cos[pos], sin[pos]
     with scope("attention"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
         x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
-        with scope("q"):
-            qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
-            q = rms_norm(xp, (qr @ w.wq_b.T).reshape(B, H, HEAD_DIM), None, cfg.norm_eps)
-            q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
-            q = q.astype(BFLOAT16)
-        with scope("kv"):
-            kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
-            kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
-            st.ring[xp.arange(B), pos % cfg.window] = kv.astype(BFLOAT16)
+        qr, q, kv = _project(xp, cfg, w, x, pc, ps)
+        st.ring[xp.arange(B), pos % cfg.window] = kv
         selected = None
         if r == 4:
             with scope("indexer"):
-                iq = (qr @ w.i_wq_b.T).reshape(B, INDEX_HEADS, INDEX_DIM)
-                iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
-                iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
-                compress_decode((x @ w.i_wkv.T).astype(BFLOAT16), (x @ w.i_wgate.T).astype(BFLOAT16), w.i_ape,
-                                w.i_norm, pos, cos, sin, st.index_comp[0], st.index_comp[1], st.index_keys,
-                                ratio=4, eps=cfg.norm_eps)
+                iq, iw = _index_query(xp, w, qr, x, pc, ps)
+                compress_decode(*_compressor_inputs(x, w.i_wkv, w.i_wgate), w.i_ape, w.i_norm, pos, cos, sin,
+                                st.index_comp[0], st.index_comp[1], st.index_keys, ratio=4, eps=cfg.norm_eps)
                 lengths = ((pos + 1) // 4).astype(np.int32)
-                selected = indexer_topk(iq.astype(BFLOAT16), iw.astype(np.float32), st.index_keys, cfg.index_topk,
-                                        lengths=lengths)
+                selected = indexer_topk(iq, iw, st.index_keys, cfg.index_topk, lengths=lengths)
         if r:
             with scope("compressor"):
-                compress_decode((x @ w.c_wkv.T).astype(BFLOAT16), (x @ w.c_wgate.T).astype(BFLOAT16), w.c_ape,
-                                w.c_norm, pos, cos, sin, st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
+                compress_decode(*_compressor_inputs(x, w.c_wkv, w.c_wgate), w.c_ape, w.c_norm, pos, cos, sin,
+                                st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
         idx = window_slots(xp, pos, st.ring_base, cfg.window)
         if r:
             idx = xp.concatenate([idx, _compressed_slots(xp, st, pos, selected)], axis=1)
         o = sparse_attention(q, st.pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
                              rope=(cos, sin))
-        with scope("output"):
-            z = xp.einsum("bgi,gri->bgr", o.astype(np.float32).reshape(B, cfg.o_groups, cfg.group_width), w.wo_a)
-            y = (z.reshape(B, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
-        X_new = hc_post(y, X, post, comb)
+        X_new = hc_post(_output(xp, cfg, w, o), X, post, comb)
     st.next_pos = pos_host + 1
     st.last_selected = selected
     return X_new
@@ -182,42 +213,30 @@ def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: 
     if p0 + T > cfg.max_context:
         raise ValueError(f"positions {p0} .. {p0 + T - 1} go beyond the configured max_context {cfg.max_context}")
     xp = st.xp
-    H, r, W, rows = cfg.heads, st.ratio, cfg.window, st.rows
-    pos_host = np.arange(p0, p0 + T, dtype=np.int64)
-    pos = xp.asarray(pos_host)
-    cos, sin = rope_tables(cfg, r, xp)
+    r, W, rows = st.ratio, cfg.window, st.rows
+    pos = xp.arange(p0, p0 + T, dtype=np.int64)
+    cos, sin = state_rope(st)
     pc, ps = cos[pos], sin[pos]
     b = int(seq)
     with scope("attention_prefill"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
         x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
-        with scope("q"):
-            qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
-            q = rms_norm(xp, (qr @ w.wq_b.T).reshape(T, H, HEAD_DIM), None, cfg.norm_eps)
-            q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
-            q = q.astype(BFLOAT16)
-        with scope("kv"):
-            kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
-            kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
-            kv = kv.astype(BFLOAT16)
+        qr, q, kv = _project(xp, cfg, w, x, pc, ps)
         lengths = ((pos + 1) // max(r, 1)).astype(np.int32)
         selected = None
         if r == 4:
             with scope("indexer"):
-                iq = (qr @ w.i_wq_b.T).reshape(T, INDEX_HEADS, INDEX_DIM)
-                iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
-                iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
-                compress_prefill((x @ w.i_wkv.T).astype(BFLOAT16)[None], (x @ w.i_wgate.T).astype(BFLOAT16)[None],
-                                 w.i_ape, w.i_norm, p0, cos, sin, st.index_comp[0][b:b + 1],
+                iq, iw = _index_query(xp, w, qr, x, pc, ps)
+                ikv, iscore = _compressor_inputs(x, w.i_wkv, w.i_wgate)
+                compress_prefill(ikv[None], iscore[None], w.i_ape, w.i_norm, p0, cos, sin, st.index_comp[0][b:b + 1],
                                  st.index_comp[1][b:b + 1], st.index_keys[b:b + 1], ratio=4, eps=cfg.norm_eps)
-                selected = indexer_topk(iq.astype(BFLOAT16), iw.astype(np.float32), st.index_keys[b:b + 1],
-                                        cfg.index_topk, lengths=lengths)
+                selected = indexer_topk(iq, iw, st.index_keys[b:b + 1], cfg.index_topk, lengths=lengths)
         if r:
             with scope("compressor"):
-                compress_prefill((x @ w.c_wkv.T).astype(BFLOAT16)[None], (x @ w.c_wgate.T).astype(BFLOAT16)[None],
-                                 w.c_ape, w.c_norm, p0, cos, sin, st.comp[0][b:b + 1], st.comp[1][b:b + 1],
-                                 st.cache[b:b + 1], ratio=r, eps=cfg.norm_eps)
+                ckv, cscore = _compressor_inputs(x, w.c_wkv, w.c_wgate)
+                compress_prefill(ckv[None], cscore[None], w.c_ape, w.c_norm, p0, cos, sin, st.comp[0][b:b + 1],
+                                 st.comp[1][b:b + 1], st.cache[b:b + 1], ratio=r, eps=cfg.norm_eps)
         # temporary pool: [this sequence's compressed rows | its ring as before the chunk | the chunk's rows]
         pool = xp.concatenate([st.cache[b], st.ring[b], kv], axis=0)
         q_pos = pos.reshape(T, 1) - (W - 1) + xp.arange(W).reshape(1, W)           # window positions
@@ -231,10 +250,7 @@ def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: 
             idx = xp.concatenate([idx, xp.where(c < lengths.reshape(T, 1), c, -1).astype(np.int32)], axis=1)
         o = sparse_attention(q, pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
                              rope=(cos, sin))
-        with scope("output"):
-            z = xp.einsum("tgi,gri->tgr", o.astype(np.float32).reshape(T, cfg.o_groups, cfg.group_width), w.wo_a)
-            y = (z.reshape(T, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
-        X_new = hc_post(y, X, post, comb)
+        X_new = hc_post(_output(xp, cfg, w, o), X, post, comb)
         last = slice(max(0, T - W), T)
         st.ring[b, pos[last] % W] = kv[last]
     st.next_pos = st.next_pos.copy()

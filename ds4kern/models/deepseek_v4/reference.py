@@ -71,10 +71,8 @@ class ReferenceAttention:
 
     def _near_tie(self, got, want, score, tol):
         valid = want[want >= 0]
-        assert np.array_equal(np.sort(got[got >= 0]) >= 0, np.sort(valid) >= 0) and (got >= 0).sum() == valid.size, \
-            f"indexer chose {(got >= 0).sum()} columns, the reference {valid.size}"
+        assert (got >= 0).sum() == valid.size, f"indexer chose {(got >= 0).sum()} columns, the reference {valid.size}"
         kth = score[valid].min()
-        slack = tol * max(np.abs(score).max(), 1e-30)
         short = (kth - score[got[got >= 0]].min()) / max(np.abs(score).max(), 1e-30)
         assert short <= tol, f"the indexer's choice is not a top-k up to near-ties (short by {short:.2e} of max |score|)"
         self.ties += 1

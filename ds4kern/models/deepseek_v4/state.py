@@ -36,6 +36,7 @@ class LayerState:
             self.index_keys = self.index_comp = None
         self.next_pos = np.zeros(B, np.int64)
         self.last_selected = None
+        self.rope = None  # (cos, sin) of this layer kind, made at first use (attention.state_rope)
 
     def fill_random(self, positions, seed: int = 0) -> "LayerState":
         """State as if sequence b had decoded positions ``0 .. positions[b] - 1``, with random

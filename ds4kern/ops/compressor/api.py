@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ...core.args import int_arg, is_int, number_arg
+from ...core.args import int_arg, is_int, number_arg, pow2_bucket
 from ...core.arrays import FLOAT_DTYPES, Frame, dtype_name
 from ...core.op import Call, define_op, reference_or
 from . import kernels
@@ -56,10 +56,6 @@ def init_state(batch: int, ratio: int, dim: int, xp=np):
         raise ValueError(f"ratio must be 4 (CSA) or 128 (HCA), got {ratio!r}")
     shape = state_shape(batch, int(ratio), dim)
     return xp.zeros(shape, np.float32), xp.full(shape, -np.inf, np.float32)
-
-
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -185,8 +181,8 @@ def _prepare(op, kv, score, ape, norm_w, where, rope_cos, rope_sin, kv_state, sc
         if errors.dtype != np.int32 or errors.size != 1:
             raise TypeError(f"errors must be an int32 array of one element, got {dtype_name(errors.dtype)} "
                             f"{tuple(errors.shape)}")
-    problem = CompressProblem(frame.backend, ratio, d, _bucket(B), dtype_name(x.dtype), dtype_name(ca.dtype),
-                              _bucket(S) if prefill else 1)
+    problem = CompressProblem(frame.backend, ratio, d, pow2_bucket(B), dtype_name(x.dtype), dtype_name(ca.dtype),
+                              pow2_bucket(S) if prefill else 1)
     xp = frame.xp
     args = CompressArgs(xp.ascontiguousarray(x), xp.ascontiguousarray(sc), xp.ascontiguousarray(ap),
                         xp.ascontiguousarray(w), pos, start, xp.ascontiguousarray(cs), xp.ascontiguousarray(sn),

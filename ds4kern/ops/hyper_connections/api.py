@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import pow2_bucket
 from ...core.arrays import BFLOAT16, Frame, _is_torch, dtype_name
 from ...core.op import Call, define_op, reference_or
 from . import kernels
@@ -40,8 +41,7 @@ X_DTYPES = (F32, BFLOAT16)
 MAX_SINKHORN_ITERS = 1 << 16
 
 
-def bucket_tokens(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+bucket_tokens = pow2_bucket  # B buckets: powers of two
 
 
 @dataclass(frozen=True)

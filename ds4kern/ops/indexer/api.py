@@ -4,13 +4,13 @@ and the top-k of them per query token.  Semantics: ``shared/spec/sparse_attentio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...core.arrays import BFLOAT16, Frame, dtype_name
-from ...core.op import Call, define_op
+from ...core.op import Call, define_op, private_errors_run
 from ..topk.api import MAX_K, as_count, bucket
 from . import kernels
 from .reference import check_lengths, check_pages
@@ -129,18 +129,6 @@ def _device_array(frame, x, name, dtype, shape):
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(a.shape)}")
     return a
-
-
-def _scratch_run(a: IndexerArgs):
-    """``run(variant)`` for autotune: a private errors counter, so timing never adds to the caller's."""
-    holder = {}
-
-    def run(var):
-        if "args" not in holder:
-            holder["args"] = replace(a, errors=None if a.errors is None else a.frame.xp.zeros_like(a.errors))
-        var.fn(holder["args"])
-
-    return run
 
 
 def _device_facts(frame) -> tuple:
@@ -289,4 +277,4 @@ def indexer_topk(q_idx, w, keys, k, *, lengths, key_format: str = "bf16", key_sc
                        None if bt is None else xp.ascontiguousarray(bt), lens, k, per_token, C, o, logits, errors,
                        problem, frame)
     results = (o, logits) if return_logits else o
-    return Call(problem, args, frame, results, skip=T == 0, tune_run=_scratch_run(args))
+    return Call(problem, args, frame, results, skip=T == 0, tune_run=private_errors_run(args))

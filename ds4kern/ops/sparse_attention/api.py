@@ -4,13 +4,14 @@ a pool of KV rows (bf16 or FP8), one query token per row.  Semantics: ``shared/s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import pow2_bucket
 from ...core.arrays import BFLOAT16, Frame, dtype_name, writable
-from ...core.op import Call, define_op
+from ...core.op import Call, define_op, private_errors_run
 from . import kernels
 from .reference import DIM, FP8_ROW, check_positions, check_slots
 from .rule import rule
@@ -19,10 +20,6 @@ OP = "sparse_attention"
 MAX_HEADS = 128
 ROPE_PAIRS = 32
 KV_FORMATS = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "e4m3": "fp8", "fp8_e4m3": "fp8"}
-
-
-def _bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -161,18 +158,6 @@ def _out(frame, x, name, dtype, shape, backend, align=16):
     return a
 
 
-def _scratch_run(a: SparseAttentionArgs):
-    """``run(variant)`` for autotune: a private errors counter, so timing never adds to the caller's."""
-    holder = {}
-
-    def run(var):
-        if "args" not in holder:
-            holder["args"] = replace(a, errors=None if a.errors is None else a.frame.xp.zeros_like(a.errors))
-        var.fn(holder["args"])
-
-    return run
-
-
 @define_op(OP, rule=rule, kernels=kernels.FAMILIES)
 def sparse_attention(q, kv, indices, sink, *, scale: Optional[float] = None, kv_format: str = "bf16",
                      positions=None, rope=None, out=None, lse=None, errors=None, plan_only: bool = False):
@@ -286,7 +271,7 @@ def sparse_attention(q, kv, indices, sink, *, scale: Optional[float] = None, kv_
     o = None if out is None else _out(frame, out, "out", BFLOAT16, (N, H, DIM), backend)
     ls = None if lse is None else _out(frame, lse, "lse", np.dtype(np.float32), (N, H), backend, align=4)
     smem = kernels.device_facts(frame.device_id)[0] if backend == "cuda" else 0
-    problem = SparseAttentionProblem(backend, _bucket(N), H, _bucket(K), fmt, pos is not None, ls is not None,
+    problem = SparseAttentionProblem(backend, pow2_bucket(N), H, pow2_bucket(K), fmt, pos is not None, ls is not None,
                                      align, smem)
     if plan_only:
         return Call(problem)
@@ -300,4 +285,4 @@ def sparse_attention(q, kv, indices, sink, *, scale: Optional[float] = None, kv_
                                None if pos is None else xp.ascontiguousarray(pos),
                                None if cos is None else xp.ascontiguousarray(cos),
                                None if sin is None else xp.ascontiguousarray(sin), o, ls, errors, problem, frame)
-    return Call(problem, args, frame, o, skip=N == 0, tune_run=_scratch_run(args))
+    return Call(problem, args, frame, o, skip=N == 0, tune_run=private_errors_run(args))

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...core.args import pow2_bucket as bucket
 from ...core.arrays import BFLOAT16, Frame, dtype_name
 from ...core.op import Call, define_op
 from . import kernels
@@ -16,10 +17,6 @@ from .rule import rule
 OP = "topk_rows"
 MAX_K = kernels.MAX_K
 MAX_COLS = 2 ** 31 - 1
-
-
-def bucket(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def as_count(x, name: str, lo: int, hi: Optional[int] = None) -> int:

@@ -78,14 +78,14 @@ def window_slots(xp, positions, ring_base: int, window: int = 128):
     return xp.where(q >= 0, slot, -1).astype(np.int32)
 
 
-def _compressed_slots(xp, st: LayerState, positions, selected=None):
-    """CSA: the indexer's columns -> pool slots; HCA: every visible compressed row."""
+def _compressed_slots(xp, st: LayerState, positions, selected=None, width: int = 1):
+    """CSA: the indexer's columns -> pool slots; HCA: every visible compressed row, in ``width``
+    columns (at least the most rows any sequence sees; -1 beyond a sequence's own)."""
     B = positions.shape[0]
     base = xp.arange(B).reshape(B, 1) * st.rows
     if selected is not None:
         return xp.where(selected >= 0, selected + base, -1).astype(np.int32)
     visible = (positions + 1) // st.ratio
-    width = max(1, int(visible.max()))
     c = xp.arange(width).reshape(1, width)
     return xp.where(c < visible.reshape(B, 1), c + base, -1).astype(np.int32)
 
@@ -155,15 +155,21 @@ def check_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions)
     return pos
 
 
-def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions):
+def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions, *, positions_device=None,
+                     slot_horizon: int = 0):
     """One decode step of the attention block; returns ``X_new`` ``[B, 4, D]`` (X's dtype) and
     advances the state (KV ring row, compressor rows and states, indexer keys, next positions;
     ``st.last_selected``: the indexer's columns ``[B, index_topk]`` on CSA layers, else None).
-    A call refused by validation changes nothing."""
+    A call refused by validation changes nothing.
+
+    For CUDA-graph capture (no host synchronisation, no host-to-device copy): ``positions`` on
+    the host and the same values already on the device in ``positions_device`` (int64 ``[B]``);
+    ``slot_horizon``: HCA layers index the rows visible ``slot_horizon`` tokens later too (-1
+    until then), so a graph captured now stays right for that many replays."""
     pos_host = check_decode(cfg, w, st, X, positions)
     xp = st.xp
     B, r = st.batch, st.ratio
-    pos = xp.asarray(pos_host)
+    pos = xp.asarray(pos_host) if positions_device is None else positions_device
     cos, sin = state_rope(st)
     pc, ps = cos[pos], sin[pos]
     with scope("attention"):
@@ -186,7 +192,8 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
                                 st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
         idx = window_slots(xp, pos, st.ring_base, cfg.window)
         if r:
-            idx = xp.concatenate([idx, _compressed_slots(xp, st, pos, selected)], axis=1)
+            width = max(1, int(pos_host.max() + 1 + int(slot_horizon)) // r)
+            idx = xp.concatenate([idx, _compressed_slots(xp, st, pos, selected, width)], axis=1)
         o = sparse_attention(q, st.pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
                              rope=(cos, sin))
         X_new = hc_post(_output(xp, cfg, w, o), X, post, comb)

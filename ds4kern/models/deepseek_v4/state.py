@@ -66,6 +66,21 @@ class LayerState:
     def ring_base(self) -> int:
         return self.batch * self.rows
 
+    def restore(self, snap: dict) -> "LayerState":
+        """Put back a :meth:`snapshot` (host arrays) taken of this state."""
+        xp = self.xp
+        self.pool[...] = xp.asarray(snap["pool"])
+        self.next_pos = snap["next_pos"].copy()
+        if self.comp is not None:
+            self.comp[0][...] = xp.asarray(snap["comp_kv"])
+            self.comp[1][...] = xp.asarray(snap["comp_score"])
+        if self.index_keys is not None:
+            self.index_keys[...] = xp.asarray(snap["index_keys"])
+            self.index_comp[0][...] = xp.asarray(snap["index_kv"])
+            self.index_comp[1][...] = xp.asarray(snap["index_score"])
+        self.last_selected = None
+        return self
+
     def snapshot(self) -> dict:
         """Host copies of every array of the state (tests: a refused call changes nothing)."""
         xp = self.xp

@@ -20,6 +20,7 @@ from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
 from .ops.hyper_connections import hc_post, hc_post_pre, hc_pre
 from .ops.indexer import indexer_topk
+from .ops.moe import MoePermutation, moe_permute, moe_unpermute
 from .ops.router import router_topk
 from .ops.router_hash import router_hash
 from .ops.sparse_attention import pack_kv_fp8, sparse_attention, unpack_kv_fp8
@@ -46,6 +47,9 @@ __all__ = [
     "hc_post_pre",
     "topk_rows",
     "indexer_topk",
+    "moe_permute",
+    "moe_unpermute",
+    "MoePermutation",
     "pack_kv_fp8",
     "unpack_kv_fp8",
     "rope_table",

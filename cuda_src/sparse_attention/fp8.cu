@@ -65,8 +65,8 @@ sparse_attention_unpack_fp8(const unsigned char* __restrict__ packed, long long 
     if (lane < 28) {
         const uint2* p = reinterpret_cast<const uint2*>(src + 16 * lane);
         const float scale = ds4_ue8m0(src[DS4_SA_FP8_SCALE_OFF + lane / 4]);
-        dst[0] = ds4_dequant8(p[0], scale);
-        dst[1] = ds4_dequant8(p[1], scale);
+        dst[0] = ds4_dequant8<true>(p[0], scale);
+        dst[1] = ds4_dequant8<true>(p[1], scale);
     } else {
         const uint2* p = reinterpret_cast<const uint2*>(src + DS4_SA_FP8_ROPE_OFF + 32 * (lane - 28));
         const uint2 a = p[0], b = p[1], c = p[2], d = p[3];

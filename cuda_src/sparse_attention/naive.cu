@@ -29,7 +29,7 @@ __device__ __forceinline__ void naive_load_row(float (&v)[16], const unsigned ch
         const float scale = ds4_ue8m0(row[DS4_SA_FP8_SCALE_OFF + lane / 4]);
         const unsigned w[4] = {a.x, a.y, b.x, b.y};
 #pragma unroll
-        for (int i = 0; i < 16; ++i) v[i] = ds4_e4m3_to_float((w[i / 4] >> (8 * (i % 4))) & 0xffu) * scale;
+        for (int i = 0; i < 16; ++i) v[i] = ds4_mul_keep_subnormals(ds4_e4m3_to_float((w[i / 4] >> (8 * (i % 4))) & 0xffu), scale);
     } else {  // 16 bf16 rope values (rows are 8-byte aligned: 8-byte loads)
         const uint2* p = reinterpret_cast<const uint2*>(row + DS4_SA_FP8_ROPE_OFF + 32 * (lane - 28));
 #pragma unroll

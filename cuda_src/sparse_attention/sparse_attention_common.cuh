@@ -80,17 +80,32 @@ __device__ __forceinline__ int ds4_tile_exponent(float amax) {
     return k < -126 ? -126 : k;
 }
 
-// 8 e4m3 bytes (w.x low bytes first) times one scale -> 8 bf16 (as a uint4).
+// float -> bf16 bits, round to nearest even, by integer arithmetic: subnormal floats keep their
+// value (the hardware conversion may flush them under -ftz), NaN stays a quiet NaN.
+__device__ __forceinline__ unsigned ds4_bf16_bits(float f) {
+    const unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// 8 e4m3 bytes (w.x low bytes first) times one scale -> 8 bf16 (as a uint4).  EXACT: products and
+// conversions keep subnormal results (the unpacker's contract); else the faster hardware
+// conversion (attention, where a subnormal key value's contribution is below rounding anyway).
+template <bool EXACT = false>
 __device__ __forceinline__ uint4 ds4_dequant8(uint2 w, float scale) {
     unsigned r[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const unsigned word = i < 2 ? w.x : w.y;
         const int sh = (i & 1) * 16;
-        const float a = ds4_e4m3_to_float((word >> sh) & 0xffu) * scale;
-        const float b = ds4_e4m3_to_float((word >> (sh + 8)) & 0xffu) * scale;
-        __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-        r[i] = *reinterpret_cast<unsigned*>(&p);
+        const float a = ds4_mul_keep_subnormals(ds4_e4m3_to_float((word >> sh) & 0xffu), scale);
+        const float b = ds4_mul_keep_subnormals(ds4_e4m3_to_float((word >> (sh + 8)) & 0xffu), scale);
+        if (EXACT) {
+            r[i] = ds4_bf16_bits(a) | (ds4_bf16_bits(b) << 16);
+        } else {
+            __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+            r[i] = *reinterpret_cast<unsigned*>(&p);
+        }
     }
     return make_uint4(r[0], r[1], r[2], r[3]);
 }

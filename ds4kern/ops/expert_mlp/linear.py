@@ -1,0 +1,219 @@
+"""``grouped_linear``: rows grouped by expert times each expert's matrix (``out[r] = x[r] @ w[e].T``
+for ``offsets[e] <= r < offsets[e + 1]``): expert_mlp's down projection on its own.  With one
+group it is a dense linear layer on tensor cores that CUDA graphs can capture (CuPy refuses cuBLAS
+calls during a capture); with G groups, a grouped projection such as DeepSeek-V4's ``wo_a``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ...core.args import pow2_bucket
+from ...core.arrays import BFLOAT16, Frame, dtype_name
+from ...core.hookspecs import hookimpl
+from ...core.launch import MAX_GRID, allow_smem
+from ...core.launch import grid as _core_grid
+from ...core.op import Call, define_op
+from ...core.registry import Variant
+from . import kernels as K
+from .api import F32, MAX_ROWS, _aligned, _device_facts, _out_dtype, _weights
+from .reference import check_offsets
+
+OP = "grouped_linear"
+MIN_CC = 80
+
+
+@dataclass(frozen=True)
+class LinearProblem:
+    """``rows_bucket``: N rounded up to a power of two; ``groups``, ``out_features``,
+    ``in_features``: E, O, I of ``w [E, O, I]``; ``out_dtype``; ``aligned16``: x, w and out start on
+    16-byte boundaries; ``w_contiguous``; the device's facts (zeros on the host)."""
+
+    backend: str
+    rows_bucket: int
+    groups: int
+    out_features: int
+    in_features: int
+    out_dtype: str
+    aligned16: bool
+    w_contiguous: bool
+    smem_per_block: int = 0
+    sm_count: int = 0
+    cc: int = 0
+
+    def __str__(self) -> str:
+        return (f"backend={self.backend} N<={self.rows_bucket} E={self.groups} O={self.out_features} "
+                f"I={self.in_features} out {self.out_dtype}{'' if self.w_contiguous else ', strided w'}"
+                f"{'' if self.aligned16 else ', not 16-byte aligned'}")
+
+    @property
+    def bucket(self) -> tuple:
+        return (self.rows_bucket, self.groups, self.out_features, self.in_features, self.out_dtype, self.aligned16,
+                self.w_contiguous)
+
+
+@dataclass
+class LinearArgs:
+    """``x`` bf16 ``[N, I]`` C-contiguous, ``offsets`` int32 ``[E + 1]``, ``w`` bf16 ``[E, O, I]``,
+    ``out`` ``[N, O]`` C-contiguous (rows below offsets[E] filled)."""
+
+    x: Any
+    offsets: Any
+    w: Any
+    out: Any
+    problem: LinearProblem
+    frame: Frame
+
+
+def _rule(p, ok: frozenset) -> tuple:
+    if "reference" in ok:
+        return "reference", "host arrays run the reference backend"
+    if "grouped" in ok:
+        return "grouped", "tensor cores, one launch, no host synchronisation (CUDA graphs can capture it)"
+    return ("naive", "grouped cannot run it") if "naive" in ok else (sorted(ok)[0], "the first that can")
+
+
+@define_op(OP, rule=_rule, kernels=K.FAMILIES)
+def grouped_linear(x, offsets, w, *, out_dtype=None, out=None, plan_only: bool = False):
+    """``out[r] = x[r] @ w[e].T`` (float32 accumulation of bf16 products) for the rows
+    ``offsets[e] <= r < offsets[e + 1]`` of each group e; rows from ``offsets[E]`` on are left
+    unwritten (zeros on the host with ``out=None``).
+
+    Args:
+        x: bf16 ``[N, I]`` (a non-contiguous x is copied).
+        offsets: int32 / int64 ``[E + 1]`` on x's device; host arrays are checked, device arrays
+            are clamped to [0, N] (as ``expert_mlp``).
+        w: bf16 ``[E, O, I]`` (torch Linear layout per group).
+        out_dtype: "bfloat16" (default) or "float32"; out: optional ``[N, O]`` C-contiguous.
+
+    Variants: ``reference`` (numpy float32), ``naive`` (a float32 cuBLAS GEMM per group through
+    CuPy; copies offsets to the host), ``grouped`` (expert_mlp's down kernel: mma.sync bf16, one
+    launch, no host synchronisation; O and I multiples of 64, E <= 1024, contiguous 16-byte
+    aligned operands, sm_80+).
+    """
+    frame = Frame(x, "x")
+    xa = frame.array
+    if xa.dtype != BFLOAT16:
+        raise TypeError(f"x must be bfloat16, got {dtype_name(xa.dtype)}")
+    if xa.ndim != 2 or xa.shape[1] < 1:
+        raise ValueError(f"x must have shape [N, I] with I >= 1, got {list(xa.shape)}")
+    N, I = (int(d) for d in xa.shape)
+    if N > MAX_ROWS:
+        raise ValueError(f"x: N={N} rows is beyond the kernels' int range ({MAX_ROWS})")
+    wa = _weights(frame, w, "w", None, "[E, O, I]", None)
+    E, O = int(wa.shape[0]), int(wa.shape[1])
+    if E < 1 or O < 1 or wa.shape[2] != I:
+        raise ValueError(f"w must have shape [E, O, I] with E, O >= 1 and I = {I} (x's), got {list(wa.shape)}")
+    off = frame.convert(offsets, "offsets")
+    if off.dtype not in (np.int32, np.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {dtype_name(off.dtype)}")
+    if tuple(off.shape) != (E + 1,):
+        raise ValueError(f"offsets must have shape [E + 1] = [{E + 1}] (E = {E} groups of w), got {list(off.shape)}")
+    odt = _out_dtype(out_dtype, out)
+    o = None
+    if out is not None:
+        o = frame.convert(out, "out", written=True)
+        odt = o.dtype if odt is None else odt
+        if o.dtype != odt or o.dtype not in (BFLOAT16, F32):
+            raise TypeError(f"out must be {dtype_name(odt)} (bfloat16 or float32), got {dtype_name(o.dtype)}")
+        if tuple(o.shape) != (N, O) or not o.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous of shape [N, O] = [{N}, {O}], got {list(o.shape)}")
+    xp = frame.xp
+    if frame.backend == "numpy":
+        check_offsets(off, N)
+        offs = np.ascontiguousarray(off.astype(np.int32))
+    elif off.dtype == np.int64:
+        offs = xp.ascontiguousarray(xp.clip(off, 0, N).astype(np.int32))
+    else:
+        offs = xp.ascontiguousarray(off)
+    xc = xa if xa.flags.c_contiguous else xp.ascontiguousarray(xa)
+    smem, sms, cc = _device_facts(frame)
+    problem = LinearProblem(frame.backend, pow2_bucket(N), E, O, I, dtype_name(odt),
+                            frame.backend != "cuda" or _aligned((xc, wa, o)), bool(wa.flags.c_contiguous),
+                            smem, sms, cc)
+    if plan_only:
+        return Call(problem)
+    if o is None:
+        o = frame.empty((N, O), odt) if frame.backend == "cuda" else np.zeros((N, O), odt)
+    return Call(problem, LinearArgs(xc, offs, wa, o, problem, frame), frame, o, skip=N == 0)
+
+
+def grouped_rows(xp, n_rows: int, groups: int):
+    """Offsets ``[0, n, 2n, ..., G n]`` (int32, made on the device without a host copy) of G groups
+    of n rows each."""
+    return xp.arange(groups + 1, dtype=np.int32) * np.int32(n_rows)
+
+
+# -- variants ---------------------------------------------------------------------------------
+
+
+def _reference(a: LinearArgs) -> None:
+    o = np.asarray(a.offsets).astype(np.int64)
+    for e in range(len(o) - 1):
+        lo, hi = int(o[e]), int(o[e + 1])
+        if hi > lo:
+            a.out[lo:hi] = (a.x[lo:hi].astype(np.float32) @ a.w[e].astype(np.float32).T).astype(a.out.dtype)
+
+
+def _naive(a: LinearArgs) -> None:
+    xp = a.frame.xp
+    N = int(a.x.shape[0])
+    offs = np.clip(xp.asnumpy(a.offsets).astype(np.int64), 0, N)
+    for e in range(len(offs) - 1):
+        lo, hi = int(offs[e]), int(offs[e + 1])
+        if hi > lo:
+            y = a.x[lo:hi].astype(np.float32) @ a.w[e].astype(np.float32).T
+            a.out[lo:hi] = y.astype(a.out.dtype)
+
+
+def _tn(p: LinearProblem) -> Optional[int]:
+    fits = [t for t in K.TOKEN_GROUPS if K.grouped_block_smem(t) <= p.smem_per_block
+            and K.item_bound(p.rows_bucket, p.groups, t, K.down_tiles(p.out_features)) <= MAX_GRID]
+    if not fits:
+        return None
+    avg = -(-p.rows_bucket // p.groups)
+    tn = next((t for t in fits if t >= avg), fits[-1])
+    while tn > fits[0] and K.item_bound(p.rows_bucket, p.groups, tn, K.down_tiles(p.out_features)) < 2 * max(p.sm_count, 1):
+        tn //= 2
+    return tn if tn in fits else fits[0]
+
+
+def _grouped_supports(p: LinearProblem) -> Optional[str]:
+    if p.cc and p.cc < MIN_CC:
+        return f"needs sm_80 or newer (mma.sync bf16, cp.async); the device is sm_{p.cc}"
+    if p.out_features % K.ALIGN or p.in_features % K.ALIGN:
+        return f"O={p.out_features} and I={p.in_features} must be multiples of {K.ALIGN}"
+    if p.groups > K.MAX_EXPERTS:
+        return f"E={p.groups} groups: the item search handles at most {K.MAX_EXPERTS}"
+    if not p.w_contiguous:
+        return "w must be C-contiguous (the kernel addresses whole rows from the base)"
+    if not p.aligned16:
+        return "x, w and out must start on 16-byte boundaries (16-byte copies and stores)"
+    if _tn(p) is None:
+        return f"no row-group size fits the device ({p.smem_per_block} bytes of shared memory per block) and one launch"
+    return None
+
+
+def _grouped(a: LinearArgs) -> None:
+    p = a.problem
+    N, E, O, I = int(a.x.shape[0]), p.groups, p.out_features, p.in_features
+    tn = _tn(p)
+    blocks = K.item_bound(N, E, tn, K.down_tiles(O))
+    kern = K.GROUPED.kernel(K.down_name(tn, p.out_dtype == "float32"))
+    allow_smem(kern, K.grouped_block_smem(tn))
+    # expert_mlp_down(h [N, I], offsets, w [E, D=O, I], E, N, D=O, I, out [N, O])
+    kern((_core_grid(blocks, OP, f"{K.down_tiles(O)} tiles x row groups", "N (the rows)"),), (K.THREADS,),
+         (a.x, a.offsets, a.w, np.int32(E), np.int32(N), np.int32(O), np.int32(I), a.out),
+         shared_mem=K.grouped_smem(tn))
+
+
+@hookimpl
+def ds4kern_register_variants(register):
+    register(Variant(OP, "reference", "numpy", _reference, description="numpy, float32 arithmetic per group"))
+    register(Variant(OP, "naive", "cuda", _naive,
+                     description="a float32 cuBLAS GEMM per group (CuPy); copies offsets to the host (synchronises)"))
+    register(Variant(OP, "grouped", "cuda", _grouped, supports=_grouped_supports,
+                     description="expert_mlp's down kernel: mma.sync bf16 with the weights as M, a block per (group, "
+                                 "64 output features, row group); one launch, no host synchronisation"))

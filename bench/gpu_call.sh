@@ -11,7 +11,7 @@ P="python3 -m pytest -q -p no:cacheprovider -rf --durations=5"
 run_group() { local name=$1; shift; ( timeout "$TESTS_S" $P -m gpu "$@" > "$OUT/$name.txt" 2>&1; echo "exit $?" >> "$OUT/$name.txt" ) & }
 if [ "${GROUPS_ON:-1}" = 1 ]; then
 run_group g1_router tests/router tests/router_te tests/router_hash
-run_group g2_comp tests/compressor tests/replay tests/locality tests/core
+run_group g2_comp tests/compressor tests/replay tests/locality tests/core tests/moe tests/expert_mlp
 run_group g3_sa_hc tests/sparse_attention tests/hyper_connections
 run_group g4_ix_models tests/indexer tests/topk tests/models ${EXTRA_TESTS:-} ${IGNORE:-}
 fi
@@ -34,6 +34,8 @@ for b in $BENCH; do
     sa) timeout 120 python3 bench/sparse_attention/sparse_attention_bench.py ;;
     hc) timeout 100 python3 bench/hyper_connections/hc_bench.py --repeat 30 ;;
     ix) timeout 90 python3 bench/indexer/indexer_bench.py ;;
+    em) timeout 120 python3 bench/expert_mlp/expert_mlp_bench.py ;;
+    moe) timeout 60 python3 bench/moe/moe_bench.py ;;
     *) eval "$b" ;;
   esac > "$OUT/bench_$b.txt" 2>&1; echo "== bench $b exit $?"; tail -30 "$OUT/bench_$b.txt"
 done

@@ -26,8 +26,9 @@ if want cli; then
 fi
 if want run; then
   step main job
-  $py -m ds4kern run --tokens 65536 2>&1 | tee "$OUT/run.txt"
-  $py -m ds4kern run --tokens 128 --dtype bfloat16 2>&1 | tee -a "$OUT/run.txt"
+  $py -m ds4kern run --layers 2 --batch 8 --context 4096 2>&1 | tee "$OUT/run.txt"
+  $py -m ds4kern router --tokens 65536 2>&1 | tee -a "$OUT/run.txt"
+  $py -m ds4kern router --tokens 128 --dtype bfloat16 2>&1 | tee -a "$OUT/run.txt"
 fi
 if want sanitizer; then
   step compute-sanitizer

@@ -19,6 +19,7 @@ from .core.scope import scope
 from .locality.recorder import LocalityRecorder
 from .ops.compressor import compress_decode, compress_prefill
 from .ops.hyper_connections import hc_post, hc_post_pre, hc_pre
+from .ops.expert_mlp import expert_mlp, grouped_linear
 from .ops.indexer import indexer_topk
 from .ops.moe import MoePermutation, moe_permute, moe_unpermute
 from .ops.router import router_topk
@@ -48,6 +49,8 @@ __all__ = [
     "topk_rows",
     "indexer_topk",
     "moe_permute",
+    "expert_mlp",
+    "grouped_linear",
     "moe_unpermute",
     "MoePermutation",
     "pack_kv_fp8",

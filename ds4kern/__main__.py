@@ -1,8 +1,10 @@
-"""Command line: ``python -m ds4kern {run,attention,info,profile,scope-stats,compile-check}``.
+"""Command line: ``python -m ds4kern {run,router,attention,info,profile,scope-stats,compile-check}``.
 
-``run`` is the main job: the DeepSeek-V4-Flash router problem (E=256, k=6, sqrtsoftplus with
-expert bias, scaling 1.5), run with every variant that can take it, validated against the
-reference, timed.  Without a GPU it runs the reference backend and says so.
+``run`` is the main job: DeepSeek-V4 decode steps built from ds4kern ops, first checked against
+the float64 reference at the small config, then (on a GPU) a Flash step of a few layers timed,
+with its per-op table, tokens per second and memory-scope peaks.  Without a GPU it runs the
+check on the reference backend and says so.  ``router`` is the router problem (E=256, k=6,
+sqrtsoftplus with expert bias, scaling 1.5) with every variant that can take it.
 
 An ordinary mistake (a missing or malformed input file, a bad option value, an output folder
 that does not exist, a missing optional dependency) is one line on stderr and exit code 2,
@@ -136,7 +138,59 @@ def cmd_info(args) -> int:
 FLASH = dict(num_experts=256, topk=6, score_function="sqrtsoftplus", scaling_factor=1.5)
 
 
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def cmd_run(args) -> int:
+    from ds4kern.core import scope
+    from ds4kern.models.deepseek_v4 import config as C
+    from ds4kern.models.deepseek_v4.model import layer_bytes
+    from ds4kern.models.deepseek_v4.run import capture_hooks, check_steps, time_step
+
+    cp, why = _gpu_status()
+    xp = np if cp is None else cp
+    if cp is None:
+        print(f"No GPU: {why}. Running the reference backend (numpy) at the small config only.")
+    small = C.small(512)
+    print(f"check: DeepSeek-V4 small config ({small.layers} layers: hash-routed SWA, CSA, HCA, CSA; D={small.dim}, "
+          f"E={small.experts}), B={args.check_batch}, {args.check_steps} decode steps from position 0, "
+          f"{'GPU' if cp is not None else 'numpy'} vs the float64 reference")
+    t0 = time.perf_counter()
+    r = check_steps(small, args.check_batch, args.check_steps, xp=xp, seed=args.seed)
+    print(f"  worst relative error {r['worst']:.2e} (bar 2e-2): {'ok' if r['ok'] else 'FAILED'} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    if cp is None or not r["ok"]:
+        return 0 if r["ok"] else 1
+    cfg = {"flash": C.flash, "pro": C.pro}[args.model](-(-(args.context + 4 * args.steps + 64) // 512) * 512)
+    L = args.layers
+    per = [layer_bytes(cfg, i, args.batch, args.resident) for i in range(L)]
+    tot = {k: sum(p[k] for p in per) for k in per[0]}
+    print(f"\nDeepSeek-V4 {args.model}: {L} layers ({', '.join(cfg.kind(i) for i in range(L))}), B={args.batch}, "
+          f"context {args.context}, resident experts {args.resident or cfg.experts}/{cfg.experts}")
+    print(f"  memory: routed experts {_fmt_bytes(tot['experts'])}, other weights {_fmt_bytes(tot['other_weights'])}, "
+          f"KV state {_fmt_bytes(tot['state'])}")
+    from ds4kern.core.timing import copy_bandwidth, device_name
+    print(f"  device: {device_name()}; copy bandwidth {copy_bandwidth() / 1e9:.0f} GB/s")
+    hooks = capture_hooks(cfg, L, args.capture, args.recorder) if (args.capture or args.recorder) else None
+    out = time_step(cfg, args.batch, args.context, layers=L, steps=args.steps, xp=cp, seed=args.seed,
+                    resident=args.resident, hooks_factory=hooks)
+    g = out.get("graph_step_s")
+    print(f"  step: {1e3 * out['step_s']:.3f} ms plain calls"
+          + (f", {1e3 * g:.3f} ms CUDA-graph replay" if g else "")
+          + f"; {out['tokens_per_s']:.0f} tokens/s")
+    if out.get("graph_error"):
+        print(f"  (no CUDA-graph timing: the capture failed: {out['graph_error']})")
+    print(f"\n{'part (all layers, synchronised pass)':40s} {'ms / step':>10s} {'share':>7s}")
+    whole = sum(v for _, v in out["table"]) or 1.0
+    for k, v in out["table"]:
+        print(f"{k:40s} {1e3 * v:10.3f} {100 * v / whole:6.1f}%")
+    print("\nscope peaks (CuPy pool bytes in use):")
+    print(scope.format_summary(out["peaks"]))
+    return 0
+
+
+def cmd_router(args) -> int:
     import ds4kern
     from ds4kern.core.arrays import BFLOAT16
     from ds4kern.ops.router.checks import compare_router, router_tolerances, router_topk64
@@ -374,7 +428,29 @@ def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m ds4kern", description="ds4kern command line: python -m ds4kern COMMAND --help "
                  "describes each command")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands", required=True)
-    p = sub.add_parser("run", help="main job: DeepSeek-V4-Flash router, every variant, validated and timed",
+    p = sub.add_parser("run", help="main job: DeepSeek-V4 decode step, checked against float64, timed",
+                       description="DeepSeek-V4 decode steps built from ds4kern ops: first the small config "
+                                   "(4 layers) checked against the float64 reference, then on a GPU a step of "
+                                   "--layers layers of the chosen model timed, with its per-op table, tokens per "
+                                   "second and memory-scope peaks (without a GPU: only the check, on the "
+                                   "reference backend).")
+    p.add_argument("--model", choices=["flash", "pro"], default="flash", help="config timed (default %(default)s)")
+    p.add_argument("--layers", type=_int_at_least(1), default=4, help="layers timed (default %(default)s)")
+    p.add_argument("--batch", type=_int_at_least(1), default=64, help="sequences B (default %(default)s)")
+    p.add_argument("--context", type=_int_at_least(0), default=65536,
+                   help="tokens in each sequence's cache (default %(default)s)")
+    p.add_argument("--steps", type=_int_at_least(1), default=10, help="timed decode steps (default %(default)s)")
+    p.add_argument("--resident", type=_int_at_least(1), default=None,
+                   help="expert weight sets held per layer (default: all; expert e runs those of e mod N)")
+    p.add_argument("--capture", action="store_true", help="routing capture on inside the step")
+    p.add_argument("--recorder", action="store_true", help="locality recorder on inside the step")
+    p.add_argument("--check-batch", type=_int_at_least(1), default=2, help="sequences of the check (default 2)")
+    p.add_argument("--check-steps", type=_int_at_least(1), default=8, help="decode steps of the check (default 8)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, caches and tokens")
+    p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
+                   help="write memory-scope statistics (JSON lines, one per scope exit) to PATH")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("router", help="DeepSeek-V4-Flash router, every variant, validated and timed",
                        description="The DeepSeek-V4-Flash router (E=256, k=6, sqrtsoftplus + bias, scaling 1.5) "
                                    "with every variant that can run it, checked and timed (without a GPU: the "
                                    "reference backend against a float64 formulation).")
@@ -386,7 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=None, help="random seed (default: fresh inputs)")
     p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
                    help="write memory-scope statistics (JSON lines, one per scope exit) to PATH")
-    p.set_defaults(fn=cmd_run)
+    p.set_defaults(fn=cmd_router)
     p = sub.add_parser("attention", help="DeepSeek-V4 attention block (decode): per-op time table, scope peaks",
                        description="One layer's attention block, decode steps of B sequences at mixed positions "
                                    "near --context, random weights and caches of the real shapes; prints the "
@@ -455,7 +531,7 @@ def main(argv=None) -> int:
             open(stats, "w").close()  # this run's statistics only
             scope.set_stats_path(stats)
             try:
-                if args.cmd == "attention":  # its scopes are the block's own ("attention/...")
+                if args.cmd in ("attention", "run"):  # their scopes are the blocks' own ("attention/...", "step/...")
                     rc = args.fn(args)
                 else:
                     with scope.scope(args.cmd):

@@ -23,7 +23,15 @@ def test_info_lists_ops_variants_plugins():
 
 @pytest.mark.skipif(GPU_SKIP_REASON is None, reason="the GPU machine runs the GPU path of the main job")
 def test_main_job_without_gpu_runs_reference_and_says_so():
-    r = run("run", "--tokens", "512")
+    r = run("run", "--check-steps", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No GPU" in r.stdout and "reference backend" in r.stdout
+    assert "float64 reference" in r.stdout and ": ok (" in r.stdout
+
+
+@pytest.mark.skipif(GPU_SKIP_REASON is None, reason="the GPU machine runs the GPU path of the router job")
+def test_router_job_without_gpu_runs_reference_and_says_so():
+    r = run("router", "--tokens", "512")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "No GPU" in r.stdout and "reference backend" in r.stdout
     assert "reference" in r.stdout and " ok " in r.stdout
@@ -37,7 +45,7 @@ def test_usage_error():
 def test_no_command_prints_the_commands():
     r = run()
     assert r.returncode == 0, r.stderr
-    for cmd in ("run", "info", "profile", "compile-check"):
+    for cmd in ("run", "router", "attention", "info", "profile", "compile-check"):
         assert cmd in r.stdout
 
 
@@ -102,8 +110,10 @@ def cli(capsys, *args):
     (["profile", "{d}/p.json", "--out", "{d}/no/such/folder/r.json"], "does not exist"),
     (["profile", "{d}/p.json", "--out", "{d}/r.json", "--png", "{d}/no/x.png"], "does not exist"),
     (["profile", "{d}/p.json"], "--out"),
-    (["run", "--tokens", "-5"], "--tokens"),
-    (["run", "--repeat", "0"], "--repeat"),
+    (["router", "--tokens", "-5"], "--tokens"),
+    (["router", "--repeat", "0"], "--repeat"),
+    (["run", "--layers", "0"], "--layers"),
+    (["run", "--model", "small"], "--model"),
     (["compile-check", "--arch", "foo"], "--arch"),
 ])
 def test_ordinary_mistakes_are_one_line_and_exit_2(inputs, capsys, args, words):
@@ -132,18 +142,18 @@ def test_scope_stats_switch_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.delenv("DS4KERN_SCOPE_STATS", raising=False)
     path = tmp_path / "scopes.jsonl"
-    r = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--tokens", "64", "--repeat", "2", "--scope-stats",
+    r = subprocess.run([sys.executable, "-m", "ds4kern", "router", "--tokens", "64", "--repeat", "2", "--scope-stats",
                         str(path)], capture_output=True, text=True, cwd=tmp_path,
                        env=NO_STATS_ENV())
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     paths = {rec["path"] for rec in recs}
-    assert "run" in paths and "run/router_topk" in paths, paths
+    assert "router" in paths and "router/router_topk" in paths, paths
     assert "memory scopes" in r.stdout
     r2 = run("scope-stats", str(path))
-    assert r2.returncode == 0 and "run/router_topk" in r2.stdout
+    assert r2.returncode == 0 and "router/router_topk" in r2.stdout
     before = sorted(p.name for p in tmp_path.iterdir())
-    r3 = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--tokens", "64", "--repeat", "2"],
+    r3 = subprocess.run([sys.executable, "-m", "ds4kern", "router", "--tokens", "64", "--repeat", "2"],
                         capture_output=True, text=True, cwd=tmp_path,
                         env=NO_STATS_ENV())
     assert r3.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == before

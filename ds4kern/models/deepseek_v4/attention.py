@@ -28,6 +28,7 @@ import numpy as np
 from ...core.arrays import BFLOAT16
 from ...core.scope import scope
 from ...ops.compressor import compress_decode, compress_prefill
+from ...ops.expert_mlp import grouped_linear, grouped_rows
 from ...ops.hyper_connections import hc_post, hc_pre
 from ...ops.indexer import indexer_topk
 from ...ops.sparse_attention import sparse_attention
@@ -55,6 +56,14 @@ def rms_norm(xp, x, weight, eps):
     x = x.astype(np.float32)
     r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
     return x * r if weight is None else x * r * weight
+
+
+def linear(xp, x, w, out_dtype=np.float32):
+    """``x @ w.T`` of rows ``x`` ``[n, in]`` (rounded to bf16, as the public code's activations are)
+    and bf16 ``w`` ``[out, in]``: ``grouped_linear`` with one group, float32 accumulation, so the
+    whole step stays capturable in a CUDA graph (CuPy refuses cuBLAS calls during a capture)."""
+    xb = xp.ascontiguousarray(x if x.dtype == BFLOAT16 else x.astype(BFLOAT16))
+    return grouped_linear(xb, grouped_rows(xp, xb.shape[0], 1), w[None], out_dtype=out_dtype)
 
 
 def apply_rope(xp, x, cos, sin):
@@ -102,12 +111,12 @@ def _project(xp, cfg: Config, w: AttentionWeights, x, pc, ps):
     """The q path and the KV row of n tokens: ``(qr, q bf16 [n, H, 512], kv bf16 [n, 512])``."""
     n = x.shape[0]
     with scope("q"):
-        qr = rms_norm(xp, x @ w.wq_a.T, w.q_norm, cfg.norm_eps)
-        q = rms_norm(xp, (qr @ w.wq_b.T).reshape(n, cfg.heads, HEAD_DIM), None, cfg.norm_eps)
+        qr = rms_norm(xp, linear(xp, x, w.wq_a), w.q_norm, cfg.norm_eps).astype(BFLOAT16)
+        q = rms_norm(xp, linear(xp, qr, w.wq_b).reshape(n, cfg.heads, HEAD_DIM), None, cfg.norm_eps)
         q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
         q = q.astype(BFLOAT16)
     with scope("kv"):
-        kv = rms_norm(xp, x @ w.wkv.T, w.kv_norm, cfg.norm_eps)
+        kv = rms_norm(xp, linear(xp, x, w.wkv), w.kv_norm, cfg.norm_eps)
         kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
         kv = kv.astype(BFLOAT16)
     return qr, q, kv
@@ -116,23 +125,25 @@ def _project(xp, cfg: Config, w: AttentionWeights, x, pc, ps):
 def _index_query(xp, w: AttentionWeights, qr, x, pc, ps):
     """The indexer's queries (bf16 ``[n, 64, 128]``, RoPE on dims 64:128) and head weights (float32
     ``[n, 64]``, the 1/sqrt(64 * 128) scale folded in)."""
-    iq = (qr @ w.i_wq_b.T).reshape(x.shape[0], INDEX_HEADS, INDEX_DIM)
+    iq = linear(xp, qr, w.i_wq_b).reshape(x.shape[0], INDEX_HEADS, INDEX_DIM)
     iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
-    iw = (x @ w.i_wproj.T) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
+    iw = linear(xp, x, w.i_wproj) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
     return iq.astype(BFLOAT16), iw.astype(np.float32)
 
 
-def _compressor_inputs(x, wkv, wgate):
+def _compressor_inputs(xp, x, wkv, wgate):
     """A compressor's two projections of n tokens, bf16 (``(kv, score)``)."""
-    return (x @ wkv.T).astype(BFLOAT16), (x @ wgate.T).astype(BFLOAT16)
+    return linear(xp, x, wkv, BFLOAT16), linear(xp, x, wgate, BFLOAT16)
 
 
 def _output(xp, cfg: Config, w: AttentionWeights, o):
     """Grouped output projection of the attention output ``o`` ``[n, H, 512]``: bf16 ``[n, D]``."""
-    n = o.shape[0]
+    n, G, R = o.shape[0], cfg.o_groups, cfg.o_lora_rank
     with scope("output"):
-        z = xp.einsum("ngi,gri->ngr", o.astype(np.float32).reshape(n, cfg.o_groups, cfg.group_width), w.wo_a)
-        return (z.reshape(n, cfg.o_groups * cfg.o_lora_rank) @ w.wo_b.T).astype(BFLOAT16)
+        og = xp.ascontiguousarray(o.reshape(n, G, cfg.group_width).transpose(1, 0, 2)).reshape(G * n, cfg.group_width)
+        z = grouped_linear(og, grouped_rows(xp, n, G), w.wo_a, out_dtype=BFLOAT16)     # [G n, R], group-major
+        z = z.reshape(G, n, R).transpose(1, 0, 2).reshape(n, G * R)
+        return linear(xp, z, w.wo_b, BFLOAT16)
 
 
 def check_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions) -> np.ndarray:
@@ -175,20 +186,20 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
     with scope("attention"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps).astype(BFLOAT16)  # projections read bf16 rows
         qr, q, kv = _project(xp, cfg, w, x, pc, ps)
         st.ring[xp.arange(B), pos % cfg.window] = kv
         selected = None
         if r == 4:
             with scope("indexer"):
                 iq, iw = _index_query(xp, w, qr, x, pc, ps)
-                compress_decode(*_compressor_inputs(x, w.i_wkv, w.i_wgate), w.i_ape, w.i_norm, pos, cos, sin,
+                compress_decode(*_compressor_inputs(xp, x, w.i_wkv, w.i_wgate), w.i_ape, w.i_norm, pos, cos, sin,
                                 st.index_comp[0], st.index_comp[1], st.index_keys, ratio=4, eps=cfg.norm_eps)
                 lengths = ((pos + 1) // 4).astype(np.int32)
                 selected = indexer_topk(iq, iw, st.index_keys, cfg.index_topk, lengths=lengths)
         if r:
             with scope("compressor"):
-                compress_decode(*_compressor_inputs(x, w.c_wkv, w.c_wgate), w.c_ape, w.c_norm, pos, cos, sin,
+                compress_decode(*_compressor_inputs(xp, x, w.c_wkv, w.c_wgate), w.c_ape, w.c_norm, pos, cos, sin,
                                 st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
         idx = window_slots(xp, pos, st.ring_base, cfg.window)
         if r:
@@ -228,20 +239,20 @@ def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: 
     with scope("attention_prefill"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps).astype(BFLOAT16)  # projections read bf16 rows
         qr, q, kv = _project(xp, cfg, w, x, pc, ps)
         lengths = ((pos + 1) // max(r, 1)).astype(np.int32)
         selected = None
         if r == 4:
             with scope("indexer"):
                 iq, iw = _index_query(xp, w, qr, x, pc, ps)
-                ikv, iscore = _compressor_inputs(x, w.i_wkv, w.i_wgate)
+                ikv, iscore = _compressor_inputs(xp, x, w.i_wkv, w.i_wgate)
                 compress_prefill(ikv[None], iscore[None], w.i_ape, w.i_norm, p0, cos, sin, st.index_comp[0][b:b + 1],
                                  st.index_comp[1][b:b + 1], st.index_keys[b:b + 1], ratio=4, eps=cfg.norm_eps)
                 selected = indexer_topk(iq, iw, st.index_keys[b:b + 1], cfg.index_topk, lengths=lengths)
         if r:
             with scope("compressor"):
-                ckv, cscore = _compressor_inputs(x, w.c_wkv, w.c_wgate)
+                ckv, cscore = _compressor_inputs(xp, x, w.c_wkv, w.c_wgate)
                 compress_prefill(ckv[None], cscore[None], w.c_ape, w.c_norm, p0, cos, sin, st.comp[0][b:b + 1],
                                  st.comp[1][b:b + 1], st.cache[b:b + 1], ratio=r, eps=cfg.norm_eps)
         # temporary pool: [this sequence's compressed rows | its ring as before the chunk | the chunk's rows]

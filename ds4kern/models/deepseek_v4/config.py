@@ -92,4 +92,4 @@ def small(max_context: int = 2048) -> Config:
     """Real head and indexer widths (the kernels' fixed sizes), small everything else; four layers
     (hash-routed SWA, then CSA, HCA, CSA) so a step meets every layer and router kind."""
     return Config("small", 256, 16, 128, 2, 64, index_topk=16, max_context=max_context, yarn_original=256,
-                  experts=16, moe_inter=128, hash_layers=1, vocab=1000, ratios=(0, 4, 128, 4))
+                  experts=64, moe_inter=128, hash_layers=1, vocab=1000, ratios=(0, 4, 128, 4))

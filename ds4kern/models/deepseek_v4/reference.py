@@ -2,7 +2,8 @@
 rather than from the block's state: per sequence, every past KV row and every compressor input is
 kept, the window is the last 128 rows, compressed rows are pooled from the inputs of their
 tokens, and attention is a plain softmax over the rows with the sink.  Storage formats the block
-defines are rounded the same way (bf16 KV rows, q, attention output, y, indexer inputs).  hc_pre
+defines are rounded the same way (bf16 normed rows and q_lora rows read by the projections, KV
+rows, q, attention output, the grouped projection's output, y, indexer inputs).  hc_pre
 and hc_post come from the ops' float64 references."""
 
 from __future__ import annotations
@@ -97,13 +98,13 @@ class ReferenceAttention:
         f = {k: np.asarray(v, np.float64) for k, v in vars(w).items() if k != "kind" and v is not None}
         x_in, post, comb = reference_hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, cfg.norm_eps, cfg.hc_eps,
                                             cfg.sinkhorn_iters)
-        x = _rms(np.asarray(x_in, np.float64), f["attn_norm"], cfg.norm_eps)
+        x = _bf(_rms(np.asarray(x_in, np.float64), f["attn_norm"], cfg.norm_eps))  # projections read bf16 rows
         ys = np.zeros((B, cfg.dim))
         sel_out = []
         for b in range(B):
             p = len(self.rows[b])
             c, s = self.cos[p], self.sin[p]
-            qr = _rms(f["wq_a"] @ x[b], f["q_norm"], cfg.norm_eps)
+            qr = _bf(_rms(f["wq_a"] @ x[b], f["q_norm"], cfg.norm_eps))
             q = _rms((f["wq_b"] @ qr).reshape(H, HEAD_DIM), None, cfg.norm_eps)
             q[:, HEAD_DIM - ROPE_DIM:] = _rope(q[:, HEAD_DIM - ROPE_DIM:], c, s)
             q = _bf(q)
@@ -141,7 +142,7 @@ class ReferenceAttention:
             o = (e @ rows) / (e.sum(axis=1, keepdims=True) + np.exp(f["sink"][:, None] - m))
             o[:, HEAD_DIM - ROPE_DIM:] = _rope(o[:, HEAD_DIM - ROPE_DIM:], c, s, inverse=True)
             o = _bf(o).reshape(cfg.o_groups, cfg.group_width)
-            z = np.einsum("gri,gi->gr", f["wo_a"], o).reshape(-1)
+            z = _bf(np.einsum("gri,gi->gr", f["wo_a"], o).reshape(-1))
             ys[b] = _bf(f["wo_b"] @ z)
         self.selected = np.array(sel_out) if sel_out else None
         return reference_hc_post(ys, X, post, comb)

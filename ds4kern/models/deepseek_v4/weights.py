@@ -1,5 +1,6 @@
-"""Random attention weights of DeepSeek-V4's real shapes (seeded), float32 arrays holding
-bf16-representable values (the checkpoint's projections are FP8 / bf16; cuBLAS runs float32)."""
+"""Random attention weights of DeepSeek-V4's real shapes (seeded): projection matrices bf16 (the
+checkpoint's are FP8 / bf16; ``grouped_linear`` runs them on tensor cores), norms, sink,
+hyper-connection and position-bias vectors float32."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class AttentionWeights:
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32).astype(BFLOAT16).astype(np.float32)
+    return a.astype(np.float32).astype(BFLOAT16)
 
 
 def random_attention_weights(cfg: Config, kind: str, seed: int = 0) -> AttentionWeights:

@@ -167,6 +167,36 @@ def _aligned(arrays) -> bool:
     return all(a is None or a.size == 0 or _ptr(a) % 16 == 0 for a in arrays)
 
 
+def rows_arg(frame, what: str) -> tuple:
+    """x: bf16 ``[N, width]`` (``what`` names the width, e.g. "D"); returns ``(x, N, width)``."""
+    xa = frame.array
+    if xa.dtype != BFLOAT16:
+        raise TypeError(f"x must be bfloat16, got {dtype_name(xa.dtype)}")
+    if xa.ndim != 2 or xa.shape[1] < 1:
+        raise ValueError(f"x must have shape [N, {what}] with {what} >= 1, got {list(xa.shape)}")
+    N, W = (int(d) for d in xa.shape)
+    if N > MAX_ROWS:
+        raise ValueError(f"x: N={N} rows is beyond the kernels' int range ({MAX_ROWS})")
+    return xa, N, W
+
+
+def offsets_arg(frame, offsets, E: int, N: int, of_what: str):
+    """offsets ``[E + 1]`` int32 / int64 as the variants take them: host arrays checked (errors
+    name the entry), device int64 clipped to [0, N] and narrowed, int32 as given."""
+    off = frame.convert(offsets, "offsets")
+    if off.dtype not in (np.int32, np.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {dtype_name(off.dtype)}")
+    if tuple(off.shape) != (E + 1,):
+        raise ValueError(f"offsets must have shape [E + 1] = [{E + 1}] (E = {E} {of_what}), got {list(off.shape)}")
+    xp = frame.xp
+    if frame.backend == "numpy":
+        check_offsets(off, N)
+        return np.ascontiguousarray(off.astype(np.int32))
+    if off.dtype == np.int64:
+        return xp.ascontiguousarray(xp.clip(off, 0, N).astype(np.int32))
+    return xp.ascontiguousarray(off)
+
+
 def _device_facts(frame) -> tuple:
     """``(opt-in shared memory per block, multiprocessor count, compute capability)``; zeros on the host."""
     if frame.backend != "cuda":
@@ -218,26 +248,14 @@ def expert_mlp(x, offsets, w_gate, w_up, w_down, *, limit=10.0, out_dtype=None, 
     Returns ``out`` (``[N, D]``).
     """
     frame = Frame(x, "x")
-    xa = frame.array
-    if xa.dtype != BFLOAT16:
-        raise TypeError(f"x must be bfloat16, got {dtype_name(xa.dtype)}")
-    if xa.ndim != 2 or xa.shape[1] < 1:
-        raise ValueError(f"x must have shape [N, D] with D >= 1, got {list(xa.shape)}")
-    N, D = (int(d) for d in xa.shape)
-    if N > MAX_ROWS:
-        raise ValueError(f"x: N={N} rows is beyond the kernels' int range ({MAX_ROWS})")
+    xa, N, D = rows_arg(frame, "D")
     wg = _weights(frame, w_gate, "w_gate", None, "[E, I, D]", None)
     E, I = int(wg.shape[0]), int(wg.shape[1])
     if E < 1 or I < 1 or wg.shape[2] != D:
         raise ValueError(f"w_gate must have shape [E, I, D] with E, I >= 1 and D = {D} (x's), got {list(wg.shape)}")
     wu = _weights(frame, w_up, "w_up", E, "[E, I, D]", (I, D))
     wd = _weights(frame, w_down, "w_down", E, "[E, D, I]", (D, I))
-    off = frame.convert(offsets, "offsets")
-    if off.dtype not in (np.int32, np.int64):
-        raise TypeError(f"offsets must be int32 or int64, got {dtype_name(off.dtype)}")
-    if tuple(off.shape) != (E + 1,):
-        raise ValueError(f"offsets must have shape [E + 1] = [{E + 1}] (E = {E} experts of w_gate), got "
-                         f"{list(off.shape)}")
+    offs = offsets_arg(frame, offsets, E, N, "experts of w_gate")
     lim = _limit(limit)
     odt = _out_dtype(out_dtype, out)
     o = None
@@ -253,15 +271,8 @@ def expert_mlp(x, offsets, w_gate, w_up, w_down, *, limit=10.0, out_dtype=None, 
             raise ValueError(f"out must have shape [N, D] = [{N}, {D}], got {list(o.shape)}")
         if not o.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous (strides {o.strides})")
-        _check_out_overlap(o, (("x", xa), ("w_gate", wg), ("w_up", wu), ("w_down", wd), ("offsets", off)))
+        _check_out_overlap(o, (("x", xa), ("w_gate", wg), ("w_up", wu), ("w_down", wd), ("offsets", offs)))
     xp = frame.xp
-    if frame.backend == "numpy":
-        check_offsets(off, N)
-        offs = np.ascontiguousarray(off.astype(np.int32))
-    elif off.dtype == np.int64:
-        offs = xp.ascontiguousarray(xp.clip(off, 0, N).astype(np.int32))
-    else:
-        offs = xp.ascontiguousarray(off)
     xc = xa if xa.flags.c_contiguous else xp.ascontiguousarray(xa)
     contiguous = all(w.flags.c_contiguous for w in (wg, wu, wd))
     aligned = frame.backend != "cuda" or _aligned((xc, wg, wu, wd, o))

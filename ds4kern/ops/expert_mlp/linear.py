@@ -18,8 +18,7 @@ from ...core.launch import grid as _core_grid
 from ...core.op import Call, define_op
 from ...core.registry import Variant
 from . import kernels as K
-from .api import F32, MAX_ROWS, _aligned, _device_facts, _out_dtype, _weights
-from .reference import check_offsets
+from .api import F32, _aligned, _device_facts, _out_dtype, _weights, offsets_arg, rows_arg
 
 OP = "grouped_linear"
 MIN_CC = 80
@@ -94,23 +93,12 @@ def grouped_linear(x, offsets, w, *, out_dtype=None, out=None, plan_only: bool =
     aligned operands, sm_80+).
     """
     frame = Frame(x, "x")
-    xa = frame.array
-    if xa.dtype != BFLOAT16:
-        raise TypeError(f"x must be bfloat16, got {dtype_name(xa.dtype)}")
-    if xa.ndim != 2 or xa.shape[1] < 1:
-        raise ValueError(f"x must have shape [N, I] with I >= 1, got {list(xa.shape)}")
-    N, I = (int(d) for d in xa.shape)
-    if N > MAX_ROWS:
-        raise ValueError(f"x: N={N} rows is beyond the kernels' int range ({MAX_ROWS})")
+    xa, N, I = rows_arg(frame, "I")
     wa = _weights(frame, w, "w", None, "[E, O, I]", None)
     E, O = int(wa.shape[0]), int(wa.shape[1])
     if E < 1 or O < 1 or wa.shape[2] != I:
         raise ValueError(f"w must have shape [E, O, I] with E, O >= 1 and I = {I} (x's), got {list(wa.shape)}")
-    off = frame.convert(offsets, "offsets")
-    if off.dtype not in (np.int32, np.int64):
-        raise TypeError(f"offsets must be int32 or int64, got {dtype_name(off.dtype)}")
-    if tuple(off.shape) != (E + 1,):
-        raise ValueError(f"offsets must have shape [E + 1] = [{E + 1}] (E = {E} groups of w), got {list(off.shape)}")
+    offs = offsets_arg(frame, offsets, E, N, "groups of w")
     odt = _out_dtype(out_dtype, out)
     o = None
     if out is not None:
@@ -121,13 +109,6 @@ def grouped_linear(x, offsets, w, *, out_dtype=None, out=None, plan_only: bool =
         if tuple(o.shape) != (N, O) or not o.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous of shape [N, O] = [{N}, {O}], got {list(o.shape)}")
     xp = frame.xp
-    if frame.backend == "numpy":
-        check_offsets(off, N)
-        offs = np.ascontiguousarray(off.astype(np.int32))
-    elif off.dtype == np.int64:
-        offs = xp.ascontiguousarray(xp.clip(off, 0, N).astype(np.int32))
-    else:
-        offs = xp.ascontiguousarray(off)
     xc = xa if xa.flags.c_contiguous else xp.ascontiguousarray(xa)
     smem, sms, cc = _device_facts(frame)
     problem = LinearProblem(frame.backend, pow2_bucket(N), E, O, I, dtype_name(odt),

@@ -16,11 +16,12 @@ run_group g3_sa_hc tests/sparse_attention tests/hyper_connections
 run_group g4_ix_models tests/indexer tests/topk tests/models ${EXTRA_TESTS:-} ${IGNORE:-}
 fi
 ( S="timeout $((TESTS_S / 4)) compute-sanitizer --tool memcheck --error-exitcode 9 $P -x -m gpu"
-  for t in "tests/topk/test_topk_gpu.py -k not_largest_and_not_property" \
-           "tests/sparse_attention/test_sparse_attention_gpu.py -k N3-H8-K64_or_fp8_pack" \
+  # each entry: "FILE -k EXPR" with '+' for the spaces of EXPR (EXTRA_SAN: more entries, same form)
+  for t in "tests/topk/test_topk_gpu.py -k not+largest+and+not+property" \
+           "tests/sparse_attention/test_sparse_attention_gpu.py -k N3-H8-K64+or+fp8_pack" \
            "tests/hyper_connections/test_hc_gpu.py -k B3-D4096" \
-           "tests/indexer -k not_largest_and_not_property" ${EXTRA_SAN:-}; do
-    set -- $t; f=$1; k=${3//_/ }
+           "tests/indexer -k not+largest+and+not+property" ${EXTRA_SAN:-}; do
+    set -- $t; f=$1; k=${3:-}; k=${k//+/ }
     echo "== sanitizer $f -k '$k'"; $S $f -k "$k" 2>&1 | tail -4; echo "exit ${PIPESTATUS[0]}"
   done > "$OUT/sanitizer.txt" 2>&1 ) &
 wait

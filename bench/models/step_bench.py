@@ -11,7 +11,6 @@ import argparse
 import gc
 import json
 
-import numpy as np
 
 
 def main() -> None:

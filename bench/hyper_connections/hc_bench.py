@@ -144,6 +144,8 @@ def torch_peers():
 
     eager = {"hc_pre": pre, "hc_post": post_, "hc_post_pre": post_pre}
     peers = {"torch_eager": eager}
+    if NO_COMPILE:
+        return peers
     try:
         torch._dynamo.reset()
         for name in ("recompile_limit", "cache_size_limit"):
@@ -225,6 +227,9 @@ def table(res) -> str:
     return "\n".join(out)
 
 
+NO_COMPILE = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
@@ -233,8 +238,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--variants", nargs="+", help="only these ('auto': the rule's choice, 'torch': the peers)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers (slow to build)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.no_compile:
+        global NO_COMPILE
+        NO_COMPILE = True
     res = bench(args.ops, args.tokens, args.dims, args.dtypes, args.repeat, args.variants)
     if args.json:
         with open(args.json, "w") as f:

@@ -274,13 +274,15 @@ def _config(pool_group):
     return "grouped", {"pool_group": int(pool_group)}
 
 
-def _call(a: CompressArgs, plan_only: bool, variant=None, config=None) -> Call:
+def _call(a: CompressArgs, plan_only: bool, variant=None, config=None, cache=None) -> Call:
+    """``cache``: the caller's own cache object, returned as it is (the same object, torch
+    tensors included), as the functions document."""
     if plan_only:
         return Call(a.problem, variant=variant, config=config)  # (explain does not check contradictions)
     empty = a.kv.shape[0] == 0 or (a.kv.ndim == 3 and a.kv.shape[1] == 0)
     forced = "" if variant is None else f"pool_group={(config or {}).get('pool_group', 1)}"
-    return Call(a.problem, a, a.frame, a.cache, skip=empty, variant=variant, config=config, forced_by=forced,
-                tune_run=_scratch_run(a), give_back=False)
+    return Call(a.problem, a, a.frame, a.cache if cache is None else cache, skip=empty, variant=variant, config=config,
+                forced_by=forced, tune_run=_scratch_run(a), give_back=False)
 
 
 @define_op(DECODE_OP, rule=reference_or("naive"), kernels=(kernels.DECODE,))
@@ -317,7 +319,7 @@ def compress_decode(kv, score, ape, norm_w, positions, rope_cos, rope_sin, kv_st
     variant, config = _config(pool_group)
     a = _prepare(DECODE_OP, kv, score, ape, norm_w, positions, rope_cos, rope_sin, kv_state, score_state, cache,
                  ratio, eps, errors, allocate=not plan_only)
-    return _call(a, plan_only, variant, config)
+    return _call(a, plan_only, variant, config, cache)
 
 
 @define_op(PREFILL_OP, rule=reference_or("naive"), kernels=(kernels.PREFILL,))
@@ -337,4 +339,4 @@ def compress_prefill(kv, score, ape, norm_w, start, rope_cos, rope_sin, kv_state
     """
     a = _prepare(PREFILL_OP, kv, score, ape, norm_w, start, rope_cos, rope_sin, kv_state, score_state, cache,
                  ratio, eps, errors, allocate=not plan_only)
-    return _call(a, plan_only)
+    return _call(a, plan_only, cache=cache)

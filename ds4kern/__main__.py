@@ -323,11 +323,11 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _op_table(records, steps: int, block_seconds: float) -> str:
+def _op_table(records, steps: int, block_seconds: float, block: str = "attention") -> str:
     """Per-scope device time per step (scopes synchronised at entry and exit) and share of the block."""
     tot = {}
     for r in records:
-        if r["path"].startswith("attention/") and r["path"].count("/") == 1:
+        if r["path"].startswith(block + "/") and r["path"].count("/") == 1:
             tot[r["path"]] = tot.get(r["path"], 0.0) + float(r.get("seconds", 0.0))
     lines = [f"{'part of the block':36s} {'ms / step':>10s} {'share':>7s}"]
     whole = sum(tot.values()) or 1.0
@@ -341,7 +341,8 @@ def cmd_attention(args) -> int:
     import tempfile
 
     from ds4kern.core import scope
-    from ds4kern.models.deepseek_v4 import LayerState, attention_decode, flash, pro, random_attention_weights, small
+    from ds4kern.models.deepseek_v4 import (LayerState, attention_decode, attention_prefill, flash, pro,
+                                            random_attention_weights, small)
 
     cp, why = _gpu_status()
     xp = np if cp is None else cp
@@ -349,41 +350,50 @@ def cmd_attention(args) -> int:
     if cp is None:
         print(f"No GPU: {why}. Running the reference backend (numpy) at the small config.")
         model = "small"
-    B, N, steps = args.batch, args.context, args.steps
-    max_context = -(-(N + steps + 1) // 512) * 512
+    B, N, steps, T = args.batch, args.context, args.steps, args.prefill
+    max_context = -(-(N + (steps + 1) * max(T, 1) + 1) // 512) * 512
     cfg = {"flash": flash, "pro": pro, "small": small}[model](max_context)
     positions = np.maximum(N - 7 * (np.arange(B) % 4), 0)  # mixed lengths in one batch
-    print(f"DeepSeek-V4 {model} attention block, {args.layer_kind} layer: decode, B={B} at positions "
-          f"{positions.min()}..{positions.max()} ({'GPU' if cp is not None else 'numpy'}), {steps} timed steps")
+    what = (f"prefill of {T} tokens of sequence 0 (from position {positions[0]}; {B} sequences in the state)" if T
+            else f"decode, B={B} at positions {positions.min()}..{positions.max()}")
+    print(f"DeepSeek-V4 {model} attention block, {args.layer_kind} layer: {what} "
+          f"({'GPU' if cp is not None else 'numpy'}), {steps} timed steps")
     w = random_attention_weights(cfg, args.layer_kind, args.seed).to(xp)
     st = LayerState(cfg, args.layer_kind, B, xp).fill_random(positions, args.seed)
-    X = xp.asarray(np.random.default_rng(args.seed).standard_normal((B, 4, cfg.dim), dtype=np.float32))
+    X = xp.asarray(np.random.default_rng(args.seed).standard_normal((T or B, 4, cfg.dim), dtype=np.float32))
+    block = "attention_prefill" if T else "attention"
+
+    def one_step():
+        if T:
+            attention_prefill(cfg, w, st, X, 0)
+        else:
+            attention_decode(cfg, w, st, X, st.next_pos.copy())
     stats = scope.stats_path()
     scope.set_stats_path(None)
     times = []
     try:
         for i in range(steps + 1):  # the first step compiles the kernels
             t0 = time.perf_counter()
-            attention_decode(cfg, w, st, X, st.next_pos.copy())
+            one_step()
             if cp is not None:
                 cp.cuda.get_current_stream().synchronize()
             if i:
                 times.append(time.perf_counter() - t0)
             if not args.quiet and steps >= 20 and i % max(1, steps // 10) == 0:
                 print(f"  step {i}/{steps}", file=sys.stderr)
-        block = float(np.median(times))
+        block_s = float(np.median(times))
         path = stats or tempfile.mktemp(suffix=".jsonl")
         scope.set_stats_path(path)
         scope.set_sync(True)  # second pass: each part synchronised, for the table
         for _ in range(steps):
-            attention_decode(cfg, w, st, X, st.next_pos.copy())
+            one_step()
     finally:
         scope.set_sync(False)
         scope.set_stats_path(stats)
-    recs = [r for r in scope.read_stats(path) if r["path"].startswith("attention")]
+    recs = [r for r in scope.read_stats(path) if r["path"].split("/")[0] == block]
     if not stats:
         os.unlink(path)
-    print(_op_table(recs, steps, block))
+    print(_op_table(recs, steps, block_s, block))
     peaks = scope.summarize(recs)
     print("\nscope peaks (CuPy pool bytes in use):")
     print(scope.format_summary(peaks))
@@ -463,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scope-stats", type=_output_file, metavar="PATH",
                    help="write memory-scope statistics (JSON lines, one per scope exit) to PATH")
     p.set_defaults(fn=cmd_router)
-    p = sub.add_parser("attention", help="DeepSeek-V4 attention block (decode): per-op time table, scope peaks",
+    p = sub.add_parser("attention", help="DeepSeek-V4 attention block (decode or prefill): per-op time table, scope peaks",
                        description="One layer's attention block, decode steps of B sequences at mixed positions "
                                    "near --context, random weights and caches of the real shapes; prints the "
                                    "block time, each part's share and the memory-scope peaks (without a GPU: the "
@@ -474,6 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_int_at_least(0), default=4096,
                    help="tokens already in each sequence's cache (default %(default)s)")
     p.add_argument("--steps", type=_int_at_least(1), default=10, help="timed decode steps (default %(default)s)")
+    p.add_argument("--prefill", type=_int_at_least(0), default=0, metavar="T",
+                   help="time a prefill chunk of T tokens of one sequence instead of decode (default: decode)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, caches and inputs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--scope-stats", type=_output_file, metavar="PATH",

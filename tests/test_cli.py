@@ -185,3 +185,13 @@ def test_attention_command_without_gpu(tmp_path):
 
     paths = {json.loads(line)["path"] for line in path.read_text().splitlines()}
     assert {"attention", "attention/compressor/compress_decode", "attention/indexer/indexer_topk"} <= paths
+
+
+def test_attention_prefill_command_without_gpu():
+    if GPU_SKIP_REASON is None:
+        pytest.skip("the GPU machine runs the GPU path")
+    r = run("attention", "--layer-kind", "hca", "--batch", "2", "--context", "130", "--steps", "1", "--prefill", "9")
+    assert r.returncode == 0, r.stderr
+    assert "prefill of 9 tokens" in r.stdout
+    for part in ("attention_prefill/compressor", "attention_prefill/sparse_attention", "attention_prefill/output"):
+        assert part in r.stdout, part

@@ -237,6 +237,29 @@ class Frame:
         return arr
 
 
+def data_ptr(a) -> int:
+    """Address of an array's first element (numpy or CuPy)."""
+    return int(a.ctypes.data) if isinstance(a, np.ndarray) else int(a.data.ptr)
+
+
+def byte_span(a):
+    """Byte range ``[lo, hi)`` an array touches (any strides), or None when it is None or empty."""
+    if a is None or a.size == 0:
+        return None
+    lo = hi = data_ptr(a)
+    for n, s in zip(a.shape, a.strides):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def same_view(a, b) -> bool:
+    """Whether two arrays are exactly the same view of the same memory."""
+    return data_ptr(a) == data_ptr(b) and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+
+
 def writable(a, name: str):
     """``a``, or a ValueError naming it if it is a read-only numpy array (the op writes into it)."""
     if isinstance(a, np.ndarray) and not a.flags.writeable:

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.args import int_arg, is_int, number_arg, pow2_bucket
-from ...core.arrays import FLOAT_DTYPES, Frame, dtype_name
+from ...core.arrays import FLOAT_DTYPES, Frame, data_ptr, dtype_name
 from ...core.op import Call, define_op, reference_or
 from . import kernels
 from .kernels import POOL_GROUPS, RATIOS
@@ -221,13 +221,9 @@ def _check_positions_host(pos, S, ratio, cache_rows, max_pos, name, prefill):
                          f"{max_pos} rows")
 
 
-def _ptr(a) -> int:
-    return int(a.ctypes.data) if isinstance(a, np.ndarray) else int(a.data.ptr)
-
-
 def _no_alias(*arrays):
     """The in-place buffers (C-contiguous: each spans its nbytes) must not share memory."""
-    spans = sorted((_ptr(a), _ptr(a) + a.nbytes, n) for a, n in zip(arrays, ("kv_state", "score_state", "cache"))
+    spans = sorted((data_ptr(a), data_ptr(a) + a.nbytes, n) for a, n in zip(arrays, ("kv_state", "score_state", "cache"))
                    if a.nbytes)
     for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:

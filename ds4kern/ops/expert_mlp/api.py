@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ...core.args import number_arg, pow2_bucket
-from ...core.arrays import BFLOAT16, Frame, dtype_name
+from ...core.arrays import BFLOAT16, Frame, byte_span, data_ptr, dtype_name, same_view
 from ...core.op import Call, define_op
 from . import kernels
 from .reference import check_offsets
@@ -93,37 +93,17 @@ class ExpertMlpArgs:
         return int(self.w_gate.shape[1])
 
 
-def _ptr(a) -> int:
-    if isinstance(a, np.ndarray):
-        return int(a.__array_interface__["data"][0])
-    return int(a.data.ptr)
-
-
-def _span(a):
-    """Byte range [lo, hi) an array touches (None when empty)."""
-    if a.size == 0:
-        return None
-    lo = hi = _ptr(a)
-    for n, s in zip(a.shape, a.strides):
-        if s < 0:
-            lo += s * (n - 1)
-        else:
-            hi += s * (n - 1)
-    return lo, hi + a.itemsize
-
-
 def _check_out_overlap(out, inputs) -> None:
     """out overlaps no input, except that it may be x itself (the same view: an update in place,
     safe because every variant has read a row of x before it writes that row of out)."""
-    so = _span(out)
+    so = byte_span(out)
     if so is None:
         return
     for name, a in inputs:
-        s = _span(a)
+        s = byte_span(a)
         if s is None or not (so[0] < s[1] and s[0] < so[1]):
             continue
-        if name == "x" and _ptr(a) == _ptr(out) and a.shape == out.shape and a.strides == out.strides \
-                and a.dtype == out.dtype:
+        if name == "x" and same_view(a, out):
             continue
         raise ValueError(f"out overlaps {name} in memory; out must be its own buffer (or exactly x)")
 
@@ -164,7 +144,7 @@ def _limit(limit) -> float:
 
 
 def _aligned(arrays) -> bool:
-    return all(a is None or a.size == 0 or _ptr(a) % 16 == 0 for a in arrays)
+    return all(a is None or a.size == 0 or data_ptr(a) % 16 == 0 for a in arrays)
 
 
 def rows_arg(frame, what: str) -> tuple:

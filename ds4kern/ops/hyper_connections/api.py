@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.args import pow2_bucket
-from ...core.arrays import BFLOAT16, Frame, _is_torch, dtype_name
+from ...core.arrays import BFLOAT16, Frame, _is_torch, byte_span, data_ptr, dtype_name, same_view
 from ...core.op import Call, define_op, reference_or
 from . import kernels
 from .reference import MIX, STREAMS
@@ -119,34 +119,16 @@ class HcArgs:
 # validation helpers
 
 
-def _ptr(a) -> int:
-    if isinstance(a, np.ndarray):
-        return int(a.__array_interface__["data"][0])
-    return int(a.data.ptr)
-
-
-def _span(a):
-    """Byte range [lo, hi) an array with non-negative strides touches (None when empty)."""
-    if a is None or a.size == 0:
-        return None
-    lo = _ptr(a)
-    return lo, lo + sum(s * (n - 1) for n, s in zip(a.shape, a.strides)) + a.itemsize
-
-
-def _same_view(a, b) -> bool:
-    return _ptr(a) == _ptr(b) and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
-
-
 def _check_overlaps(inputs, outputs, inplace=None):
     """Outputs overlap neither each other nor any input; ``inplace``: an ``(output, input)`` pair
     of names that may be exactly the same view (an in-place update)."""
-    spans = [(n, a, _span(a), True) for n, a in outputs if a is not None]
-    spans += [(n, a, _span(a), False) for n, a in inputs if a is not None]
+    spans = [(n, a, byte_span(a), True) for n, a in outputs if a is not None]
+    spans += [(n, a, byte_span(a), False) for n, a in inputs if a is not None]
     for i, (n0, a0, s0, out0) in enumerate(spans):
         for n1, a1, s1, out1 in spans[i + 1:]:
             if not (out0 or out1) or s0 is None or s1 is None or not (s0[0] < s1[1] and s1[0] < s0[1]):
                 continue
-            if inplace == (n0, n1) and _same_view(a0, a1):
+            if inplace == (n0, n1) and same_view(a0, a1):
                 continue
             hint = f" ({n0} may be exactly {n1}, for an update in place)" if inplace == (n0, n1) else ""
             raise ValueError(f"{n0} overlaps {n1} in memory; an output must be its own buffer{hint}")
@@ -283,7 +265,7 @@ def _vec(frame, D, streams, others) -> int:
     for a, strides in list(streams) + [(o, ()) for o in others]:
         if a is None or a.size == 0:
             continue
-        if _ptr(a) % (4 * a.itemsize) or any(s % 4 for s in strides):
+        if data_ptr(a) % (4 * a.itemsize) or any(s % 4 for s in strides):
             return 1
     return 4
 
@@ -411,7 +393,7 @@ def hc_post(y, X, post, comb, *, out=None, plan_only: bool = False):
     inplace = False
     if out is not None:
         xn, n_ts, n_hs = _streams_out(frame, out, "out", x.dtype, x.shape)
-        inplace = xn.size > 0 and _same_view(xn, x)
+        inplace = xn.size > 0 and same_view(xn, x)
     else:
         xn, n_ts, n_hs = None, 4 * D, D
     _check_overlaps([("y", yy), ("X", x), ("post", p), ("comb", c)], [("out", xn)], inplace=("out", "X"))
@@ -460,7 +442,7 @@ def hc_post_pre(y, X, post, comb, hc_fn, hc_scale, hc_base, *, norm_eps: float =
     inplace = False
     if o_new is not None:
         xn, n_ts, n_hs = _streams_out(frame, o_new, "out[0] (X_new)", x.dtype, x.shape)
-        inplace = xn.size > 0 and _same_view(xn, x)
+        inplace = xn.size > 0 and same_view(xn, x)
     else:
         xn, n_ts, n_hs = None, 4 * D, D
     names = ("out[1] (x_in)", "out[2] (post)", "out[3] (comb)")

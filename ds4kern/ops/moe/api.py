@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...core.args import int_arg, pow2_bucket
-from ...core.arrays import BFLOAT16, FLOAT_DTYPES, Frame, dtype_name
+from ...core.arrays import BFLOAT16, FLOAT_DTYPES, Frame, byte_span, data_ptr, dtype_name
 from ...core.op import Call, define_op, private_errors_run
 from ..topk.api import check_errors  # the errors= counter, checked as topk_rows checks it
 from . import kernels as K
@@ -175,23 +175,9 @@ class MoeUnpermuteArgs:
 # validation helpers
 
 
-def _addr(a) -> int:
-    if isinstance(a, np.ndarray):
-        return int(a.__array_interface__["data"][0])
-    return int(a.data.ptr)
-
-
-def _span(a):
-    """Byte range [lo, hi) an array with non-negative strides touches (None when empty)."""
-    if a is None or a.size == 0:
-        return None
-    lo = _addr(a)
-    return lo, lo + sum(s * (n - 1) for n, s in zip(a.shape, a.strides)) + a.itemsize
-
-
 def _check_disjoint(outputs, inputs) -> None:
     """No output overlaps another output or an input."""
-    spans = [(n, _span(a), True) for n, a in outputs] + [(n, _span(a), False) for n, a in inputs]
+    spans = [(n, byte_span(a), True) for n, a in outputs] + [(n, byte_span(a), False) for n, a in inputs]
     for i, (n0, s0, o0) in enumerate(spans):
         for n1, s1, o1 in spans[i + 1:]:
             if (o0 or o1) and s0 and s1 and s0[0] < s1[1] and s1[0] < s0[1]:
@@ -226,7 +212,7 @@ def _rows(frame: Frame, x, name: str, written: bool = False):
 
 def _aligned16(a, rs: int) -> bool:
     """Whether 16-byte accesses reach every row of ``a`` (base address and row stride)."""
-    return a is None or a.size == 0 or (_addr(a) % 16 == 0 and (a.shape[0] <= 1 or (rs * a.itemsize) % 16 == 0))
+    return a is None or a.size == 0 or (data_ptr(a) % 16 == 0 and (a.shape[0] <= 1 or (rs * a.itemsize) % 16 == 0))
 
 
 def _int32_out(frame: Frame, a, name: str, shape: tuple):

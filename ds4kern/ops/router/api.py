@@ -46,7 +46,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.args import bool_arg
-from ...core.arrays import FLOAT_DTYPES, Frame, dtype_name, rows_view
+from ...core.arrays import FLOAT_DTYPES, Frame, data_ptr, dtype_name, rows_view
 from ...core.op import Call, define_op
 from . import kernels, rule
 
@@ -258,11 +258,6 @@ def _outputs(frame, out_w, out_i, lead, k, idt):
         i_full = out_i
         i2 = rows_view(frame.xp, i_full, lead, k, "out[1] (indices)")
     return w_full, w2, i_full, i2
-
-
-def data_ptr(x) -> int:
-    """Address of an array's first element (numpy or CuPy)."""
-    return int(x.ctypes.data) if isinstance(x, np.ndarray) else int(x.data.ptr)
 
 
 def contiguous_rows(frame, x):

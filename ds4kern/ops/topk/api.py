@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.args import pow2_bucket as bucket
-from ...core.arrays import BFLOAT16, Frame, dtype_name
+from ...core.arrays import Frame, dtype_name
 from ...core.op import Call, define_op
 from . import kernels
 from .rule import rule

@@ -46,17 +46,23 @@ class LayerState:
         pos = np.asarray(positions, np.int64).reshape(-1)
         if pos.shape != (B,) or (pos < 0).any() or (pos >= cfg.max_context).any():
             raise ValueError(f"positions must be {B} integers in [0, max_context={cfg.max_context})")
-        rs = np.random.default_rng(seed)
+        rs = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
 
         def rand(shape, dtype=np.float32):
-            return xp.asarray(rs.standard_normal(shape, dtype=np.float32)).astype(dtype)
+            return rs.standard_normal(shape, dtype=np.float32).astype(dtype)
 
-        self.pool[...] = rand(self.pool.shape, BFLOAT16)
+        # the pool in slices of at most 2^20 rows (a 2 GB float32 temporary): a 1M-token CSA pool of 256
+        # sequences is 68 GB, made on the device (CuPy's generator) without a float32 copy of the whole
+        step = 1 << 20
+        for r0 in range(0, self.pool.shape[0], step):
+            n = min(step, self.pool.shape[0] - r0)
+            self.pool[r0:r0 + n] = rand((n, HEAD_DIM), BFLOAT16)
         if self.comp is not None:
             self.comp[0][...] = rand(self.comp[0].shape)
             self.comp[1][...] = rand(self.comp[1].shape)
         if self.index_keys is not None:
-            self.index_keys[...] = rand(self.index_keys.shape, BFLOAT16)
+            for b in range(B):
+                self.index_keys[b] = rand(self.index_keys.shape[1:], BFLOAT16)
             self.index_comp[0][...] = rand(self.index_comp[0].shape)
             self.index_comp[1][...] = rand(self.index_comp[1].shape)
         self.next_pos = pos.copy()

@@ -11,6 +11,13 @@ from ...ops.compressor import init_state
 from .config import HEAD_DIM, INDEX_DIM, KINDS, Config
 
 
+def _zeros_bf16(xp, shape):
+    """bf16 zeros made in place (no float32 temporary of the whole size: a 1M-token pool is tens of GB)."""
+    a = xp.empty(shape, BFLOAT16)
+    a.view(np.uint16)[...] = 0
+    return a
+
+
 class LayerState:
     """Pool layout (``pool`` bf16 ``[B * rows + B * 128, 512]``): sequence b's compressed row c at
     slot ``b * rows + c`` (``cache`` = the first ``B * rows`` rows as ``[B, rows, 512]``), its window
@@ -25,12 +32,12 @@ class LayerState:
         self.ratio = r
         self.rows = cfg.rows(r)
         B, W = self.batch, cfg.window
-        self.pool = xp.zeros((B * self.rows + B * W, HEAD_DIM), np.float32).astype(BFLOAT16)
+        self.pool = _zeros_bf16(xp, (B * self.rows + B * W, HEAD_DIM))
         self.cache = self.pool[:B * self.rows].reshape(B, self.rows, HEAD_DIM)
         self.ring = self.pool[B * self.rows:].reshape(B, W, HEAD_DIM)
         self.comp = init_state(B, r, HEAD_DIM, xp=xp) if r else None
         if r == 4:
-            self.index_keys = xp.zeros((B, self.rows, INDEX_DIM), np.float32).astype(BFLOAT16)
+            self.index_keys = _zeros_bf16(xp, (B, self.rows, INDEX_DIM))
             self.index_comp = init_state(B, 4, INDEX_DIM, xp=xp)
         else:
             self.index_keys = self.index_comp = None

@@ -14,8 +14,11 @@ import cupy as cp
 import numpy as np
 
 import ds4kern
-from ds4kern.ops import router as r
+from ds4kern.core.op import get_op
 from ds4kern.core.timing import host_time
+from ds4kern.ops.router import kernels as K
+from ds4kern.ops.router.api import SCORE_FUNCTIONS
+from ds4kern.ops.router.variants import output_args
 
 
 def per_call(fn, n=3000):
@@ -30,14 +33,19 @@ def main():
     x = cp.asarray(np.random.default_rng().standard_normal((T, E), dtype=np.float32))
     bias = cp.asarray(np.random.default_rng().standard_normal(E).astype(np.float32))
     w, i = cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32)
-    kern = r.ROUTER_KERNELS.kernel(r._naive_name("float32", 8))
-    kargs = (x, bias, np.int64(T), np.int32(E), np.int32(k), np.int32(2), np.int32(0), np.float32(1.5),
-             w, np.int64(k), np.int64(1), i, np.int64(k), np.int64(1), np.int32(3), np.int32(0), np.int32(0))
+    # the naive variant's launch with the arguments its launcher passes, prepared once
+    a = get_op("router_topk").prepare(x, k, score_function="sqrtsoftplus", expert_bias=bias, scaling_factor=1.5,
+                                      out=(w, i)).args
+    vpl = next(v for v in K.NAIVE_VPL if 32 * v >= E)
+    kern = K.NAIVE.kernel(K.naive_name("float32", vpl))
+    grid = (T + K.NAIVE_WARPS_PER_BLOCK - 1) // K.NAIVE_WARPS_PER_BLOCK
+    kargs = (a.logits, a.expert_bias, np.int64(T), np.int32(E), np.int32(k), np.int32(SCORE_FUNCTIONS["sqrtsoftplus"]),
+             np.int32(0), np.float32(1.5)) + output_args(a) + (np.int32(a.num_groups), np.int32(a.group_topk))
     full = lambda: ds4kern.router_topk(x, k, score_function="sqrtsoftplus", expert_bias=bias,  # noqa: E731
                                        scaling_factor=1.5, out=(w, i))
     alloc = lambda: ds4kern.router_topk(x, k, score_function="sqrtsoftplus", expert_bias=bias,  # noqa: E731
                                         scaling_factor=1.5)
-    print(f"bare RawKernel launch       {per_call(lambda: kern((32,), (128,), kargs)):7.1f} us")
+    print(f"bare RawKernel launch       {per_call(lambda: kern((grid,), (32 * K.NAIVE_WARPS_PER_BLOCK,), kargs)):7.1f} us")
     print(f"router_topk(out=...)        {per_call(full):7.1f} us")
     print(f"router_topk (allocating)    {per_call(alloc):7.1f} us")
     print(f"cupy.empty x2               {per_call(lambda: (cp.empty((T, k), cp.float32), cp.empty((T, k), cp.int32))):7.1f} us")

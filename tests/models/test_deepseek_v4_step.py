@@ -113,6 +113,31 @@ def test_prefill_then_decode_equals_decode():
         assert _rel(outs_b[p], np.asarray(outs_a[p], np.float64)) < TOL, f"token {p}"
 
 
+def _row_trace(trace, r):
+    """The per-layer trace of one token (row r) of a prefill, in decode form ([1, k] arrays)."""
+    return [{key: (None if v is None else _host(v)[r:r + 1]) for key, v in t.items()
+             if key in ("selected", "indices")} for t in trace]
+
+
+def _prefill_vs_reference(xp, T: int, seed: int):
+    from ds4kern.models.deepseek_v4.reference_moe import ReferenceModel
+    cfg = C.small(512)
+    tok = np.random.default_rng(seed).integers(0, cfg.vocab, T).astype(np.int32)
+    m = Model.random(cfg, 1, seed=seed, xp=xp)
+    ref = ReferenceModel(m)
+    trace = []
+    got = _host(prefill(m, tok, trace=trace))
+    worst = 0.0
+    for t in range(T):
+        want = ref.step(tok[t:t + 1], _row_trace(trace, t))[0]
+        worst = max(worst, _rel(got[t], want))
+    return worst
+
+
+def test_prefill_matches_reference_cpu():
+    assert _prefill_vs_reference(np, 13, 5) < TOL
+
+
 def test_refused_calls():
     cfg = C.small(256)
     m = Model.random(cfg, 2, layers=2)
@@ -171,6 +196,12 @@ def test_prefill_then_decode_gpu():
     assert same.sum() >= 84, f"the choices of {140 - same.sum()} of 140 tokens differ between prefill and decode"
     worst = max(_rel(outs_b[p], np.asarray(outs_a[p], np.float64)) for p in np.flatnonzero(same))
     assert worst < TOL, worst
+
+
+@pytest.mark.gpu
+def test_prefill_matches_reference_gpu():
+    import cupy as cp
+    assert _prefill_vs_reference(cp, 70, 6) < TOL
 
 
 @pytest.mark.gpu

@@ -19,7 +19,24 @@ def _gpu_reason():
 GPU_SKIP_REASON = _gpu_reason()
 
 
+def _shard(config, items):
+    """``DS4KERN_TEST_SHARD=i/n``: keep every n-th test from the i-th (0-based), so n pytest
+    processes share one GPU run (bench/gpu_call.sh); the rest are deselected."""
+    spec = os.environ.get("DS4KERN_TEST_SHARD", "")
+    if not spec:
+        return
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"DS4KERN_TEST_SHARD must be i/n with 0 <= i < n, got {spec!r}") from None
+    keep = [t for j, t in enumerate(items) if j % n == i]
+    config.hook.pytest_deselected(items=[t for j, t in enumerate(items) if j % n != i])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(config, items)
     if GPU_SKIP_REASON is None:
         return
     skip = pytest.mark.skip(reason=f"GPU test: {GPU_SKIP_REASON}")

@@ -130,8 +130,9 @@ def random_moe_weights(cfg: Config, layer: int, seed: int = 0, xp=np, resident: 
 @dataclass
 class MoeHooks:
     """What a step can switch on inside the MoE block: a ``RoutingCapture`` (the router writes its
-    indices into the capture buffer at ``capture_row``) and a ``LocalityRecorder`` (records the
-    layer's routing).  ``layer``: the layer's number in both."""
+    indices into the capture buffer's rows ``capture_row ..``, in the slice of the block's
+    ``layer``) and a ``LocalityRecorder`` (records the layer's routing with ``positions`` and
+    ``seq_ids``, as :meth:`LocalityRecorder.record` takes them)."""
 
     capture: Any = None
     capture_row: int = 0

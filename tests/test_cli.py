@@ -195,3 +195,26 @@ def test_attention_prefill_command_without_gpu():
     assert "prefill of 9 tokens" in r.stdout
     for part in ("attention_prefill/compressor", "attention_prefill/sparse_attention", "attention_prefill/output"):
         assert part in r.stdout, part
+
+
+def test_run_scope_stats_switch_end_to_end(tmp_path, monkeypatch):
+    """The main job's --scope-stats writes the step's scopes (every layer's attention and MoE parts and
+    the ops inside them); without the switch nothing is written."""
+    import json
+
+    monkeypatch.delenv("DS4KERN_SCOPE_STATS", raising=False)
+    if GPU_SKIP_REASON is None:
+        pytest.skip("the GPU machine runs the timed GPU path")
+    path = tmp_path / "step.jsonl"
+    r = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--check-steps", "2", "--scope-stats", str(path)],
+                       capture_output=True, text=True, cwd=tmp_path, env=NO_STATS_ENV())
+    assert r.returncode == 0, r.stderr
+    paths = {json.loads(line)["path"] for line in path.read_text().splitlines()}
+    for want in ("step", "step/layer0/attention/q/grouped_linear", "step/layer0/moe/router/router_hash",
+                 "step/layer1/moe/router/router_topk", "step/layer1/moe/experts/expert_mlp",
+                 "step/layer1/attention/indexer/indexer_topk", "step/layer3/moe/permute/moe_permute"):
+        assert want in paths, (want, sorted(paths)[:20])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r2 = subprocess.run([sys.executable, "-m", "ds4kern", "run", "--check-steps", "1"], capture_output=True, text=True,
+                        cwd=tmp_path, env=NO_STATS_ENV())
+    assert r2.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == before

@@ -50,9 +50,14 @@ def main() -> None:
             for k, v in r["table"][:14]:
                 print(f"  {k:34s} {1e3 * v:9.3f} ms {100 * v / whole:5.1f}%")
             step = next((p for p in r["peaks"] if p["path"] == "step"), None)
+            parts = [p for p in r["peaks"] if p["path"].count("/") >= 2]
             if step:
+                big = max(parts, key=lambda p: p["peak_above_entry"], default=None)
+                ratio = step["peak_above_entry"] / max(big["peak_above_entry"], 1) if big else float("nan")
                 print(f"  step scratch: peak {step['peak_above_entry'] / 2**20:.1f} MiB above the weights and caches "
-                      f"(CuPy pool bytes in use at entry {(step['peak_bytes'] - step['peak_above_entry']) / 2**30:.2f} GiB)")
+                      f"(CuPy pool bytes in use at entry {(step['peak_bytes'] - step['peak_above_entry']) / 2**30:.2f} GiB); "
+                      f"largest single part {big['path'] if big else '-'} "
+                      f"{(big['peak_above_entry'] if big else 0) / 2**20:.1f} MiB: ratio {ratio:.2f} (target <= 1.25)")
             gc.collect()
             cp.get_default_memory_pool().free_all_blocks()
     if a.json:

@@ -161,13 +161,16 @@ __device__ __forceinline__ void em_compute_stage(float (&acc)[TN / 8][4], const 
     }
 }
 
-// acc (zeroed here) = the block tile's 64 weight rows . the group's rows over all K; leaves the
-// pipeline drained and the block synchronised, so the caller may reuse shared memory.
+// acc (zeroed here) = the block tile's 64 weight rows . the group's rows over K (rows K elements
+// apart; the first `nk_part` 64-wide steps from the given pointers, all of K when negative: a
+// split-K block passes pointers advanced to its part); leaves the pipeline drained and the block
+// synchronised, so the caller may reuse shared memory.
 template <int TN, bool GATE_UP>
 __device__ __forceinline__ void em_mainloop(float (&acc)[TN / 8][4], unsigned char* smem, const __nv_bfloat16* w0,
-                                            const __nv_bfloat16* w1, long long K, const __nv_bfloat16* x, int rows) {
+                                            const __nv_bfloat16* w1, long long K, const __nv_bfloat16* x, int rows,
+                                            int nk_part = -1) {
     using L = EmLayout<TN>;
-    const int nk = (int)(K / DS4_EM_BK);
+    const int nk = nk_part < 0 ? (int)(K / DS4_EM_BK) : nk_part;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int nt = 0; nt < TN / 8; ++nt)
@@ -252,13 +255,13 @@ expert_mlp_gate_up(const __nv_bfloat16* __restrict__ x, const int* __restrict__ 
     }
 }
 
-// expert_mlp_down: grid = the host's bound on items (tiles = D / 64), 128 threads, dynamic shared
-// memory EmLayout<TN>::BYTES.  h [N, I] (written by expert_mlp_gate_up for every row of every
-// expert), w_down [E, D, I], out [N, D] (bf16, or float32 with OUT_F32) contiguous, 16-byte aligned.
+// The down projection of one block: item blockIdx.x (tiles = D / 64), the k columns
+// [k0, k0 + 64 nk) of h and w_down (nk < 0: all of I), stored into out [N, D] (bf16, or float32
+// with OUT_F32).
 template <int TN, bool OUT_F32>
-__global__ void __launch_bounds__(DS4_EM_THREADS, 4)
-expert_mlp_down(const __nv_bfloat16* __restrict__ h, const int* __restrict__ offsets,
-                const __nv_bfloat16* __restrict__ w_down, int E, int N, int D, int I, void* __restrict__ out) {
+__device__ __forceinline__ void em_down_block(const __nv_bfloat16* __restrict__ h, const int* __restrict__ offsets,
+                                              const __nv_bfloat16* __restrict__ w_down, int E, int N, int D, int I,
+                                              int k0, int nk, void* __restrict__ out) {
     using L = EmLayout<TN>;
     extern __shared__ __align__(128) unsigned char smem[];
     em_check_smem<TN>();
@@ -266,8 +269,8 @@ expert_mlp_down(const __nv_bfloat16* __restrict__ h, const int* __restrict__ off
     if (!em_find_item<TN>(offsets, E, N, D / DS4_EM_TILE_ROWS, (long long)blockIdx.x, it)) return;
     const long long f0 = (long long)it.tile * DS4_EM_TILE_ROWS;
     float acc[TN / 8][4];
-    em_mainloop<TN, false>(acc, smem, w_down + ((long long)it.e * D + f0) * I, nullptr, I,
-                           h + (long long)it.row0 * I, it.rows);
+    em_mainloop<TN, false>(acc, smem, w_down + ((long long)it.e * D + f0) * I + k0, nullptr, I,
+                           h + (long long)it.row0 * I + k0, it.rows, nk);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float* tile = reinterpret_cast<float*>(smem);  // [TN][DOWN_PITCH]: the group's rows x 64 features
@@ -289,4 +292,54 @@ expert_mlp_down(const __nv_bfloat16* __restrict__ h, const int* __restrict__ off
             em_store8<OUT_F32>(tile + n * L::DOWN_PITCH + q * 8,
                                o + ((long long)(it.row0 + n) * D + f0 + q * 8) * ITEM);
     }
+}
+
+// expert_mlp_down: grid = the host's bound on items (tiles = D / 64), 128 threads, dynamic shared
+// memory EmLayout<TN>::BYTES.  h [N, I] (written by expert_mlp_gate_up for every row of every
+// expert), w_down [E, D, I], out [N, D] (bf16, or float32 with OUT_F32) contiguous, 16-byte aligned.
+template <int TN, bool OUT_F32>
+__global__ void __launch_bounds__(DS4_EM_THREADS, 4)
+expert_mlp_down(const __nv_bfloat16* __restrict__ h, const int* __restrict__ offsets,
+                const __nv_bfloat16* __restrict__ w_down, int E, int N, int D, int I, void* __restrict__ out) {
+    em_down_block<TN, OUT_F32>(h, offsets, w_down, E, N, D, I, 0, -1, out);
+}
+
+// expert_mlp_down_splitk (grouped_linear's split variant): as expert_mlp_down, blockIdx.y = the
+// split s of S = gridDim.y, each over the k columns [s KS, (s + 1) KS) (KS a multiple of 64),
+// writing float32 partial sums into part [S, N, D]; the launcher adds the S partials.  For
+// projections with few 64-row tiles (an O = 1024 output is 16 tiles: 16 blocks cannot stream a
+// weight matrix at memory bandwidth).
+template <int TN>
+__global__ void __launch_bounds__(DS4_EM_THREADS, 4)
+expert_mlp_down_splitk(const __nv_bfloat16* __restrict__ h, const int* __restrict__ offsets,
+                       const __nv_bfloat16* __restrict__ w_down, int E, int N, int D, int I, int KS,
+                       float* __restrict__ part) {
+    em_down_block<TN, true>(h, offsets, w_down, E, N, D, I, (int)blockIdx.y * KS, KS / DS4_EM_BK,
+                            part + (long long)blockIdx.y * N * D);
+}
+
+// expert_mlp_split_reduce: out[r, :] = sum over s = 0 .. S-1 (in that order) of part[s, r, :] for
+// the rows r below offsets[E] (clamped to [0, N]); rows from there on are left unwritten, as the
+// unsplit kernel leaves them.  One thread per 8 values (D % 8 == 0), 256 threads per block.
+template <bool OUT_F32>
+__global__ void __launch_bounds__(256)
+expert_mlp_split_reduce(const float* __restrict__ part, int S, int N, int D, const int* __restrict__ offsets, int E,
+                        void* __restrict__ out) {
+    const int rows = min(max(__ldg(offsets + E), 0), N);
+    const long long per_row = D / 8;
+    const long long c = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (c >= (long long)rows * per_row) return;
+    const long long r = c / per_row, q = c % per_row;
+    __align__(16) float acc[8];  // em_store8 reads it as float4
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int s = 0; s < S; ++s) {
+        const float* src = part + ((long long)s * N + r) * D + q * 8;
+        const float4 a = *reinterpret_cast<const float4*>(src);
+        const float4 b = *reinterpret_cast<const float4*>(src + 4);
+        acc[0] += a.x; acc[1] += a.y; acc[2] += a.z; acc[3] += a.w;
+        acc[4] += b.x; acc[5] += b.y; acc[6] += b.z; acc[7] += b.w;
+    }
+    constexpr int ITEM = OUT_F32 ? 4 : 2;
+    em_store8<OUT_F32>(acc, static_cast<unsigned char*>(out) + (r * D + q * 8) * ITEM);
 }

@@ -70,6 +70,18 @@ def down_name(tn: int, out_f32: bool) -> str:
     return f"expert_mlp_down<{tn}, {'true' if out_f32 else 'false'}>"
 
 
+def down_splitk_name(tn: int) -> str:
+    return f"expert_mlp_down_splitk<{tn}>"
+
+
+def split_reduce_name(out_f32: bool) -> str:
+    return f"expert_mlp_split_reduce<{'true' if out_f32 else 'false'}>"
+
+
+SPLITS = (2, 4, 8, 16)   # grouped_linear's split variant: k splits of I
+REDUCE_THREADS = 256
+
+
 OUT_TYPES = {"bfloat16": "__nv_bfloat16", "float32": "float"}
 WIDEN_NAME = "expert_mlp_widen"
 SWIGLU_NAME = "expert_mlp_swiglu"
@@ -81,7 +93,9 @@ def store_name(out_dtype: str) -> str:
 
 _F = kernels.KernelFamily
 GROUPED = kernels.register_family(_F("expert_mlp/grouped.cu", tuple(gate_up_name(t) for t in TOKEN_GROUPS)
-                                     + tuple(down_name(t, f) for t in TOKEN_GROUPS for f in (False, True))))
+                                     + tuple(down_name(t, f) for t in TOKEN_GROUPS for f in (False, True))
+                                     + tuple(down_splitk_name(t) for t in TOKEN_GROUPS)
+                                     + tuple(split_reduce_name(f) for f in (False, True))))
 NAIVE = kernels.register_family(_F("expert_mlp/naive.cu", (WIDEN_NAME, SWIGLU_NAME)
                                    + tuple(store_name(d) for d in OUT_TYPES)))
 FAMILIES = (GROUPED, NAIVE)

@@ -69,6 +69,12 @@ class LinearArgs:
 def _rule(p, ok: frozenset) -> tuple:
     if "reference" in ok:
         return "reference", "host arrays run the reference backend"
+    if "split" in ok and "grouped" in ok:
+        tn = _tn(p)
+        items = K.item_bound(p.rows_bucket, p.groups, tn, K.down_tiles(p.out_features)) if tn else 0
+        if items < max(p.sm_count, 1) and p.in_features >= 1024:
+            return "split", (f"{items} blocks would leave multiprocessors idle; I={p.in_features} split in "
+                             f"{_splits(p)} (provisional: not yet measured)")
     if "grouped" in ok:
         return "grouped", "tensor cores, one launch, no host synchronisation (CUDA graphs can capture it)"
     return ("naive", "grouped cannot run it") if "naive" in ok else (sorted(ok)[0], "the first that can")
@@ -190,6 +196,45 @@ def _grouped(a: LinearArgs) -> None:
          shared_mem=K.grouped_smem(tn))
 
 
+def _splits(p: LinearProblem) -> Optional[int]:
+    """k splits of the split variant: the fewest (power of two, I / S a multiple of 64) that give
+    the device two blocks per multiprocessor, or the most that fit; None when I allows none."""
+    tn = _tn(p)
+    if tn is None:
+        return None
+    ok = [s for s in K.SPLITS if p.in_features % (s * K.ALIGN) == 0]
+    if not ok:
+        return None
+    items = K.item_bound(p.rows_bucket, p.groups, tn, K.down_tiles(p.out_features))
+    return next((s for s in ok if items * s >= 2 * max(p.sm_count, 1)), ok[-1])
+
+
+def _split_supports(p: LinearProblem) -> Optional[str]:
+    why = _grouped_supports(p)
+    if why is not None:
+        return why
+    if _splits(p) is None:
+        return f"I={p.in_features} has no split into 2+ parts of a multiple of {K.ALIGN} columns"
+    return None
+
+
+def _split(a: LinearArgs) -> None:
+    p = a.problem
+    N, E, O, I = int(a.x.shape[0]), p.groups, p.out_features, p.in_features
+    tn, S = _tn(p), _splits(p)
+    blocks = K.item_bound(N, E, tn, K.down_tiles(O))
+    part = a.frame.xp.empty((S, N, O), np.float32)
+    kern = K.GROUPED.kernel(K.down_splitk_name(tn))
+    allow_smem(kern, K.grouped_block_smem(tn))
+    kern((_core_grid(blocks, OP, f"{K.down_tiles(O)} tiles x row groups", "N (the rows)"), S), (K.THREADS,),
+         (a.x, a.offsets, a.w, np.int32(E), np.int32(N), np.int32(O), np.int32(I), np.int32(I // S), part),
+         shared_mem=K.grouped_smem(tn))
+    red = K.GROUPED.kernel(K.split_reduce_name(p.out_dtype == "float32"))
+    n8 = N * (O // 8)
+    red((_core_grid(-(-n8 // K.REDUCE_THREADS), OP, "the split reduction", "N (the rows)"),), (K.REDUCE_THREADS,),
+        (part, np.int32(S), np.int32(N), np.int32(O), a.offsets, np.int32(E), a.out))
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(OP, "reference", "numpy", _reference, description="numpy, float32 arithmetic per group"))
@@ -198,3 +243,6 @@ def ds4kern_register_variants(register):
     register(Variant(OP, "grouped", "cuda", _grouped, supports=_grouped_supports,
                      description="expert_mlp's down kernel: mma.sync bf16 with the weights as M, a block per (group, "
                                  "64 output features, row group); one launch, no host synchronisation"))
+    register(Variant(OP, "split", "cuda", _split, supports=_split_supports,
+                     description="the grouped kernel over S parts of I at once (more blocks for few output tiles), "
+                                 "float32 partials added in a fixed order by a second launch; no host synchronisation"))

@@ -96,7 +96,9 @@ def grouped_linear(x, offsets, w, *, out_dtype=None, out=None, plan_only: bool =
     Variants: ``reference`` (numpy float32), ``naive`` (a float32 cuBLAS GEMM per group through
     CuPy; copies offsets to the host), ``grouped`` (expert_mlp's down kernel: mma.sync bf16, one
     launch, no host synchronisation; O and I multiples of 64, E <= 1024, contiguous 16-byte
-    aligned operands, sm_80+).
+    aligned operands, sm_80+), ``split`` (the same over S parts of I at once, float32 partials
+    added in a fixed order by a second launch: for projections whose few 64-wide output tiles
+    would leave the device idle).
     """
     frame = Frame(x, "x")
     xa, N, I = rows_arg(frame, "I")

@@ -22,6 +22,7 @@ from .ops.hyper_connections import hc_post, hc_post_pre, hc_pre
 from .ops.expert_mlp import expert_mlp, grouped_linear
 from .ops.indexer import indexer_topk
 from .ops.moe import MoePermutation, moe_permute, moe_unpermute
+from .ops.norm import rms_norm, rope_rotate
 from .ops.router import router_topk
 from .ops.router_hash import router_hash
 from .ops.sparse_attention import pack_kv_fp8, sparse_attention, unpack_kv_fp8
@@ -51,6 +52,8 @@ __all__ = [
     "moe_permute",
     "expert_mlp",
     "grouped_linear",
+    "rms_norm",
+    "rope_rotate",
     "moe_unpermute",
     "MoePermutation",
     "pack_kv_fp8",

@@ -30,6 +30,8 @@ from ...core.scope import scope
 from ...ops.compressor import compress_decode, compress_prefill
 from ...ops.expert_mlp import grouped_linear, grouped_rows
 from ...ops.hyper_connections import hc_post, hc_pre
+from ...ops.norm import rms_norm as _rms_norm
+from ...ops.norm import rope_rotate
 from ...ops.indexer import indexer_topk
 from ...ops.sparse_attention import sparse_attention
 from ...rope import rope_table
@@ -52,10 +54,9 @@ def rope_tables(cfg: Config, ratio: int, xp=np):
     return (c, s) if xp is np else (xp.asarray(c), xp.asarray(s))
 
 
-def rms_norm(xp, x, weight, eps):
-    x = x.astype(np.float32)
-    r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
-    return x * r if weight is None else x * r * weight
+def rms_norm(xp, x, weight, eps, out_dtype=np.float32):
+    """RMSNorm of the last axis (float32 arithmetic), one launch on the GPU (``ds4kern.rms_norm``)."""
+    return _rms_norm(x, weight, eps=eps, out_dtype=out_dtype)
 
 
 def linear(xp, x, w, out_dtype=np.float32):
@@ -66,16 +67,10 @@ def linear(xp, x, w, out_dtype=np.float32):
     return grouped_linear(xb, grouped_rows(xp, xb.shape[0], 1), w[None], out_dtype=out_dtype)
 
 
-def apply_rope(xp, x, cos, sin):
-    """Rotate interleaved pairs (2i, 2i+1) of ``x[..., :64]`` (float32) by the angles whose cos /
-    sin are ``[N, 32]`` (broadcast over the axes between)."""
-    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    x0, x1 = x[..., 0::2].copy(), x[..., 1::2].copy()
-    out = x.copy()
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
-    return out
+def rope_last64(x, cos, sin, pos):
+    """Rotates the last 64 values of each row of ``x`` (``[n, d]`` or ``[n, H, d]``, float32) in
+    place at the tokens' positions ``pos`` (``ds4kern.rope_rotate``, one launch); returns x."""
+    return rope_rotate(x, cos, sin, pos)
 
 
 def window_slots(xp, positions, ring_base: int, window: int = 128):
@@ -107,26 +102,25 @@ def state_rope(st: LayerState):
     return st.rope
 
 
-def _project(xp, cfg: Config, w: AttentionWeights, x, pc, ps):
-    """The q path and the KV row of n tokens: ``(qr, q bf16 [n, H, 512], kv bf16 [n, 512])``."""
+def _project(xp, cfg: Config, w: AttentionWeights, x, cos, sin, pos):
+    """The q path and the KV row of n tokens at positions ``pos``: ``(qr bf16, q bf16 [n, H, 512],
+    kv bf16 [n, 512])``."""
     n = x.shape[0]
     with scope("q"):
-        qr = rms_norm(xp, linear(xp, x, w.wq_a), w.q_norm, cfg.norm_eps).astype(BFLOAT16)
+        qr = rms_norm(xp, linear(xp, x, w.wq_a), w.q_norm, cfg.norm_eps, BFLOAT16)
         q = rms_norm(xp, linear(xp, qr, w.wq_b).reshape(n, cfg.heads, HEAD_DIM), None, cfg.norm_eps)
-        q[..., HEAD_DIM - ROPE_DIM:] = apply_rope(xp, q[..., HEAD_DIM - ROPE_DIM:], pc, ps)
-        q = q.astype(BFLOAT16)
+        q = rope_last64(q, cos, sin, pos).astype(BFLOAT16)
     with scope("kv"):
         kv = rms_norm(xp, linear(xp, x, w.wkv), w.kv_norm, cfg.norm_eps)
-        kv[:, HEAD_DIM - ROPE_DIM:] = apply_rope(xp, kv[:, HEAD_DIM - ROPE_DIM:], pc, ps)
-        kv = kv.astype(BFLOAT16)
+        kv = rope_last64(kv, cos, sin, pos).astype(BFLOAT16)
     return qr, q, kv
 
 
-def _index_query(xp, w: AttentionWeights, qr, x, pc, ps):
+def _index_query(xp, w: AttentionWeights, qr, x, cos, sin, pos):
     """The indexer's queries (bf16 ``[n, 64, 128]``, RoPE on dims 64:128) and head weights (float32
     ``[n, 64]``, the 1/sqrt(64 * 128) scale folded in)."""
     iq = linear(xp, qr, w.i_wq_b).reshape(x.shape[0], INDEX_HEADS, INDEX_DIM)
-    iq[..., INDEX_DIM - ROPE_DIM:] = apply_rope(xp, iq[..., INDEX_DIM - ROPE_DIM:], pc, ps)
+    iq = rope_last64(iq, cos, sin, pos)
     iw = linear(xp, x, w.i_wproj) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
     return iq.astype(BFLOAT16), iw.astype(np.float32)
 
@@ -182,17 +176,16 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
     B, r = st.batch, st.ratio
     pos = xp.asarray(pos_host) if positions_device is None else positions_device
     cos, sin = state_rope(st)
-    pc, ps = cos[pos], sin[pos]
     with scope("attention"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps).astype(BFLOAT16)  # projections read bf16 rows
-        qr, q, kv = _project(xp, cfg, w, x, pc, ps)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps, BFLOAT16)  # projections read bf16 rows
+        qr, q, kv = _project(xp, cfg, w, x, cos, sin, pos)
         st.ring[xp.arange(B), pos % cfg.window] = kv
         selected = None
         if r == 4:
             with scope("indexer"):
-                iq, iw = _index_query(xp, w, qr, x, pc, ps)
+                iq, iw = _index_query(xp, w, qr, x, cos, sin, pos)
                 compress_decode(*_compressor_inputs(xp, x, w.i_wkv, w.i_wgate), w.i_ape, w.i_norm, pos, cos, sin,
                                 st.index_comp[0], st.index_comp[1], st.index_keys, ratio=4, eps=cfg.norm_eps)
                 lengths = ((pos + 1) // 4).astype(np.int32)
@@ -234,18 +227,17 @@ def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: 
     r, W, rows = st.ratio, cfg.window, st.rows
     pos = xp.arange(p0, p0 + T, dtype=np.int64)
     cos, sin = state_rope(st)
-    pc, ps = cos[pos], sin[pos]
     b = int(seq)
     with scope("attention_prefill"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps).astype(BFLOAT16)  # projections read bf16 rows
-        qr, q, kv = _project(xp, cfg, w, x, pc, ps)
+        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps, BFLOAT16)  # projections read bf16 rows
+        qr, q, kv = _project(xp, cfg, w, x, cos, sin, pos)
         lengths = ((pos + 1) // max(r, 1)).astype(np.int32)
         selected = None
         if r == 4:
             with scope("indexer"):
-                iq, iw = _index_query(xp, w, qr, x, pc, ps)
+                iq, iw = _index_query(xp, w, qr, x, cos, sin, pos)
                 ikv, iscore = _compressor_inputs(xp, x, w.i_wkv, w.i_wgate)
                 compress_prefill(ikv[None], iscore[None], w.i_ape, w.i_norm, p0, cos, sin, st.index_comp[0][b:b + 1],
                                  st.index_comp[1][b:b + 1], st.index_keys[b:b + 1], ratio=4, eps=cfg.norm_eps)

@@ -191,7 +191,7 @@ def moe_block(cfg: Config, w: MoeWeights, X, token_ids=None, *, layer: int = 0, 
     with scope("moe"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        xb = rms_norm(xp, x_in, w.ffn_norm, cfg.norm_eps).astype(BFLOAT16)
+        xb = rms_norm(xp, x_in, w.ffn_norm, cfg.norm_eps, BFLOAT16)
         with scope("router"):
             logits = linear(xp, xb, w.gate)
             weights, indices = _route(cfg, w, logits, token_ids, layer, hooks)

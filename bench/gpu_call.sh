@@ -24,7 +24,8 @@ fi
            "tests/hyper_connections/test_hc_gpu.py -k B3-D4096" \
            "tests/indexer -k not+largest+and+not+property" \
            "tests/moe/test_moe_gpu.py -k not+large" \
-           "tests/expert_mlp/test_grouped_linear.py -k not+1024" ${EXTRA_SAN:-}; do
+           "tests/expert_mlp/test_grouped_linear.py -k not+1024" \
+           "tests/norm/test_norm.py -k not+property" ${EXTRA_SAN:-}; do
     set -- $t; f=$1; k=${3:-}; k=${k//+/ }
     echo "== sanitizer $f -k '$k'"; $S $f -k "$k" 2>&1 | tail -4; echo "exit ${PIPESTATUS[0]}"
   done > "$OUT/sanitizer.txt" 2>&1 ) &

@@ -129,10 +129,29 @@ def grouped_linear(x, offsets, w, *, out_dtype=None, out=None, plan_only: bool =
     return Call(problem, LinearArgs(xc, offs, wa, o, problem, frame), frame, o, skip=N == 0)
 
 
+_ROWS_CACHE: dict = {}
+
+
 def grouped_rows(xp, n_rows: int, groups: int):
-    """Offsets ``[0, n, 2n, ..., G n]`` (int32, made on the device without a host copy) of G groups
-    of n rows each."""
-    return xp.arange(groups + 1, dtype=np.int32) * np.int32(n_rows)
+    """Offsets ``[0, n, 2n, ..., G n]`` (int32, on the device without a host copy) of G groups of n
+    rows each.  On the GPU kept per (device, n, G) once made outside a CUDA-graph capture (never
+    written again), so a step's projections do not remake them call after call."""
+    if xp is np:
+        return np.arange(groups + 1, dtype=np.int32) * np.int32(n_rows)
+    dev = xp.cuda.Device().id
+    key = (dev, int(n_rows), int(groups))
+    hit = _ROWS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    made = xp.arange(groups + 1, dtype=np.int32) * np.int32(n_rows)
+    try:
+        capturing = bool(xp.cuda.get_current_stream().is_capturing())
+    except Exception:
+        capturing = True  # unknown: do not keep an array a capture may not have written yet
+    if not capturing and len(_ROWS_CACHE) < 4096:
+        xp.cuda.get_current_stream().synchronize()  # once per key: later users on other streams see it written
+        _ROWS_CACHE[key] = made
+    return made
 
 
 # -- variants ---------------------------------------------------------------------------------

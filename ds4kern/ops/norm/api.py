@@ -11,11 +11,11 @@ import numpy as np
 from ...core.args import number_arg, pow2_bucket
 from ...core.arrays import BFLOAT16, FLOAT_DTYPES, Frame, dtype_name, rows_view
 from ...core.op import Call, define_op, reference_or
+from ..expert_mlp.api import _out_dtype as out_dtype_arg  # float32 / bfloat16 by name or dtype
 from . import kernels
 
 RMS_OP = "rms_norm"
 ROPE_OP = "rope_rotate"
-OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16, "bf16": BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,6 @@ class RopeArgs:
     frame: Frame
 
 
-def _out_dtype(out_dtype) -> np.dtype:
-    key = out_dtype.lower() if isinstance(out_dtype, str) else None
-    if key is None:
-        try:
-            key = dtype_name(np.dtype(out_dtype))
-        except TypeError:
-            key = None
-    if key not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype!r}")
-    return OUT_DTYPES[key]
-
-
 @define_op(RMS_OP, rule=reference_or("naive"), kernels=kernels.FAMILIES)
 def rms_norm(x, weight=None, *, eps: float = 1e-6, out_dtype="float32", out=None, plan_only: bool = False):
     """RMSNorm of the last axis: ``x * (1 / sqrt(mean(x^2) + eps)) * weight`` in float32.
@@ -115,7 +103,7 @@ def rms_norm(x, weight=None, *, eps: float = 1e-6, out_dtype="float32", out=None
     e = number_arg("eps", eps)
     if not e >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    odt = _out_dtype(out_dtype)
+    odt = out_dtype_arg("float32" if out_dtype is None else out_dtype, None)
     if out is not None:
         o = frame.convert(out, "out", written=True)
         if o.dtype != odt or tuple(o.shape) != tuple(xa.shape) or not o.flags.c_contiguous:

@@ -33,7 +33,7 @@ from ...ops.hyper_connections import hc_post, hc_pre
 from ...ops.norm import rms_norm as _rms_norm
 from ...ops.norm import rope_rotate
 from ...ops.indexer import indexer_topk
-from ...ops.sparse_attention import sparse_attention
+from ...ops.sparse_attention import decode_slots, sparse_attention
 from ...rope import rope_table
 from .config import HEAD_DIM, INDEX_DIM, INDEX_HEADS, ROPE_DIM, Config
 from .state import LayerState
@@ -75,23 +75,8 @@ def rope_last64(x, cos, sin, pos):
 
 def window_slots(xp, positions, ring_base: int, window: int = 128):
     """int32 ``[B, window]``: pool slots of each sequence's window rows, positions p - 127 .. p
-    (oldest first), -1 for positions before 0."""
-    B = positions.shape[0]
-    q = positions.reshape(B, 1) - (window - 1) + xp.arange(window).reshape(1, window)
-    slot = ring_base + xp.arange(B).reshape(B, 1) * window + q % window
-    return xp.where(q >= 0, slot, -1).astype(np.int32)
-
-
-def _compressed_slots(xp, st: LayerState, positions, selected=None, width: int = 1):
-    """CSA: the indexer's columns -> pool slots; HCA: every visible compressed row, in ``width``
-    columns (at least the most rows any sequence sees; -1 beyond a sequence's own)."""
-    B = positions.shape[0]
-    base = xp.arange(B).reshape(B, 1) * st.rows
-    if selected is not None:
-        return xp.where(selected >= 0, selected + base, -1).astype(np.int32)
-    visible = (positions + 1) // st.ratio
-    c = xp.arange(width).reshape(1, width)
-    return xp.where(c < visible.reshape(B, 1), c + base, -1).astype(np.int32)
+    (oldest first), -1 for positions before 0 (``decode_slots`` without compressed rows)."""
+    return decode_slots(positions, window=window, ring_base=ring_base, rows=0)
 
 
 def state_rope(st: LayerState):
@@ -194,12 +179,10 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
             with scope("compressor"):
                 compress_decode(*_compressor_inputs(xp, x, w.c_wkv, w.c_wgate), w.c_ape, w.c_norm, pos, cos, sin,
                                 st.comp[0], st.comp[1], st.cache, ratio=r, eps=cfg.norm_eps)
-        idx = window_slots(xp, pos, st.ring_base, cfg.window)
-        if r:
-            width = max(1, int(pos_host.max() + 1 + int(slot_horizon)) // r)
-            idx = xp.concatenate([idx, _compressed_slots(xp, st, pos, selected, width)], axis=1)
-        o = sparse_attention(q, st.pool, xp.ascontiguousarray(idx), w.sink, scale=HEAD_DIM ** -0.5, positions=pos,
-                             rope=(cos, sin))
+        width = max(1, int(pos_host.max() + 1 + int(slot_horizon)) // r) if r and selected is None else 0
+        idx = decode_slots(pos, window=cfg.window, ring_base=st.ring_base, rows=st.rows, ratio=r, selected=selected,
+                           width=width)
+        o = sparse_attention(q, st.pool, idx, w.sink, scale=HEAD_DIM ** -0.5, positions=pos, rope=(cos, sin))
         X_new = hc_post(_output(xp, cfg, w, o), X, post, comb)
     st.next_pos = pos_host + 1
     st.last_selected = selected

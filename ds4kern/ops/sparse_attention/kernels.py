@@ -95,5 +95,8 @@ HEAD_BATCHED = kernels.register_family(_F("sparse_attention/head_batched.cu", tu
     for f in (False, True) for p in (False, True))))
 MERGE = kernels.register_family(_F("sparse_attention/split_merge.cu", (MERGE_NAME,)))
 FP8 = kernels.register_family(_F("sparse_attention/fp8.cu", (PACK_NAME, UNPACK_NAME)))
-FAMILIES = (NAIVE, HEAD_BATCHED, MERGE, FP8)
+SLOTS_NAME = "sparse_attention_decode_slots"
+SLOTS_THREADS = 256
+SLOTS = kernels.register_family(_F("sparse_attention/slots.cu", (SLOTS_NAME,)))
+FAMILIES = (NAIVE, HEAD_BATCHED, MERGE, FP8, SLOTS)
 

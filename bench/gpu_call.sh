@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests in SHARDS parallel pytest processes and compute-sanitizer on the
 # newer ops at the same time, then the benchmarks one after another (nothing else on the card).
-# Logs to $OUT (at most 8 files come back: SHARDS + sanitizer + benchmarks must stay within it).
+# Logs to $OUT: tests.txt (every shard's log), sanitizer.txt, bench_<name>.txt (at most 8 files come back).
 #   TESTS_S=300 SHARDS=4 BENCH="sa hc" bash bench/gpu_call.sh        (GROUPS_ON=0: no tests)
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -31,8 +31,10 @@ fi
   done > "$OUT/sanitizer.txt" 2>&1 ) &
 wait
 for f in "$OUT"/g*.txt; do
+  [ -f "$f" ] || continue
   echo "== $(basename "$f"): $(grep -E '[0-9]+ (passed|failed)' "$f" | tail -1) $(tail -1 "$f")"
   grep -E '^(FAILED|ERROR)' "$f" | head -8
+  { echo "######## $(basename "$f")"; cat "$f"; } >> "$OUT/tests.txt" && rm "$f"  # one file back, not SHARDS
 done
 grep -E "^(== |exit|.*(passed|failed|ERROR SUMMARY))" "$OUT/sanitizer.txt"
 for b in $BENCH; do

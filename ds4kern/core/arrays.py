@@ -237,6 +237,13 @@ class Frame:
         return arr
 
 
+def to_host(a):
+    """A host (numpy) array of ``a`` (CuPy arrays copied back, one synchronisation); None stays None."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
 def data_ptr(a) -> int:
     """Address of an array's first element (numpy or CuPy)."""
     return int(a.ctypes.data) if isinstance(a, np.ndarray) else int(a.data.ptr)

@@ -25,13 +25,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from ...core.arrays import BFLOAT16
+from ...core.arrays import BFLOAT16, to_host
 from ...core.scope import scope
 from ...ops.compressor import compress_decode, compress_prefill
 from ...ops.expert_mlp import grouped_linear, grouped_rows
 from ...ops.hyper_connections import hc_post, hc_pre
-from ...ops.norm import rms_norm as _rms_norm
-from ...ops.norm import rope_rotate
+from ...ops.norm import rms_norm, rope_rotate
 from ...ops.indexer import indexer_topk
 from ...ops.sparse_attention import decode_slots, sparse_attention
 from ...rope import rope_table
@@ -54,23 +53,12 @@ def rope_tables(cfg: Config, ratio: int, xp=np):
     return (c, s) if xp is np else (xp.asarray(c), xp.asarray(s))
 
 
-def rms_norm(xp, x, weight, eps, out_dtype=np.float32):
-    """RMSNorm of the last axis (float32 arithmetic), one launch on the GPU (``ds4kern.rms_norm``)."""
-    return _rms_norm(x, weight, eps=eps, out_dtype=out_dtype)
-
-
 def linear(xp, x, w, out_dtype=np.float32):
     """``x @ w.T`` of rows ``x`` ``[n, in]`` (rounded to bf16, as the public code's activations are)
     and bf16 ``w`` ``[out, in]``: ``grouped_linear`` with one group, float32 accumulation, so the
     whole step stays capturable in a CUDA graph (CuPy refuses cuBLAS calls during a capture)."""
     xb = xp.ascontiguousarray(x if x.dtype == BFLOAT16 else x.astype(BFLOAT16))
     return grouped_linear(xb, grouped_rows(xp, xb.shape[0], 1), w[None], out_dtype=out_dtype)
-
-
-def rope_last64(x, cos, sin, pos):
-    """Rotates the last 64 values of each row of ``x`` (``[n, d]`` or ``[n, H, d]``, float32) in
-    place at the tokens' positions ``pos`` (``ds4kern.rope_rotate``, one launch); returns x."""
-    return rope_rotate(x, cos, sin, pos)
 
 
 def window_slots(xp, positions, ring_base: int, window: int = 128):
@@ -92,12 +80,12 @@ def _project(xp, cfg: Config, w: AttentionWeights, x, cos, sin, pos):
     kv bf16 [n, 512])``."""
     n = x.shape[0]
     with scope("q"):
-        qr = rms_norm(xp, linear(xp, x, w.wq_a), w.q_norm, cfg.norm_eps, BFLOAT16)
-        q = rms_norm(xp, linear(xp, qr, w.wq_b).reshape(n, cfg.heads, HEAD_DIM), None, cfg.norm_eps)
-        q = rope_last64(q, cos, sin, pos).astype(BFLOAT16)
+        qr = rms_norm(linear(xp, x, w.wq_a), w.q_norm, eps=cfg.norm_eps, out_dtype=BFLOAT16)
+        q = rms_norm(linear(xp, qr, w.wq_b).reshape(n, cfg.heads, HEAD_DIM), None, eps=cfg.norm_eps)
+        q = rope_rotate(q, cos, sin, pos).astype(BFLOAT16)
     with scope("kv"):
-        kv = rms_norm(xp, linear(xp, x, w.wkv), w.kv_norm, cfg.norm_eps)
-        kv = rope_last64(kv, cos, sin, pos).astype(BFLOAT16)
+        kv = rms_norm(linear(xp, x, w.wkv), w.kv_norm, eps=cfg.norm_eps)
+        kv = rope_rotate(kv, cos, sin, pos).astype(BFLOAT16)
     return qr, q, kv
 
 
@@ -105,7 +93,7 @@ def _index_query(xp, w: AttentionWeights, qr, x, cos, sin, pos):
     """The indexer's queries (bf16 ``[n, 64, 128]``, RoPE on dims 64:128) and head weights (float32
     ``[n, 64]``, the 1/sqrt(64 * 128) scale folded in)."""
     iq = linear(xp, qr, w.i_wq_b).reshape(x.shape[0], INDEX_HEADS, INDEX_DIM)
-    iq = rope_last64(iq, cos, sin, pos)
+    iq = rope_rotate(iq, cos, sin, pos)
     iw = linear(xp, x, w.i_wproj) * np.float32((INDEX_DIM * INDEX_HEADS) ** -0.5)
     return iq.astype(BFLOAT16), iw.astype(np.float32)
 
@@ -131,7 +119,7 @@ def check_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positions)
         raise ValueError(f"weights are for a {w.kind!r} layer, the state for a {st.kind!r} layer")
     if tuple(X.shape) != (st.batch, 4, cfg.dim):
         raise ValueError(f"X must have shape [B, 4, D] = {(st.batch, 4, cfg.dim)}, got {tuple(X.shape)}")
-    pos = np.asarray(positions.get() if hasattr(positions, "get") else positions)
+    pos = np.asarray(to_host(positions))
     if pos.shape != (st.batch,) or pos.dtype.kind not in "iu":
         raise ValueError(f"positions must be integers of shape [B] = ({st.batch},), got {pos.dtype} {pos.shape}")
     pos = pos.astype(np.int64)
@@ -164,7 +152,7 @@ def attention_decode(cfg: Config, w: AttentionWeights, st: LayerState, X, positi
     with scope("attention"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps, BFLOAT16)  # projections read bf16 rows
+        x = rms_norm(x_in, w.attn_norm, eps=cfg.norm_eps, out_dtype=BFLOAT16)  # projections read bf16 rows
         qr, q, kv = _project(xp, cfg, w, x, cos, sin, pos)
         st.ring[xp.arange(B), pos % cfg.window] = kv
         selected = None
@@ -214,7 +202,7 @@ def attention_prefill(cfg: Config, w: AttentionWeights, st: LayerState, X, seq: 
     with scope("attention_prefill"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        x = rms_norm(xp, x_in, w.attn_norm, cfg.norm_eps, BFLOAT16)  # projections read bf16 rows
+        x = rms_norm(x_in, w.attn_norm, eps=cfg.norm_eps, out_dtype=BFLOAT16)  # projections read bf16 rows
         qr, q, kv = _project(xp, cfg, w, x, cos, sin, pos)
         lengths = ((pos + 1) // max(r, 1)).astype(np.int32)
         selected = None

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ...core.arrays import BFLOAT16
+from ...core.arrays import BFLOAT16, to_host
 from ...core.scope import scope
 from .attention import attention_decode, attention_prefill, check_decode
 from .config import Config
@@ -92,11 +92,6 @@ def check_tokens(model: Model, token_ids, n: int, name: str = "token_ids"):
     return xp.asarray(t).astype(np.int32, copy=False)
 
 
-def _host_positions(model: Model, positions) -> np.ndarray:
-    pos = positions.get() if hasattr(positions, "get") and not isinstance(positions, np.ndarray) else positions
-    return np.asarray(pos)
-
-
 def _layers(model: Model, tok, pos_host, pos_d, hooks, trace, slot_horizon: int = 0):
     X = model.embed_tokens(tok)
     with scope("step"):
@@ -119,7 +114,7 @@ def decode_step(model: Model, token_ids, positions, *, hooks: Optional[MoeHooks]
     list) gets one dict per layer: the indexer's columns (``"selected"``) and the routing.
     :class:`StepGraph` replays the same step from a CUDA graph."""
     tok = check_tokens(model, token_ids, model.batch)
-    pos_host = _host_positions(model, positions)
+    pos_host = np.asarray(to_host(positions))
     return _layers(model, tok, pos_host, None, hooks, trace)
 
 

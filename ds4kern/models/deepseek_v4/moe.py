@@ -28,8 +28,10 @@ from ...core.scope import scope
 from ...ops.expert_mlp import expert_mlp
 from ...ops.hyper_connections import hc_post, hc_pre
 from ...ops.moe import moe_permute, moe_unpermute
+from ...ops.norm import rms_norm
 from ...ops.router import router_topk
 from ...ops.router_hash import router_hash
+from .attention import linear
 from .config import Config
 
 
@@ -69,6 +71,11 @@ class MoeWeights:
 def expert_bytes(cfg: Config) -> int:
     """Bytes of one routed expert's bf16 weights (gate, up, down)."""
     return 3 * cfg.moe_inter * cfg.dim * 2
+
+
+def _xp(a):
+    """The array library of ``a`` (numpy, or CuPy for device arrays)."""
+    return np if isinstance(a, np.ndarray) else __import__("cupy")
 
 
 def _rng(xp, seed):
@@ -157,7 +164,7 @@ def _route(cfg: Config, w: MoeWeights, logits, token_ids, layer: int, hooks: Opt
 
 def routed_experts(cfg: Config, w: MoeWeights, xb, weights, indices):
     """The routed experts' combined output (float32 ``[N, D]``) of bf16 rows ``xb`` ``[N, D]``."""
-    xp = np if isinstance(xb, np.ndarray) else __import__("cupy")
+    xp = _xp(xb)
     idx = indices.astype(np.int32)
     if w.resident < cfg.experts:
         idx = idx % np.int32(w.resident)
@@ -172,7 +179,7 @@ def routed_experts(cfg: Config, w: MoeWeights, xb, weights, indices):
 
 def shared_expert(cfg: Config, w: MoeWeights, xb):
     """The shared expert of every row (bf16 ``[N, D]``): ``expert_mlp`` with one expert."""
-    xp = np if isinstance(xb, np.ndarray) else __import__("cupy")
+    xp = _xp(xb)
     offsets = xp.arange(2, dtype=np.int32) * np.int32(xb.shape[0])  # [0, N] without a host copy
     return expert_mlp(xb, offsets, w.s_gate, w.s_up, w.s_down, limit=cfg.swiglu_limit)
 
@@ -185,13 +192,11 @@ def moe_block(cfg: Config, w: MoeWeights, X, token_ids=None, *, layer: int = 0, 
     the routing (``"weights"``, ``"indices"``) for checks."""
     if X.ndim != 3 or tuple(X.shape[1:]) != (4, cfg.dim):
         raise ValueError(f"X must have shape [N, 4, D={cfg.dim}], got {tuple(X.shape)}")
-    xp = np if isinstance(X, np.ndarray) else __import__("cupy")
-    from .attention import linear, rms_norm
-
+    xp = _xp(X)
     with scope("moe"):
         x_in, post, comb = hc_pre(X, w.hc_fn, w.hc_scale, w.hc_base, norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps,
                                   sinkhorn_iters=cfg.sinkhorn_iters)
-        xb = rms_norm(xp, x_in, w.ffn_norm, cfg.norm_eps, BFLOAT16)
+        xb = rms_norm(x_in, w.ffn_norm, eps=cfg.norm_eps, out_dtype=BFLOAT16)
         with scope("router"):
             logits = linear(xp, xb, w.gate)
             weights, indices = _route(cfg, w, logits, token_ids, layer, hooks)

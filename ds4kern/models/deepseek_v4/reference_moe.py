@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.arrays import to_host
 from ...ops.hyper_connections import reference_hc_post, reference_hc_pre
 from .config import Config
 from .moe import MoeWeights
@@ -56,12 +57,11 @@ def reference_route(cfg: Config, w: MoeWeights, logits, token_ids=None, chosen=N
 
 def reference_moe_block(cfg: Config, w: MoeWeights, X, token_ids=None, chosen=None, tie_tol: float = 1e-6) -> np.ndarray:
     """X_new (float64 ``[N, 4, D]``) of the MoE block; ``chosen``, ``tie_tol`` as in :func:`reference_route`."""
-    get = (lambda a: a.get()) if hasattr(w.gate, "get") else np.asarray
-    f = {k: get(getattr(w, k)).astype(np.float64) for k in
+    f = {k: to_host(getattr(w, k)).astype(np.float64) for k in
          ("ffn_norm", "gate", "w_gate", "w_up", "w_down", "s_gate", "s_up", "s_down")}
     X = np.asarray(X, np.float64)
-    wh = MoeWeights(**{**vars(w), "bias": get(w.bias), "tid2eid": None if w.tid2eid is None else get(w.tid2eid)})
-    x_in, post, comb = reference_hc_pre(X, get(w.hc_fn), get(w.hc_scale), get(w.hc_base), cfg.norm_eps, cfg.hc_eps,
+    wh = MoeWeights(**{**vars(w), "bias": to_host(w.bias), "tid2eid": None if w.tid2eid is None else to_host(w.tid2eid)})
+    x_in, post, comb = reference_hc_pre(X, to_host(w.hc_fn), to_host(w.hc_scale), to_host(w.hc_base), cfg.norm_eps, cfg.hc_eps,
                                         cfg.sinkhorn_iters)
     xb = _bf(_rms(np.asarray(x_in, np.float64), f["ffn_norm"], cfg.norm_eps))
     logits = xb @ f["gate"].T
@@ -82,7 +82,7 @@ def host_copy(w):
     vals = {}
     for f in fields(w):
         v = getattr(w, f.name)
-        vals[f.name] = v.get() if hasattr(v, "get") and not isinstance(v, np.ndarray) else v
+        vals[f.name] = v if isinstance(v, (str, bool)) else to_host(v)
     return replace(w, **vals)
 
 
@@ -99,7 +99,7 @@ class ReferenceModel:
         from .reference import ReferenceAttention
         self.cfg = model.cfg
         emb = model.embed
-        self.embed = (emb.get() if hasattr(emb, "get") and not isinstance(emb, np.ndarray) else emb).astype(np.float64)
+        self.embed = to_host(emb).astype(np.float64)
         self.attn = [ReferenceAttention(model.cfg, host_copy(l.attn), model.batch) for l in model.layers]
         self.moe = [host_copy(l.moe) for l in model.layers]
 
@@ -107,15 +107,12 @@ class ReferenceModel:
         """The streams after the last layer (float64 ``[B, 4, D]``).  ``trace``: the block's
         per-layer trace (:func:`~.model.decode_step`); its indexer columns and routing are used
         where they differ from the reference's only by near-ties."""
-        tok = np.asarray(token_ids.get() if hasattr(token_ids, "get") else token_ids).astype(np.int64)
+        tok = np.asarray(to_host(token_ids)).astype(np.int64)
         X = np.repeat(self.embed[tok][:, None, :], 4, axis=1)
         for i, (ra, mw) in enumerate(zip(self.attn, self.moe)):
             t = trace[i] if trace is not None else {}
             sel = t.get("selected")
-            X = ra.step(X, selected=None if sel is None else (sel.get() if hasattr(sel, "get") else np.asarray(sel)),
-                        tie_tol=self.tie_tol)
-            ch = t.get("indices")
-            if ch is not None:
-                ch = ch.get() if hasattr(ch, "get") else np.asarray(ch)
+            X = ra.step(X, selected=to_host(sel), tie_tol=self.tie_tol)
+            ch = to_host(t.get("indices"))
             X = reference_moe_block(self.cfg, mw, X, tok, chosen=ch, tie_tol=self.tie_tol)
         return X

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from ...core import scope
+from ...core.arrays import to_host
 from .config import Config
 from .model import Model, StepGraph, decode_step
 from .moe import MoeHooks
@@ -31,7 +32,7 @@ def check_steps(cfg: Config, batch: int, steps: int, xp=np, seed: int = 0, layer
         trace = []
         got = decode_step(model, tok, np.full(batch, p), trace=trace)
         want = ref.step(tok, trace)
-        got = np.asarray(got if xp is np else got.get(), np.float64)
+        got = np.asarray(to_host(got), np.float64)
         worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
     return {"worst": worst, "ok": bool(worst < tol), "steps": steps}
 

@@ -54,9 +54,13 @@ def default_tokens_per_group(rows: int, experts: int, dim: int, inter: int, sm_c
     (rows / E), so weights are streamed once per expert; smaller while the items would not give
     every multiprocessor two blocks (few experts with many rows, e.g. a shared expert at decode:
     the row groups of one tile then share its weights through L2).  Provisional until measured."""
+    return tokens_per_group(rows, experts, min(gate_up_tiles(inter), down_tiles(dim)), sm_count)
+
+
+def tokens_per_group(rows: int, experts: int, tiles: int, sm_count: int) -> int:
+    """TN for launches of ``tiles`` output tiles per row group (see :func:`default_tokens_per_group`)."""
     avg = -(-max(rows, 1) // max(experts, 1))
     tn = next((t for t in TOKEN_GROUPS if t >= avg), TOKEN_GROUPS[-1])
-    tiles = min(gate_up_tiles(inter), down_tiles(dim))
     while tn > TOKEN_GROUPS[0] and item_bound(rows, experts, tn, tiles) < 2 * max(sm_count, 1):
         tn //= 2
     return tn

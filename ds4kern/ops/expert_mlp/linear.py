@@ -181,10 +181,7 @@ def _tn(p: LinearProblem) -> Optional[int]:
             and K.item_bound(p.rows_bucket, p.groups, t, K.down_tiles(p.out_features)) <= MAX_GRID]
     if not fits:
         return None
-    avg = -(-p.rows_bucket // p.groups)
-    tn = next((t for t in fits if t >= avg), fits[-1])
-    while tn > fits[0] and K.item_bound(p.rows_bucket, p.groups, tn, K.down_tiles(p.out_features)) < 2 * max(p.sm_count, 1):
-        tn //= 2
+    tn = K.tokens_per_group(p.rows_bucket, p.groups, K.down_tiles(p.out_features), p.sm_count)
     return tn if tn in fits else fits[0]
 
 

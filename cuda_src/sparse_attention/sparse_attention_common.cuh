@@ -81,11 +81,18 @@ __device__ __forceinline__ int ds4_tile_exponent(float amax) {
 }
 
 // float -> bf16 bits, round to nearest even, by integer arithmetic: subnormal floats keep their
-// value (the hardware conversion may flush them under -ftz), NaN stays a quiet NaN.
+// value (the hardware conversion may flush them under -ftz); NaN -> the quiet NaN 0x7fc0 with its sign.
 __device__ __forceinline__ unsigned ds4_bf16_bits(float f) {
     const unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return ((u >> 16) & 0x8000u) | 0x7fc0u;
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// One e4m3 code times its tile scale -> bf16 bits, exactly as reference.py: subnormals kept, and a
+// NaN code (0x7f / 0xff) gives the quiet NaN with the code's sign (a multiply would drop the sign).
+__device__ __forceinline__ unsigned ds4_e4m3_scaled_bf16_bits(unsigned code, float scale) {
+    if ((code & 0x7fu) == 0x7fu) return ((code & 0x80u) << 8) | 0x7fc0u;
+    return ds4_bf16_bits(ds4_mul_keep_subnormals(ds4_e4m3_to_float(code), scale));
 }
 
 // 8 e4m3 bytes (w.x low bytes first) times one scale -> 8 bf16 (as a uint4).  EXACT: products and
@@ -98,11 +105,12 @@ __device__ __forceinline__ uint4 ds4_dequant8(uint2 w, float scale) {
     for (int i = 0; i < 4; ++i) {
         const unsigned word = i < 2 ? w.x : w.y;
         const int sh = (i & 1) * 16;
-        const float a = ds4_mul_keep_subnormals(ds4_e4m3_to_float((word >> sh) & 0xffu), scale);
-        const float b = ds4_mul_keep_subnormals(ds4_e4m3_to_float((word >> (sh + 8)) & 0xffu), scale);
+        const unsigned ca = (word >> sh) & 0xffu, cb = (word >> (sh + 8)) & 0xffu;
         if (EXACT) {
-            r[i] = ds4_bf16_bits(a) | (ds4_bf16_bits(b) << 16);
+            r[i] = ds4_e4m3_scaled_bf16_bits(ca, scale) | (ds4_e4m3_scaled_bf16_bits(cb, scale) << 16);
         } else {
+            const float a = ds4_mul_keep_subnormals(ds4_e4m3_to_float(ca), scale);
+            const float b = ds4_mul_keep_subnormals(ds4_e4m3_to_float(cb), scale);
             __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
             r[i] = *reinterpret_cast<unsigned*>(&p);
         }

@@ -490,8 +490,8 @@ def test_group_limited_v3_style_large_and_ties(cp, rng, dtype, variant):
 def test_grouped_direct_path_at_every_size(cp, rng, monkeypatch, dtype, mode, E, k, G, gt):
     # the small-T path (exact keys, no screen; sorted per-lane lists for sigmoid / sqrtsoftplus
     # up to 8 experts per lane) forced on thousands of rows, with ties and NaN rows
-    from ds4kern.ops import router as rmod
-    monkeypatch.setattr(rmod, "WARP_DIRECT_MAX_TOKENS", 1 << 40)
+    from ds4kern.ops.router import kernels as rkernels
+    monkeypatch.setattr(rkernels, "WARP_DIRECT_MAX_TOKENS", 1 << 40)
     x = (rng.standard_normal((5003, E)) * 2).astype(DTYPES[dtype])
     run_and_check(cp, x, k, MODES[mode], rng, scaling=2.5, groups=(G, gt), variant="grouped")
     sf = MODES[mode]["score_function"]

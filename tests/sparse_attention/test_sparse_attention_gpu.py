@@ -260,6 +260,14 @@ def test_fp8_pack_unpack_gpu_match_reference(cp, rng):
     wide[:, :584] = want
     back2 = cp.asnumpy(unpack_kv_fp8(cp.asarray(wide)[:, :584])).view(np.uint16)
     np.testing.assert_array_equal(back2, back)
+    # every byte value in every nope position (NaN codes 0x7f and 0xff keep their sign), random scales
+    codes = np.empty((256, 584), np.uint8)
+    codes[:, :448] = (np.arange(448)[None, :] + np.arange(256)[:, None]) % 256
+    codes[:, 448:576] = rng.integers(0, 256, (256, 128))
+    codes[:, 576:583] = rng.integers(100, 160, (256, 7))
+    codes[:, 583] = 0
+    back3 = cp.asnumpy(unpack_kv_fp8(cp.asarray(codes))).view(np.uint16)
+    np.testing.assert_array_equal(back3, reference_unpack_kv_fp8(codes, dtype=BFLOAT16).view(np.uint16))
 
 
 def test_head_batched_support_is_the_registry_s(cp, rng):

@@ -98,12 +98,14 @@ def reference_unpack_kv_fp8(packed, dtype=np.float64) -> np.ndarray:
     scale = ue8m0_values(b[:, SCALE_OFF:SCALE_OFF + TILES])
     with np.errstate(invalid="ignore", over="ignore"):
         nope = (vals * scale[:, :, None]).reshape(P, NOPE)
-    rope = np.ascontiguousarray(b[:, ROPE_OFF:SCALE_OFF]).view(BFLOAT16).astype(np.float64)
-    out = np.concatenate([nope, rope], axis=1)
-    if np.dtype(dtype) == BFLOAT16:
+    rope_bf16 = np.ascontiguousarray(b[:, ROPE_OFF:SCALE_OFF]).view(BFLOAT16)
+    if np.dtype(dtype) == BFLOAT16:  # the rope bits travel unchanged (NaN payloads too)
         with np.errstate(over="ignore"):
-            return out.astype(np.float32).astype(BFLOAT16)  # float64 -> float32 is exact here
-    return out.astype(dtype)
+            nope = nope.astype(np.float32).astype(BFLOAT16)  # float64 -> float32 is exact here
+        return np.concatenate([nope, rope_bf16], axis=1)
+    with np.errstate(invalid="ignore"):
+        rope = rope_bf16.astype(np.float64)
+    return np.concatenate([nope, rope], axis=1).astype(dtype)
 
 
 # -- attention ------------------------------------------------------------------------------

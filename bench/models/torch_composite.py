@@ -340,15 +340,18 @@ class TorchCompositeLayer:
             "s_up", "s_down", "tid2eid")
 
     def __init__(self, cfg: Config, attn, moe, state, ops):
+        """``moe=None``: only :meth:`attention` can run (the attention block alone)."""
         if attn.kind != state.kind:
             raise ValueError(f"weights are for a {attn.kind!r} layer, the state for a {state.kind!r} layer")
         self.cfg, self.ops, self.kind = cfg, ops, attn.kind
         self.ratio, self.rows, self.batch = state.ratio, state.rows, state.batch
         self.ring_base = state.ring_base
-        self.hash = bool(moe.hash)
         self.a = {k: None if getattr(attn, k) is None else ops.asarray(getattr(attn, k)) for k in self._ATTN}
-        self.m = {k: None if getattr(moe, k) is None else ops.asarray(getattr(moe, k)) for k in self._MOE}
-        self.resident = int(self.m["w_gate"].shape[0])
+        # moe=None: the attention block alone (bench/models/attention_bench.py)
+        self.hash = bool(moe.hash) if moe is not None else False
+        self.m = None if moe is None else {k: None if getattr(moe, k) is None else ops.asarray(getattr(moe, k))
+                                           for k in self._MOE}
+        self.resident = 0 if moe is None else int(self.m["w_gate"].shape[0])
         cos, sin = rope_tables(cfg, self.ratio)  # host float32 [max_context, 32]
         self.cos, self.sin = ops.asarray(cos), ops.asarray(sin)
         # this object's own state
@@ -536,6 +539,8 @@ class TorchCompositeLayer:
         return o.sqrt(o.where(x > 20.0, x, o.log1p(o.exp(o.minimum(x, 20.0)))))
 
     def moe(self, X, tok):
+        if self.m is None:
+            raise ValueError("this composite was built with moe=None: the attention block alone")
         o, cfg, w = self.ops, self.cfg, self.m
         N, k, D = X.shape[0], cfg.experts_per_token, cfg.dim
         x_in, post, comb = self._hc_pre(X, w["hc_fn"], w["hc_scale"], w["hc_base"])

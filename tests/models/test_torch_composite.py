@@ -177,3 +177,22 @@ def test_refuses_out_of_order_positions(tc):
         c.decode(X, np.array([1, 2]), np.array([1, 0]))
     c.decode(X, np.array([1, 2]), np.array([0, 0]))
     assert c.next_pos.tolist() == [1, 1] and m.layers[0].state.next_pos.tolist() == [0, 0]  # own state
+
+
+def test_attention_block_alone(tc):
+    """moe=None (attention_bench's torch column): the block's output equals the full layer's
+    attention half on the same state."""
+    cfg = C.small(512)
+    m = Model.random(cfg, 2, layers=3, seed=3)
+    l = m.layers[2]  # CSA
+    X = m.embed_tokens(np.array([5, 9]))
+    pos_h = np.array([0, 0], np.int64)
+    alone = tc.TorchCompositeLayer(cfg, l.attn, None, l.state, tc.NumpyOps())
+    full = tc.TorchCompositeLayer(cfg, l.attn, l.moe, l.state, tc.NumpyOps())
+    assert alone.m is None and alone.resident == 0
+    a = alone.attention(np.asarray(X, np.float32), pos_h, pos_h)
+    b = full.attention(np.asarray(X, np.float32), pos_h, pos_h)
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and not np.array_equal(a, X)
+    with pytest.raises(ValueError, match="moe=None"):
+        alone.moe(a, None)

@@ -1,6 +1,7 @@
 """DeepSeek-V4 decode step (attention + MoE blocks of the first L layers) on the GPU: step time
 (plain calls and CUDA-graph replay), tokens/s, per-op table, memory-scope peaks, for several
-batch sizes at one context; optionally the cost of routing capture and the locality recorder.
+batch sizes at one context; optionally (--hooks) the cost of routing capture (in the graph step)
+and of the locality recorder (its per-step kernels timed on their own: a graph cannot replay it).
 
     python bench/models/step_bench.py --batches 1 64 256 --context 65536 --layers 4
 """
@@ -44,8 +45,17 @@ def main() -> None:
             rows.append(r)
             g = r.get("graph_step_s", float("nan"))
             print(f"\nB={B}{' +capture+recorder' if hooked else ''}: step {1e3 * r['step_s']:.3f} ms plain, "
-                  f"{1e3 * g:.3f} ms graph; {r['tokens_per_s']:.0f} tokens/s"
+                  f"{1e3 * g:.3f} ms graph{' (with capture)' if hooked else ''}; {r['tokens_per_s']:.0f} tokens/s"
                   + (f" (graph capture failed: {r['graph_error']})" if r.get("graph_error") else ""))
+            if hooked and "recorder_step_s" in r:
+                base = next((x for x in rows if x["batch"] == B and not x["hooks"]), None)
+                rec = r["recorder_step_s"]
+                line = f"  recorder (record_step, every layer): {1e6 * rec:.1f} us per step"
+                if base and "graph_step_s" in base and "graph_step_s" in r:
+                    b, c = base["graph_step_s"], r["graph_step_s"]
+                    line += (f"; capture {1e6 * (c - b):+.1f} us (graph, with vs without); capture + recorder "
+                             f"{100 * (c - b + rec) / b:+.2f}% of the step (target <= 1%)")
+                print(line)
             whole = sum(v for _, v in r["table"]) or 1.0
             for k, v in r["table"][:14]:
                 print(f"  {k:34s} {1e3 * v:9.3f} ms {100 * v / whole:5.1f}%")

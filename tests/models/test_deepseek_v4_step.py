@@ -238,3 +238,31 @@ def test_routing_capture_inside_step():
     decode_step(m, np.arange(4, dtype=np.int32), np.zeros(4, np.int64), hooks=hooks, trace=trace)
     for i, t in enumerate(trace):
         np.testing.assert_array_equal(hooks.capture.buffer[:4, i].get().astype(np.int64), t["indices"].get().astype(np.int64))
+
+
+@pytest.mark.gpu
+def test_capture_and_recorder_per_step_equal_per_layer():
+    """Capture + recorder on: the routers write indices and weights into the step buffers and the
+    recorder reads every layer once per step (record_step); its report equals the recorder's own
+    per-layer records of the same steps.  StepGraph refuses a recorder (host clocks)."""
+    import json
+
+    import cupy as cp
+    from ds4kern.models.deepseek_v4.model import StepGraph
+    from ds4kern.models.deepseek_v4.run import capture_hooks
+    cfg = C.small(256)
+    B, steps = 4, 6
+    toks = np.random.default_rng(5).integers(0, cfg.vocab, (steps, B)).astype(np.int32)
+    reports = []
+    for per_step in (False, True):
+        m = Model.random(cfg, B, seed=3, xp=cp)
+        hooks = capture_hooks(cfg, cfg.layers, capture=per_step, recorder=True)(m)
+        assert hooks.per_step == per_step
+        for s in range(steps):
+            decode_step(m, toks[s], m.layers[0].state.next_pos.copy(), hooks=hooks)
+        reports.append(hooks.recorder.report())
+        if per_step:
+            with pytest.raises(ValueError, match="recorder"):
+                StepGraph(m, horizon=4, hooks=hooks)
+    assert json.dumps(reports[0], sort_keys=True) == json.dumps(reports[1], sort_keys=True)
+    assert sum(l["records"] for l in reports[0]["layers_detail"]) == steps * B * cfg.layers

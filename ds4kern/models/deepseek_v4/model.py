@@ -103,6 +103,8 @@ def _layers(model: Model, tok, pos_host, pos_d, hooks, trace, slot_horizon: int 
                 X = moe_block(model.cfg, layer.moe, X, tok, layer=i, hooks=hooks, trace=t)
                 if trace is not None:
                     trace.append(t)
+        if hooks is not None:
+            hooks.finish_step(len(model.layers), int(X.shape[0]))
     return X
 
 
@@ -134,6 +136,10 @@ class StepGraph:
         import cupy as cp
         if model.xp is np:
             raise ValueError("StepGraph needs a model on the GPU (Model.random(..., xp=cupy))")
+        if hooks is not None and hooks.recorder is not None:
+            raise ValueError("StepGraph cannot replay the locality recorder: its record counts and clocks "
+                             "are host values a graph would freeze; capture the routing only (MoeHooks("
+                             "capture=...)) and record eagerly, or use decode_step")
         self.model, self.cp, self.hooks = model, cp, hooks
         self.horizon = int(horizon)
         B = model.batch
@@ -201,6 +207,8 @@ def prefill(model: Model, token_ids, seq: int = 0, *, hooks: Optional[MoeHooks] 
                 X = moe_block(model.cfg, layer.moe, X, tok, layer=i, hooks=hooks, trace=t)
                 if trace is not None:
                     trace.append(t)
+        if hooks is not None:
+            hooks.finish_step(len(model.layers), int(X.shape[0]))
     return X
 
 

@@ -146,11 +146,38 @@ class MoeHooks:
     recorder: Any = None
     positions: Any = None
     seq_ids: Any = None
+    step_weights: Any = None  # [capture rows, layers, k] float32: made at the first per-step use
+
+    @property
+    def per_step(self) -> bool:
+        """Capture and recorder both on: each router writes its indices and weights into the step
+        buffers (the capture's and :attr:`step_weights`), and :meth:`finish_step` records every
+        layer at once (the recorder's ``record_step``: two launches per step, not two per layer)."""
+        return self.capture is not None and self.recorder is not None
+
+    def weights_out(self, layer: int, rows: int):
+        """The float32 ``[rows, k]`` slice of ``layer`` in :attr:`step_weights` (per-step mode)."""
+        cap = self.capture
+        if self.step_weights is None:
+            import cupy as cp
+            self.step_weights = cp.empty((cap.max_tokens, cap.num_layers, cap.topk), np.float32)
+        return self.step_weights[self.capture_row:self.capture_row + rows, layer, :]
+
+    def finish_step(self, layers: int, rows: int) -> None:
+        """Per-step mode: record layers ``0 .. layers-1`` of the ``rows`` tokens just routed."""
+        if not self.per_step or rows == 0 or layers == 0:
+            return
+        r0 = self.capture_row
+        self.recorder.record_step(self.capture.buffer[r0:r0 + rows, :layers],
+                                  weights=self.step_weights[r0:r0 + rows, :layers],
+                                  positions=self.positions, seq_ids=self.seq_ids)
 
 
 def _route(cfg: Config, w: MoeWeights, logits, token_ids, layer: int, hooks: Optional[MoeHooks]):
     kw = dict(score_function="sqrtsoftplus", scaling_factor=cfg.route_scale)
     cap = hooks.capture if hooks is not None else None
+    if cap is not None and hooks.per_step:
+        kw["weights_out"] = hooks.weights_out(layer, int(logits.shape[0]))
     if w.hash:
         if token_ids is None:
             raise ValueError(f"layer {layer} routes by token id: token_ids are needed")
@@ -200,7 +227,7 @@ def moe_block(cfg: Config, w: MoeWeights, X, token_ids=None, *, layer: int = 0, 
         with scope("router"):
             logits = linear(xp, xb, w.gate)
             weights, indices = _route(cfg, w, logits, token_ids, layer, hooks)
-            if hooks is not None and hooks.recorder is not None:
+            if hooks is not None and hooks.recorder is not None and not hooks.per_step:
                 hooks.recorder.record(layer, indices, weights=weights, positions=hooks.positions,
                                       seq_ids=hooks.seq_ids)
         if trace is not None:

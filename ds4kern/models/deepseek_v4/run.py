@@ -61,6 +61,30 @@ def op_table(records, steps: int) -> list:
     return sorted(((k, v / steps) for k, v in tot.items()), key=lambda kv: -kv[1])
 
 
+def _recorder_step_time(cp, hooks, layers: int, batch: int, steps: int) -> float:
+    """Median device seconds of the recorder's per-step recording (``hooks.finish_step``: its two
+    kernels over every layer), from CUDA-graph replays of that call alone (cost only: the replays
+    record the same routing again)."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        hooks.finish_step(layers, batch)  # compiles
+        s.synchronize()
+        s.begin_capture()
+        try:
+            hooks.finish_step(layers, batch)
+        finally:
+            g = s.end_capture()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(max(steps, 10)):
+            start.record(s)
+            g.launch(s)
+            stop.record(s)
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return float(np.median(times))
+
+
 def time_step(cfg: Config, batch: int, context: int, *, layers: int, steps: int = 10, xp=np, seed: int = 0,
               resident: Optional[int] = None, graph: bool = True, hooks_factory=None, quiet: bool = True) -> dict:
     """Decode steps of ``batch`` sequences whose caches hold ``context`` tokens (random contents,
@@ -90,9 +114,16 @@ def time_step(cfg: Config, batch: int, context: int, *, layers: int, steps: int 
                 times.append(time.perf_counter() - t0)
         out["step_s"] = float(np.median(times))
         g = None
+        graph_hooks = hooks
+        if hooks is not None and hooks.recorder is not None and xp is not np:
+            # a graph cannot replay the recorder (host clocks): the graph step captures the routing
+            # only, and the recorder's per-step kernels are timed on their own
+            graph_hooks = MoeHooks(capture=hooks.capture, capture_row=hooks.capture_row) if hooks.capture else None
+            if hooks.per_step:
+                out["recorder_step_s"] = _recorder_step_time(xp, hooks, layers, batch, steps)
         if graph and xp is not np:
             try:
-                g = StepGraph(model, horizon=2 * steps + 2, hooks=hooks, restore=False)
+                g = StepGraph(model, horizon=2 * steps + 2, hooks=graph_hooks, restore=False)
             except Exception as e:  # reported, not fatal: the plain-call timing stands
                 out["graph_error"] = f"{type(e).__name__}: {e}"
                 xp.cuda.get_current_stream().synchronize()

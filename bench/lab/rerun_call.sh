@@ -18,3 +18,5 @@ for f in "$OUT"/*.txt; do echo "== $f"; grep -E "passed|failed|^FAILED|^exit|ERR
 echo "== att exit $?"; cat "$OUT/bench_att.txt"
 [ -n "${STEP:-1}" ] && timeout ${STEP_S:-120} python3 bench/models/step_bench.py --batches 1 64 256 --context 65536 --layers 4 --steps 5 --hooks >"$OUT/bench_step.txt" 2>&1
 echo "== step exit $?"; grep -E "^B=|recorder|ratio" "$OUT/bench_step.txt"
+[ -n "${SA:-1}" ] && timeout ${SA_S:-90} python3 bench/sparse_attention/sparse_attention_bench.py --shapes flash pro --rows 1 64 256 >"$OUT/bench_sa.txt" 2>&1
+echo "== sa exit $?"; grep -E "^(bf16|fp8)|sdpa|torch_eager_per|error" "$OUT/bench_sa.txt"

@@ -79,6 +79,33 @@ def torch_composite(fmt):
     return step
 
 
+def torch_sdpa(fmt):
+    """torch's scaled_dot_product_attention on the gathered rows (one KV head shared by the H
+    query heads, enable_gqa); the sink as one extra all-zero key and value whose additive mask
+    entry is sink[h] (its logit is exactly the sink, its value adds nothing); invalid slots
+    masked with -inf in the same float mask."""
+    import torch
+    import torch.nn.functional as F
+
+    def step(q, pool, idx, sink, out):
+        N, H, D = q.shape
+        rows = pool[idx.clamp_min(0).long()]
+        if fmt == "fp8":
+            nope = rows[..., :448].contiguous().view(torch.float8_e4m3fn).float()
+            scale = torch.exp2(rows[..., 576:583].float() - 127.0)
+            nope = (nope.unflatten(-1, (7, 64)) * scale.unsqueeze(-1)).flatten(-2)
+            rope = rows[..., 448:576].contiguous().view(torch.bfloat16).float()
+            rows = torch.cat([nope, rope], -1).to(torch.bfloat16)
+        kv = torch.cat([rows, rows.new_zeros((N, 1, D))], 1).unsqueeze(1)        # [N, 1, K + 1, D]
+        bias = torch.zeros((N, H, 1, idx.shape[1] + 1), dtype=q.dtype, device=q.device)
+        bias[..., :-1].masked_fill_(~(idx >= 0)[:, None, None, :], float("-inf"))
+        bias[..., -1] = sink.to(q.dtype)[None, :, None]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kv, kv, attn_mask=bias, scale=SCALE, enable_gqa=True)
+        out.copy_(o.squeeze(2))
+
+    return step
+
+
 def bench(shapes, rows_list, formats, pool_rows, json_path):
     import cupy as cp
 
@@ -133,6 +160,16 @@ def bench(shapes, rows_list, formats, pool_rows, json_path):
                         row["times_us"]["torch_eager_per_call"] = cuda_time(eager, warmup=3, repeat=20) * 1e6
                     except Exception as e:  # e.g. out of memory for the [N, K, 512] float gather
                         row["torch_error"] = f"{type(e).__name__}: {e}"[:200]
+                    sdpa = torch_sdpa(fmt)
+                    try:
+                        t = torch_graph_time(lambda j: sdpa(tq, tp, tix[j % INNER], ts, tout), inner=INNER)
+                        row["times_us"]["torch_sdpa_graph"] = t * 1e6
+                        ds4kern.sparse_attention(q, pool, idx_sets[0], sink, kv_format=fmt, out=out)
+                        sdpa(tq, tp, tix[0], ts, tout)
+                        want = torch.from_dlpack(out).float()
+                        row["sdpa_max_rel_diff"] = float((tout - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                    except Exception as e:  # reported, not fatal
+                        row["sdpa_error"] = f"{type(e).__name__}: {e}"[:200]
                 results.append(row)
                 print(f"\n{fmt} {shape} (H={H}, K={K}) N={N}: minimal {nbytes / 1e6:.2f} MB, "
                       f"{nflop / 1e9:.2f} GFLOP; rule picks {row['rule']}")
@@ -140,8 +177,11 @@ def bench(shapes, rows_list, formats, pool_rows, json_path):
                     gbs = nbytes / (us * 1e-6) / 1e9
                     print(f"  {label:32s} {us:9.2f} us  {100 * gbs * 1e9 / bw:5.1f}% copy  "
                           f"{nflop / (us * 1e-6) / 1e12:6.1f} TFLOP/s")
-                if "torch_error" in row:
-                    print(f"  torch: {row['torch_error']}")
+                if "sdpa_max_rel_diff" in row:
+                    print(f"  (torch_sdpa against ours: max |diff| / max |out| = {row['sdpa_max_rel_diff']:.1e})")
+                for key in ("torch_error", "sdpa_error"):
+                    if key in row:
+                        print(f"  {key}: {row[key]}")
         del pool
         cp.get_default_memory_pool().free_all_blocks()
     if json_path:

@@ -174,7 +174,11 @@ def test_layer_bytes_match_arrays():
 @pytest.mark.gpu
 def test_step_matches_reference_gpu():
     import cupy as cp
-    r = check_steps(C.small(512), 3, 12, xp=cp, seed=7)
+    # bf16 intermediates inside the kernels (P of the attention, the expert MLP's h, the
+    # projections' inputs) on top of the bf16 roundings the numpy-backend pipeline shares: on an
+    # H100, seeds 7 / 8 / 9 gave worst 0.0205 / 0.0172 / 0.0182 against the float64 reference,
+    # the numpy pipeline 0.0143 / 0.0102 / 0.0141 (bench/lab/step_error.py)
+    r = check_steps(C.small(512), 3, 12, xp=cp, seed=7, tol=3e-2)
     assert r["ok"], r
 
 

@@ -315,6 +315,19 @@ def test_split_plan():
             assert tok == K.split_tokens(B) and 1 <= slices <= max(1, K.split_max_slices(D, vec))
             assert slices == 1 or (D // vec) // slices >= K.SPLIT_SLICE_CHUNKS
     assert K.split_plan(1, 4096, 4, 132) == (1, 16)  # 16 blocks of 64 chunks for one Flash token
+    assert K.split_plan(1, 4096, 4, 132, slice_chunks=16) == (1, 64)
+    for B in (1, 64, 4096):
+        for D, vec in ((4096, 4), (7168, 4), (4096, 1), (512, 4)):
+            for c in K.SPLIT_SLICE_CHOICES:
+                tok, slices = K.split_plan(B, D, vec, 132, c)
+                assert 1 <= slices <= max(1, K.split_max_slices(D, vec, c))
+                assert slices == 1 or (D // vec) // slices >= c
+
+
+def test_split_configs():
+    from ds4kern.ops.hyper_connections import variants as V
+    assert V._split_configs(gpu_problem(1)) == [{"slice_chunks": c} for c in K.SPLIT_SLICE_CHOICES]
+    assert V._split_configs(gpu_problem(1, D=256)) == [{"slice_chunks": 16}]  # 64 chunks: only 16 splits them
 
 
 def test_python_mirrors_of_cuda_defines():

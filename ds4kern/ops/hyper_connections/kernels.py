@@ -20,7 +20,8 @@ NAIVE_LAUNCH = (1, 256)
 GROUPED_TOKENS = (4, 2)              # grouped's settings, the default first
 BLOCK_THREADS = 128                  # grouped and split
 LAUNCHES = (NAIVE_LAUNCH,) + tuple((t, BLOCK_THREADS) for t in (1, 2, 4))
-SPLIT_SLICE_CHUNKS = 64              # fewest chunks (of `vec` channels, four streams) per split block
+SPLIT_SLICE_CHUNKS = 64              # fewest chunks (of `vec` channels, four streams) per split block (default)
+SPLIT_SLICE_CHOICES = (64, 16)       # split's slice_chunks settings, the default first (16: 4x the blocks at small B)
 
 
 def pre_name(dtype: str, vec: int, tok: int, threads: int) -> str:
@@ -52,18 +53,18 @@ def split_tokens(tokens: int) -> int:
     return 1 if tokens < 8 else (2 if tokens < 32 else 4)
 
 
-def split_plan(tokens: int, dim: int, vec: int, sm_count: int) -> tuple:
+def split_plan(tokens: int, dim: int, vec: int, sm_count: int, slice_chunks: int = SPLIT_SLICE_CHUNKS) -> tuple:
     """``(tokens per block, slices)`` of a split call: about two blocks per multiprocessor, each
-    slice at least SPLIT_SLICE_CHUNKS chunks of ``vec`` channels."""
+    slice at least ``slice_chunks`` chunks of ``vec`` channels."""
     tok = split_tokens(tokens)
     groups = -(-tokens // tok)
-    most = max(1, (dim // vec) // SPLIT_SLICE_CHUNKS)
+    most = max(1, (dim // vec) // slice_chunks)
     want = -(-2 * sm_count // max(1, groups))
     return tok, max(1, min(most, want))
 
 
-def split_max_slices(dim: int, vec: int) -> int:
-    return (dim // vec) // SPLIT_SLICE_CHUNKS
+def split_max_slices(dim: int, vec: int, slice_chunks: int = SPLIT_SLICE_CHUNKS) -> int:
+    return (dim // vec) // slice_chunks
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,9 +73,16 @@ def _grouped(a: HcArgs, tokens_per_block: int = K.GROUPED_TOKENS[0]) -> None:
     _launch(a, tokens_per_block, K.BLOCK_THREADS, 1)
 
 
-def _split(a: HcArgs) -> None:
-    tok, slices = K.split_plan(a.tokens, a.dim, a.problem.vec, K.sm_count(a.frame.device_id))
+def _split(a: HcArgs, slice_chunks: int = K.SPLIT_SLICE_CHUNKS) -> None:
+    if slice_chunks not in K.SPLIT_SLICE_CHOICES:
+        raise ValueError(f"slice_chunks must be one of {K.SPLIT_SLICE_CHOICES}, got {slice_chunks!r}")
+    tok, slices = K.split_plan(a.tokens, a.dim, a.problem.vec, K.sm_count(a.frame.device_id), slice_chunks)
     _launch(a, tok, K.BLOCK_THREADS, slices)
+
+
+def _split_configs(p: HcProblem) -> list:
+    """Every slice size that still splits the problem (the default first)."""
+    return [{"slice_chunks": c} for c in K.SPLIT_SLICE_CHOICES if K.split_max_slices(p.dim, p.vec, c) >= 2]
 
 
 def _grouped_supports(p: HcProblem) -> Optional[str]:
@@ -110,8 +117,9 @@ _MIX_DESCRIPTIONS = {
              "reduction, finish, x_in from the block's own (L2-resident) streams",
     "grouped": "2 or 4 tokens per block of 128 threads (tokens_per_block): each hc_fn element loaded "
                "serves every token of the block; for large B",
-    "split": "each token group's channels spread over several blocks writing partial sums; the last "
-             "block (atomic counter) adds them in slice order, finishes and writes x_in; for small B",
+    "split": "each token group's channels spread over several blocks (at least slice_chunks chunks each) "
+             "writing partial sums; the last block (atomic counter) adds them in slice order, finishes and "
+             "writes x_in; for small B",
 }
 
 
@@ -123,7 +131,7 @@ def ds4kern_register_variants(register):
         register(Variant(op, "naive", "cuda", _naive, description=_MIX_DESCRIPTIONS["naive"]))
         register(Variant(op, "grouped", "cuda", _grouped, supports=_grouped_supports, configs=_grouped_configs,
                          description=_MIX_DESCRIPTIONS["grouped"]))
-        register(Variant(op, "split", "cuda", _split, supports=_split_supports,
+        register(Variant(op, "split", "cuda", _split, supports=_split_supports, configs=_split_configs,
                          description=_MIX_DESCRIPTIONS["split"]))
     register(Variant(POST_OP, "reference", "numpy", reference_post_variant,
                      description="numpy, float64, rounded once to X's dtype"))

@@ -73,9 +73,33 @@ def sort_name(dtype: str) -> str:
     return f"topk_sort_rows<{DTYPES[dtype]}>"
 
 
+# -- hist variant (cuda_src/topk/hist.cu) ---------------------------------------------------------
+HIST_THREADS = 256        # DS4_TOPK_HIST_THREADS
+HIST_SLICE = 256 * 16     # DS4_TOPK_HIST_SLICE: columns per block
+HIST_BINS = 2048          # DS4_TOPK_HIST_BINS
+HIST_STATE = 8            # DS4_TOPK_HIST_STATE: int32 words of row state
+HIST_ROUNDS = 3           # digits of 11, 11 and 10 bits
+
+
+def hist_slices(cols: int) -> int:
+    return max(1, -(-cols // HIST_SLICE))
+
+
+def hist_scratch_bytes(rows: int, cols: int, k: int) -> int:
+    """Device scratch of one hist call: row state + histograms (zeroed), per-slice tie counts, and
+    the candidates (k 64-bit words per row)."""
+    return rows * (HIST_STATE + HIST_BINS) * 4 + rows * hist_slices(cols) * 4 + rows * k * 8
+
+
+def hist_name(kind: str, dtype: str = "") -> str:
+    return f"topk_hist_{kind}" if kind == "sort" else f"topk_hist_{kind}<{DTYPES[dtype]}>"
+
+
 _F = kernels.KernelFamily
 RADIX = kernels.register_family(_F("topk/radix.cu", tuple(
     rows_name(d, p, f) for d in DTYPES for p in PER_THREAD for f in (False, True))
     + tuple(merge_name(f) for f in (False, True))))
 SORT = kernels.register_family(_F("topk/sort.cu", tuple(sort_name(d) for d in DTYPES)))
-FAMILIES = (RADIX, SORT)
+HIST = kernels.register_family(_F("topk/hist.cu", tuple(
+    hist_name(kind, d) for kind in ("round", "ties", "collect") for d in DTYPES) + (hist_name("sort"),)))
+FAMILIES = (RADIX, SORT, HIST)

@@ -97,6 +97,36 @@ def _sort(a: TopkArgs) -> None:
           _ptr(a.errors)), shared_mem=smem)
 
 
+# -- hist -------------------------------------------------------------------------------------
+
+
+def _hist_supports(p: TopkProblem) -> Optional[str]:
+    if p.k_bucket > K.MAX_K:
+        return f"k > {K.MAX_K}: the winners are sorted in one block's shared memory"
+    return None
+
+
+def _hist(a: TopkArgs) -> None:
+    R, C, k = a.rows, a.cols, a.k
+    if R == 0:
+        return
+    xp = a.frame.xp
+    slices = K.hist_slices(C)
+    dt = a.problem.dtype
+    ws = xp.zeros(R * (K.HIST_STATE + K.HIST_BINS), np.int32)  # row state, then the histograms
+    state, hist = ws[:R * K.HIST_STATE], ws[R * K.HIST_STATE:]
+    ties = xp.empty(R * slices, np.int32)
+    cand = xp.empty(R * k, np.uint64)
+    grid = (_grid(R * slices, f"R={R} rows x {slices} slices of {K.HIST_SLICE} columns"),)
+    head = (a.scores, np.int64(a.row_stride), np.int32(C), _ptr(a.lengths), np.int32(slices))
+    rnd = K.HIST.kernel(K.hist_name("round", dt))
+    for r in range(K.HIST_ROUNDS):
+        rnd(grid, (K.HIST_THREADS,), head + (np.int32(k), np.int32(r), hist, state, _ptr(a.errors)))
+    K.HIST.kernel(K.hist_name("ties", dt))(grid, (K.HIST_THREADS,), head + (state, ties))
+    K.HIST.kernel(K.hist_name("collect", dt))(grid, (K.HIST_THREADS,), head + (np.int32(k), state, ties, cand))
+    K.HIST.kernel(K.hist_name("sort"))((_grid(R),), (K.THREADS,), (cand, state, np.int32(k), a.out))
+
+
 @hookimpl
 def ds4kern_register_variants(register):
     register(Variant(OP, "reference", "numpy", reference_variant,
@@ -107,3 +137,7 @@ def ds4kern_register_variants(register):
     register(Variant(OP, "radix", "cuda", _radix, supports=_radix_supports, configs=_radix_configs,
                      description="radix select over keys staged in shared memory (8-bit digits), ordered compaction, "
                                  "bitonic sort of the k winners; long rows in chunks merged by further levels"))
+    register(Variant(OP, "hist", "cuda", _hist, supports=_hist_supports,
+                     description="many blocks per row (slices of 4096 columns): three rounds of global 11/11/10-bit "
+                                 "digit histograms find the k-th key, one pass collects the winners, one block per "
+                                 "row sorts them; not yet measured (the rule keeps radix)"))

@@ -268,7 +268,7 @@ def test_explain_and_variants(rng):
     inp = make_inputs(rng, 3, 4096)
     d = ds4kern.explain("hc_pre", inp["X"], *mix_args(inp))
     assert d.chosen.name == "reference" and "D=4096" in str(d)
-    assert {c.variant.name for c in d.candidates} == {"reference", "naive", "grouped", "split"}
+    assert {c.variant.name for c in d.candidates} == {"reference", "naive", "grouped", "split", "tiled"}
     d = ds4kern.explain("hc_post_pre", inp["y"], inp["X"], inp["post"], inp["comb"], *mix_args(inp))
     assert d.chosen.name == "reference"
     d = ds4kern.explain("hc_post", inp["y"], inp["X"], inp["post"], inp["comb"])
@@ -334,12 +334,29 @@ def test_python_mirrors_of_cuda_defines():
     assert int(source_define(K.POST.source, "DS4_HC_POST_THREADS")) == K.POST_THREADS
     assert int(source_define(K.PRE.source, "DS4_HC_SLOT")) == K.SLOT
     assert int(source_define(K.PRE.source, "DS4_HC_MIX")) == 24
+    assert int(source_define(K.PRE_TILED.source, "DS4_HC_TILE_TOKENS")) == K.TILE_TOKENS
+    assert int(source_define(K.PRE_TILED.source, "DS4_HC_TILE_CH")) == K.TILE_CH
+    assert int(source_define(K.PRE_TILED.source, "DS4_HC_TILE_THREADS")) == K.TILE_THREADS
+
+
+def test_tiled_plan_and_support():
+    from ds4kern.ops.hyper_connections import variants as V
+    for B in (1, 3, 64, 1024, 4096, 10000):
+        for D in (4096, 7168, 512):
+            for item in (2, 4):
+                ks = K.tiled_slices(B, D, item, 132)
+                assert 1 <= ks <= (4 * D // K.TILE_CH) // K.TILE_MIN_CHUNKS
+                assert ks * K.SLOT * 4 <= 4 * D * item * K.TILE_PARTIAL_SHARE  # partials <= a quarter of X
+    assert K.tiled_slices(4096, 4096, 2, 132) == 17  # 16 token tiles x 17 slices: about two blocks per SM
+    assert V._tiled_supports(gpu_problem(1024)) is None
+    assert "multiple of 32" in V._tiled_supports(gpu_problem(1024, D=4100))
+    assert "4-channel" in V._tiled_supports(gpu_problem(1024, vec=1))
 
 
 def test_kernel_sources_declared():
     for fam in K.FAMILIES:
         code = fam.source.split("/")[-1].replace(".cu", "")
-        assert all(n.startswith(f"hc_{code}<") for n in fam.name_expressions), fam.source
+        assert all(n.startswith((f"hc_{code}<", f"hc_{code}_")) for n in fam.name_expressions), fam.source
         assert len(set(fam.name_expressions)) == len(fam.name_expressions)
 
 

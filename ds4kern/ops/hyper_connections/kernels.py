@@ -36,6 +36,33 @@ def post_name(dtype: str, y_dtype: str, vec: int) -> str:
     return f"hc_post<{C_TYPES[dtype]}, {C_TYPES[y_dtype]}, {vec}>"
 
 
+# tiled hc_pre (cuda_src/hyper_connections/pre_tiled.cu): tokens per block of the dots launch, channels per chunk
+TILE_TOKENS = 256         # DS4_HC_TILE_TOKENS
+TILE_CH = 32              # DS4_HC_TILE_CH
+TILE_THREADS = 256        # DS4_HC_TILE_THREADS
+TILE_MIN_CHUNKS = 4       # fewest chunks of TILE_CH channels per slice
+TILE_PARTIAL_SHARE = 0.25  # partial sums at most this share of X's bytes (caps the slices)
+
+
+def tiled_dots_name(dtype: str) -> str:
+    return f"hc_pre_tiled_dots<{C_TYPES[dtype]}>"
+
+
+def tiled_finish_name(dtype: str) -> str:
+    return f"hc_pre_tiled_finish<{C_TYPES[dtype]}, 4>"
+
+
+def tiled_slices(tokens: int, dim: int, itemsize: int, sm_count: int) -> int:
+    """Slices of the 4D channels per token tile: about two blocks per multiprocessor, each slice
+    at least TILE_MIN_CHUNKS chunks, and the partial sums (128 bytes per token and slice) at most
+    TILE_PARTIAL_SHARE of X's bytes (4 D itemsize per token)."""
+    tiles = max(1, -(-tokens // TILE_TOKENS))
+    chunks = 4 * dim // TILE_CH
+    want = -(-2 * sm_count // tiles)
+    cap = min(chunks // TILE_MIN_CHUNKS, int(4 * dim * itemsize * TILE_PARTIAL_SHARE) // (SLOT * 4))
+    return max(1, min(want, cap))
+
+
 _F = kernels.KernelFamily
 PRE = kernels.register_family(_F("hyper_connections/pre.cu", tuple(
     pre_name(x, v, t, n) for x in X_DTYPES for v in VECS for t, n in LAUNCHES)))
@@ -43,7 +70,9 @@ POST_PRE = kernels.register_family(_F("hyper_connections/post_pre.cu", tuple(
     post_pre_name(x, y, v, t, n) for x in X_DTYPES for y in Y_DTYPES for v in VECS for t, n in LAUNCHES)))
 POST = kernels.register_family(_F("hyper_connections/post.cu", tuple(
     post_name(x, y, v) for x in X_DTYPES for y in Y_DTYPES for v in VECS)))
-FAMILIES = (PRE, POST_PRE, POST)
+PRE_TILED = kernels.register_family(_F("hyper_connections/pre_tiled.cu", tuple(
+    f(x) for x in X_DTYPES for f in (tiled_dots_name, tiled_finish_name))))
+FAMILIES = (PRE, POST_PRE, POST, PRE_TILED)
 
 
 def split_tokens(tokens: int) -> int:

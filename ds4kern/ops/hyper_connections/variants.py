@@ -85,6 +85,35 @@ def _split_configs(p: HcProblem) -> list:
     return [{"slice_chunks": c} for c in K.SPLIT_SLICE_CHOICES if K.split_max_slices(p.dim, p.vec, c) >= 2]
 
 
+def _tiled(a: HcArgs) -> None:
+    """Two launches: the dots as a tiled product with split-K partial sums, then per 4 tokens the
+    ordered sum of the partials, the finish and x_in (pre_tiled.cu)."""
+    p = a.problem
+    B, D = a.tokens, a.dim
+    if B == 0:
+        return
+    itemsize = 4 if p.dtype == "float32" else 2
+    KS = K.tiled_slices(B, D, itemsize, K.sm_count(a.frame.device_id))
+    tiles = -(-B // K.TILE_TOKENS)
+    part = a.frame.xp.empty(KS * B * K.SLOT, np.float32)
+    dots = K.PRE_TILED.kernel(K.tiled_dots_name(p.dtype))
+    dots((_grid(tiles * KS, f"B={B} in tiles of {K.TILE_TOKENS} x {KS} slices"),), (K.TILE_THREADS,),
+         (a.X, np.int64(a.x_ts), np.int64(a.x_hs), np.int64(B), np.int32(D), a.hc_fn, np.int32(KS), part))
+    mix = _mix_params(a)  # hc_fn, the scale (pointer + three values), hc_base, eps, iterations
+    fin = K.PRE_TILED.kernel(K.tiled_finish_name(p.dtype))
+    fin((_grid(-(-B // 4), f"B={B} in groups of 4"),), (128,),
+        (a.X, np.int64(a.x_ts), np.int64(a.x_hs), np.int64(B), np.int32(D)) + mix[1:] + (np.int32(KS), part,
+                                                                                          a.x_in, a.post, a.comb))
+
+
+def _tiled_supports(p: HcProblem) -> Optional[str]:
+    if p.vec != 4:
+        return "needs 4-channel accesses (X, hc_fn and x_in aligned, D a multiple of 4)"
+    if p.dim % K.TILE_CH:
+        return f"D={p.dim} is not a multiple of {K.TILE_CH} (a chunk of channels lies in one stream)"
+    return None
+
+
 def _grouped_supports(p: HcProblem) -> Optional[str]:
     if p.tokens_bucket < 2:
         return "a single token: nothing to group"
@@ -133,6 +162,10 @@ def ds4kern_register_variants(register):
                          description=_MIX_DESCRIPTIONS["grouped"]))
         register(Variant(op, "split", "cuda", _split, supports=_split_supports, configs=_split_configs,
                          description=_MIX_DESCRIPTIONS["split"]))
+    register(Variant(PRE_OP, "tiled", "cuda", _tiled, supports=_tiled_supports,
+                     description="the dots as a tiled product (256 tokens per block share each staged hc_fn chunk, "
+                                 "split-K partial sums), then per 4 tokens the ordered sum, finish and x_in: two "
+                                 "launches; for large B; not yet measured (the rule does not pick it)"))
     register(Variant(POST_OP, "reference", "numpy", reference_post_variant,
                      description="numpy, float64, rounded once to X's dtype"))
     register(Variant(POST_OP, "naive", "cuda", _post_naive,

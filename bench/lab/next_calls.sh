@@ -2,8 +2,8 @@
 # The device work left open on 2026-12-06 (third session), as two calls of under 10 minutes each.
 # Run on an H200 (`run` with kind nvidia-h200): the CSA attention block at B = 256 and 1M tokens
 # needs more than an H100's 80 GB; everything else runs there too (peers in the same run).
-#   A: GPU tests of what changed without a GPU (topk hist, hc split's slice_chunks, the per-step
-#      recorder), compute-sanitizer on topk hist and on the router and compressor suites (#22),
+#   A: GPU tests of what changed without a GPU (topk hist, hc split's slice_chunks and hc_pre tiled,
+#      the per-step recorder), compute-sanitizer on topk hist and on the router and compressor suites (#22),
 #      then the top-k and hyper-connection benchmarks.
 #      run: MODE=A bash bench/lab/next_calls.sh
 #   B: #22's before / after router and compressor benchmarks (the pre-layout tree in .old, carried:
@@ -20,7 +20,8 @@ if [ "${MODE:-A}" = A ]; then
   (for t in "tests/topk/test_topk_gpu.py -k not+largest+and+not+property" \
             "tests/router/test_router_property.py -k not+nothing" \
             "tests/router/test_router_gpu.py -k test_grouped_direct_path_at_every_size+and+256-8-8-4" \
-            "tests/compressor/test_compressor_gpu.py -k not+property"; do
+            "tests/compressor/test_compressor_gpu.py -k not+property" \
+            "tests/hyper_connections/test_hc_gpu.py -k B3-D4096+or+B1024"; do
      set -- $t; k=${3//+/ }; echo "== sanitizer $1 -k '$k'"
      timeout 100 $S "$1" -k "$k" 2>&1 | tail -3; echo "exit ${PIPESTATUS[0]}"
    done >"$OUT/sanitizer.txt" 2>&1) &
@@ -30,6 +31,7 @@ if [ "${MODE:-A}" = A ]; then
   echo "== topk exit $?"; tail -30 "$OUT/bench_topk.txt"
   timeout 100 python3 bench/hyper_connections/hc_bench.py --repeat 30 --no-compile >"$OUT/bench_hc.txt" 2>&1
   echo "== hc exit $?"; grep -E "split|auto" "$OUT/bench_hc.txt" | grep -E "\| (1|8|64) \|" | head -40
+  grep -E "tiled|auto|grouped" "$OUT/bench_hc.txt" | grep -E "\| (1024|4096) \|" | head -40
 else
   mkdir -p /tmp/ab; OLD=$PWD/.old OUT=/tmp/ab timeout 330 bash bench/lab/ab_old_new.sh >/tmp/ab/ab.txt 2>&1
   echo "== ab exit $?"; tar czf "$OUT/ab.tgz" -C /tmp/ab .; tail -40 /tmp/ab/ab.txt  # (8 files come back at most)

@@ -181,6 +181,10 @@ def cmd_run(args) -> int:
           + f"; {out['tokens_per_s']:.0f} tokens/s")
     if out.get("graph_error"):
         print(f"  (no CUDA-graph timing: the capture failed: {out['graph_error']})")
+    if args.recorder:
+        rec = out.get("recorder_step_s")
+        print("  (the graph replay leaves the locality recorder out: its clocks are host values"
+              + (f"; its per-step kernels alone: {1e6 * rec:.1f} us" if rec is not None else "") + ")")
     print(f"\n{'part (all layers, synchronised pass)':40s} {'ms / step':>10s} {'share':>7s}")
     whole = sum(v for _, v in out["table"]) or 1.0
     for k, v in out["table"]:

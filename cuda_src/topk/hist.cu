@@ -16,7 +16,8 @@
 //     before) as 64-bit words key << 32 | ~column to the row's candidate list (atomic counter).
 //   topk_hist_sort: one block per row sorts the kk = min(k, valid) candidates (bitonic) and writes
 //     their columns, -1 beyond.
-// Reads each row two to four times (the later passes mostly from L2); five launches and a memset.
+// Reads each row two to five times (rounds 0-2, the ties pass on status-2 rows, the collect; all but
+// the first mostly from L2 at the sizes it is for); six launches and a memset.
 //
 // Row state (int32 [R, 8], zeroed before round 0): 0 prefix bits, 1 the lowest known bit, 2 keys
 // equal to the prefix (on the known bits) that still win, 3 status, 4 kk, 5 candidates written,
@@ -61,8 +62,8 @@ __device__ void ds4_topk_hist_select(int r, int k, unsigned* __restrict__ ghist,
         // lane l covers bins [nb - (l + 1) * per, nb - l * per), scanned from the top
         const int lane = threadIdx.x, per = nb / 32;
         const int top = nb - lane * per;
-        unsigned sum = 0;
-        for (int b = top - per; b < top; ++b) sum += h[b];
+        unsigned sum = 0;  // (rotated by lane: the 32 lanes read 32 different banks)
+        for (int i = 0; i < per; ++i) sum += h[top - per + ((i + lane) & (per - 1))];
         unsigned incl = sum;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -131,10 +132,14 @@ topk_hist_round(const T* __restrict__ scores, long long row_stride, int cols, co
         const int i = threadIdx.x + j * DS4_TOPK_HIST_THREADS;
         key[j] = i < n ? ds4_topk_order(ds4_topk_float(src[i])) : 0u;
     }
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < DS4_TOPK_HIST_PER; ++j) {
-        if (key[j] != 0u && ds4_topk_hist_matches(key[j], prefix, known))
-            atomicAdd(&h[(key[j] >> lo) & (unsigned)(nb - 1)], 1u);
+        // one shared atomic per distinct bin of the warp (long runs of equal keys would serialise)
+        const bool in = key[j] != 0u && ds4_topk_hist_matches(key[j], prefix, known);
+        const unsigned bin = in ? (key[j] >> lo) & (unsigned)(nb - 1) : 0xffffffffu;
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (in && lane == __ffs(peers) - 1) atomicAdd(&h[bin], (unsigned)__popc(peers));
     }
     __syncthreads();
     unsigned* ghist = hist + row * DS4_TOPK_HIST_BINS;
@@ -211,11 +216,11 @@ topk_hist_collect(const T* __restrict__ scores, long long row_stride, int cols, 
     unsigned long long* out = cand + row * k;
     int need = 0;
     if (status == 2) {  // the tie keys of the slices before this one rank first
-        if (threadIdx.x == 0) {
-            int b = 0;
-            for (int s = 0; s < slice; ++s) b += ties[row * slices + s];
-            s_before = b;
-        }
+        if (threadIdx.x == 0) s_before = 0;
+        __syncthreads();
+        int b = 0;
+        for (int s = threadIdx.x; s < slice; s += DS4_TOPK_HIST_THREADS) b += ties[row * slices + s];
+        if (b) atomicAdd(&s_before, b);
         __syncthreads();
         need = st[2] - s_before;  // tie keys of this slice that still win (may be <= 0)
     }
@@ -253,7 +258,8 @@ topk_hist_sort(const unsigned long long* __restrict__ cand, const int* __restric
                int* __restrict__ out) {
     __shared__ unsigned long long w[DS4_TOPK_MAX_K];
     const long long row = blockIdx.x;
-    const int kk = state[row * DS4_TOPK_HIST_STATE + 4];
+    const int* st = state + row * DS4_TOPK_HIST_STATE;
+    const int kk = min(st[4], st[5]);  // (equal by construction; never sort unwritten words)
     const int n2 = ds4_topk_pow2(kk > 0 ? kk : 1);
     for (int j = threadIdx.x; j < n2; j += DS4_TOPK_THREADS) w[j] = j < kk ? cand[row * k + j] : 0ull;
     __syncthreads();

@@ -97,6 +97,24 @@ def host(arrs):
 # -- every variant, every size ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("slices", [None, 1, 3])
+@pytest.mark.parametrize("B", [300, 4097])
+def test_tiled_partial_tiles_and_forced_slices(cp, rng, monkeypatch, B, slices):
+    """tiled with a partial last token tile, and with the 4D reduction in 1 slice (one sequential
+    chain per token, what B >= 67k tokens gets) or 3 uneven slices, against the reference."""
+    D = 4096
+    if slices is not None:
+        monkeypatch.setattr(K, "tiled_slices", lambda *a: slices)
+    inp = make_inputs(rng, B, D, "bfloat16")
+    want = reference_hc_pre(inp["X"], inp["hc_fn"], inp["hc_scale"], inp["hc_base"])
+    dv = device(cp, inp)
+    args = (dv["X"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
+    require_support("hc_pre", "tiled", *args)
+    outs = pre_outs(cp, B, D)
+    run("hc_pre", "tiled", None, *args, out=outs)
+    check_mix(host(outs), want, f"hc_pre tiled B={B} slices={slices}")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,D", SIZES, ids=[f"B{b}-D{d}" for b, d in SIZES])
 def test_hc_pre_variants_match_reference(cp, rng, B, D, dtype):

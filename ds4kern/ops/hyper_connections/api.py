@@ -316,14 +316,14 @@ def _scratch_run(a: HcArgs):
 # public functions
 
 
-@define_op(PRE_OP, rule=rule, kernels=(kernels.PRE,))
+@define_op(PRE_OP, rule=rule, kernels=(kernels.PRE, kernels.PRE_TILED))
 def hc_pre(X, hc_fn, hc_scale, hc_base, *, norm_eps: float = 1e-6, hc_eps: float = 1e-6, sinkhorn_iters: int = 20,
            out=None, plan_only: bool = False):
     """Hyper-connections before a sub-block: mix the 4 streams of each token into its input.
 
     Per token: the 24 dot products of the flattened streams with ``hc_fn``, the RMS factor, the
     sigmoids and the Sinkhorn iterations of the 4x4 matrix (module docstring), and
-    ``x_in = sum_h pre[h] * X[h]``.  One launch on the GPU.
+    ``x_in = sum_h pre[h] * X[h]``.  One launch on the GPU (two for ``tiled``).
 
     Args:
         X: ``[B, 4, D]`` float32 or bfloat16 streams (any strides; a non-contiguous last axis is
@@ -344,8 +344,11 @@ def hc_pre(X, hc_fn, hc_scale, hc_base, *, norm_eps: float = 1e-6, hc_eps: float
     Variants (GPU): ``naive`` (one block per token), ``grouped`` (2 or 4 tokens per block: each
     hc_fn element loaded serves all of them), ``split`` (for small B: each token group's 4D-long
     dot products spread over several blocks; the last block to finish, found with an atomic
-    counter, adds the partial sums in a fixed order, runs the finish and writes x_in); on the
-    host ``reference`` (numpy, float64).  split keeps a small workspace per (device, stream)
+    counter, adds the partial sums in a fixed order, runs the finish and writes x_in), ``tiled``
+    (for large B, hc_pre only: the dot products as a tiled product, 256 tokens per block sharing
+    each staged hc_fn chunk, split-K partial sums; then one block per 4 tokens adds them in a fixed
+    order, finishes and writes x_in: two launches, since x_in needs every token's finished pre;
+    scratch ``KS * B * 128`` bytes); on the host ``reference`` (numpy, float64).  split keeps a small workspace per (device, stream)
     that its kernels leave zeroed; two split calls on one stream never overlap, but one
     workspace must not serve two concurrently running graph replays of different captures.
 

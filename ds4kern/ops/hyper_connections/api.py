@@ -411,7 +411,7 @@ def hc_post(y, X, post, comb, *, out=None, plan_only: bool = False):
     return Call(problem, args, frame, xn, skip=B == 0, tune_run=_scratch_run(args) if inplace else None)
 
 
-@define_op(POST_PRE_OP, rule=rule, kernels=(kernels.POST_PRE,))
+@define_op(POST_PRE_OP, rule=rule, kernels=(kernels.POST_PRE, kernels.POST, kernels.PRE_TILED))
 def hc_post_pre(y, X, post, comb, hc_fn, hc_scale, hc_base, *, norm_eps: float = 1e-6, hc_eps: float = 1e-6,
                 sinkhorn_iters: int = 20, out=None, plan_only: bool = False):
     """The boundary between two sub-blocks: :func:`hc_post` of the one that ran, then
@@ -430,7 +430,9 @@ def hc_post_pre(y, X, post, comb, hc_fn, hc_scale, hc_base, *, norm_eps: float =
             (in place); no other output may overlap an input, so the new post / comb need their
             own buffers.
 
-    Variants: as :func:`hc_pre` (``naive``, ``grouped``, ``split``, ``reference``).
+    Variants: as :func:`hc_pre` (``naive``, ``grouped``, ``split``, ``reference``), and ``tiled``:
+    hc_post's kernel writes X_new, then hc_pre's tiled variant runs on X_new as stored (three
+    launches; X_new is read back twice).
 
     Returns ``(X_new, x_in, post, comb)``: X_new ``[B, 4, D]`` in X's dtype, the others as
     :func:`hc_pre` returns them for X_new.

@@ -10,6 +10,7 @@ compressor's ``grouped`` means batch rows sharing one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -106,6 +107,15 @@ def _tiled(a: HcArgs) -> None:
                                                                                           a.x_in, a.post, a.comb))
 
 
+def _post_pre_tiled(a: HcArgs) -> None:
+    """hc_post_pre in three launches: the post kernel writes X_new (rounded to X's dtype, in place
+    when X_new is X), then the tiled pre runs on X_new as stored (its two launches)."""
+    if a.tokens == 0:
+        return
+    _post_naive(a)
+    _tiled(replace(a, X=a.X_new, x_ts=a.n_ts, x_hs=a.n_hs, y=None))
+
+
 def _tiled_supports(p: HcProblem) -> Optional[str]:
     if p.vec != 4:
         return "needs 4-channel accesses (X, hc_fn and x_in aligned, D a multiple of 4)"
@@ -162,6 +172,9 @@ def ds4kern_register_variants(register):
                          description=_MIX_DESCRIPTIONS["grouped"]))
         register(Variant(op, "split", "cuda", _split, supports=_split_supports, configs=_split_configs,
                          description=_MIX_DESCRIPTIONS["split"]))
+    register(Variant(POST_PRE_OP, "tiled", "cuda", _post_pre_tiled, supports=_tiled_supports,
+                     description="hc_post's kernel writes X_new, then hc_pre's tiled product and finish on X_new as "
+                                 "stored: three launches, X_new read back twice; for large B; not yet measured"))
     register(Variant(PRE_OP, "tiled", "cuda", _tiled, supports=_tiled_supports,
                      description="the dots as a tiled product (256 tokens per block share each staged hc_fn chunk, "
                                  "split-K partial sums), then per 4 tokens the ordered sum, finish and x_in: two "

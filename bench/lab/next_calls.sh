@@ -32,6 +32,8 @@ if [ "${MODE:-A}" = A ]; then
   timeout 100 python3 bench/hyper_connections/hc_bench.py --repeat 30 --no-compile >"$OUT/bench_hc.txt" 2>&1
   echo "== hc exit $?"; grep -E "split|auto" "$OUT/bench_hc.txt" | grep -E "\| (1|8|64) \|" | head -40
   grep -E "tiled|auto|grouped" "$OUT/bench_hc.txt" | grep -E "\| (1024|4096) \|" | head -40
+  timeout 90 python3 bench/lab/step_parts.py --batches 1 64 >"$OUT/step_parts.txt" 2>&1; echo "== parts exit $?"
+  cat "$OUT/step_parts.txt"
 else
   mkdir -p /tmp/ab; OLD=$PWD/.old OUT=/tmp/ab timeout 330 bash bench/lab/ab_old_new.sh >/tmp/ab/ab.txt 2>&1
   echo "== ab exit $?"; tar czf "$OUT/ab.tgz" -C /tmp/ab .; tail -40 /tmp/ab/ab.txt  # (8 files come back at most)

@@ -15,18 +15,17 @@ import argparse
 import numpy as np
 
 
-def replay_time(cp, g, n: int) -> float:
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    g.launch()
-    g.stream.synchronize()
-    times = []
-    for _ in range(n):
-        start.record(g.stream)
-        g.launch()
-        stop.record(g.stream)
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-    return float(np.median(times))
+def measure(fn, reset, replays: int) -> tuple:
+    """(kernel nodes, median device seconds of graph replays) of ``fn()``; ``reset()`` puts the
+    host-side state back after each capture (the captured call advanced it)."""
+    from ds4kern.core.timing import CapturedGraph, graph_device_time
+
+    with CapturedGraph(fn) as g:
+        n = g.kernel_nodes
+    reset()
+    t = graph_device_time(fn, repeat=replays, inner=1)
+    reset()
+    return n, t
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     import cupy as cp
 
-    from ds4kern.core.timing import CapturedGraph, copy_bandwidth, device_name
+    from ds4kern.core.timing import copy_bandwidth, device_name
     from ds4kern.models.deepseek_v4 import LayerState, attention_decode, flash, random_attention_weights
     from ds4kern.models.deepseek_v4.moe import moe_block, random_moe_weights
 
@@ -56,19 +55,16 @@ def main() -> None:
             fn()  # compiles, fills the pool
             st.next_pos = pos.copy()
             cp.cuda.get_current_stream().synchronize()
-            with CapturedGraph(fn) as g:
-                st.next_pos = pos.copy()
-                t = replay_time(cp, g, a.replays)
-                print(f"{'attention':10s} {kind:4s} {B:4d} {g.kernel_nodes:8d} {1e6 * t:9.1f} {1e6 * t / max(g.kernel_nodes, 1):11.2f}")
+            n, t = measure(fn, lambda: setattr(st, "next_pos", pos.copy()), a.replays)
+            print(f"{'attention':10s} {kind:4s} {B:4d} {n:8d} {1e6 * t:9.1f} {1e6 * t / max(n, 1):11.2f}")
             m = random_moe_weights(cfg, layer, 0, xp=cp)
             tok = cp.asarray(np.arange(B, dtype=np.int32) % cfg.vocab)
             fm = lambda: moe_block(cfg, m, X, tok, layer=layer)  # noqa: E731
             fm()
             cp.cuda.get_current_stream().synchronize()
-            with CapturedGraph(fm) as g:
-                t = replay_time(cp, g, a.replays)
-                print(f"{'moe':10s} {kind:4s} {B:4d} {g.kernel_nodes:8d} {1e6 * t:9.1f} {1e6 * t / max(g.kernel_nodes, 1):11.2f}")
-            del w, st, m
+            n, t = measure(fm, lambda: None, a.replays)
+            print(f"{'moe':10s} {kind:4s} {B:4d} {n:8d} {1e6 * t:9.1f} {1e6 * t / max(n, 1):11.2f}")
+            w = st = m = fn = fm = None  # (frees the layer before the next one is made)
             cp.get_default_memory_pool().free_all_blocks()
 
 

@@ -43,6 +43,12 @@ __device__ __forceinline__ int ds4_topk_hist_len(const int* __restrict__ lengths
     return len;
 }
 
+// Columns of the slice starting at column c0 that lie within the row's length.
+__device__ __forceinline__ int ds4_topk_hist_count(int len, long long c0) {
+    const long long left = (long long)len - c0;
+    return left <= 0 ? 0 : (left < DS4_TOPK_HIST_SLICE ? (int)left : DS4_TOPK_HIST_SLICE);
+}
+
 // Round r's digit: bits [lo, lo + width) of the key, lo = 21 / 10 / 0; keys take part when their
 // bits above lo + width equal the prefix's.
 __device__ __forceinline__ int ds4_topk_hist_lo(int r) { return r == 0 ? 21 : (r == 1 ? 10 : 0); }
@@ -124,8 +130,7 @@ topk_hist_round(const T* __restrict__ scores, long long row_stride, int cols, co
     __syncthreads();
     const long long c0 = (long long)slice * DS4_TOPK_HIST_SLICE;
     const T* src = scores + row * row_stride + c0;
-    const long long left = (long long)len - c0;
-    const int n = left <= 0 ? 0 : (left < DS4_TOPK_HIST_SLICE ? (int)left : DS4_TOPK_HIST_SLICE);
+    const int n = ds4_topk_hist_count(len, c0);
     unsigned key[DS4_TOPK_HIST_PER];
 #pragma unroll
     for (int j = 0; j < DS4_TOPK_HIST_PER; ++j) {
@@ -170,8 +175,7 @@ topk_hist_ties(const T* __restrict__ scores, long long row_stride, int cols, con
     __syncthreads();
     const long long c0 = (long long)slice * DS4_TOPK_HIST_SLICE;
     const T* src = scores + row * row_stride + c0;
-    const long long left = (long long)len - c0;
-    const int n = left <= 0 ? 0 : (left < DS4_TOPK_HIST_SLICE ? (int)left : DS4_TOPK_HIST_SLICE);
+    const int n = ds4_topk_hist_count(len, c0);
     unsigned c = 0;
 #pragma unroll
     for (int j = 0; j < DS4_TOPK_HIST_PER; ++j) {
@@ -211,8 +215,7 @@ topk_hist_collect(const T* __restrict__ scores, long long row_stride, int cols, 
     const int len = ds4_topk_hist_len(lengths, row, cols, false, nullptr);
     const long long c0 = (long long)slice * DS4_TOPK_HIST_SLICE;
     const T* src = scores + row * row_stride + c0;
-    const long long left = (long long)len - c0;
-    const int n = left <= 0 ? 0 : (left < DS4_TOPK_HIST_SLICE ? (int)left : DS4_TOPK_HIST_SLICE);
+    const int n = ds4_topk_hist_count(len, c0);
     unsigned long long* out = cand + row * k;
     int need = 0;
     if (status == 2) {  // the tie keys of the slices before this one rank first

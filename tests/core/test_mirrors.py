@@ -26,6 +26,10 @@ MIRRORS = [
     (topk.SORT, "DS4_TOPK_THREADS", topk.THREADS),
     (topk.RADIX, "DS4_TOPK_MAX_K", topk.MAX_K),
     (topk.RADIX, "DS4_TOPK_BINS", 256),
+    (topk.HIST, "DS4_TOPK_HIST_THREADS", topk.HIST_THREADS),
+    (topk.HIST, "DS4_TOPK_HIST_PER", topk.HIST_PER),
+    (topk.HIST, "DS4_TOPK_HIST_BINS", topk.HIST_BINS),
+    (topk.HIST, "DS4_TOPK_HIST_STATE", topk.HIST_STATE),
 ] + [(rk.NAIVE, f"DS4_IDX_{c}", router_api.IDX_KIND[n])
      for c, n in (("U8", "uint8"), ("U16", "uint16"), ("I16", "int16"), ("I32", "int32"), ("I64", "int64"))]
 

@@ -92,13 +92,14 @@ def check_tokens(model: Model, token_ids, n: int, name: str = "token_ids"):
     return xp.asarray(t).astype(np.int32, copy=False)
 
 
-def _layers(model: Model, tok, pos_host, pos_d, hooks, trace, slot_horizon: int = 0):
+def _through_layers(model: Model, tok, hooks, trace, name: str, attend):
+    """The token rows ``tok`` through every layer: ``attend(layer, X)`` (the attention block,
+    decode or prefill), then the MoE block; the hooks' per-step recording after the last layer."""
     X = model.embed_tokens(tok)
-    with scope("step"):
+    with scope(name):
         for i, layer in enumerate(model.layers):
             with scope(f"layer{i}"):
-                X = attention_decode(model.cfg, layer.attn, layer.state, X, pos_host, positions_device=pos_d,
-                                     slot_horizon=slot_horizon)
+                X = attend(layer, X)
                 t = None if trace is None else {"selected": layer.state.last_selected}
                 X = moe_block(model.cfg, layer.moe, X, tok, layer=i, hooks=hooks, trace=t)
                 if trace is not None:
@@ -106,6 +107,14 @@ def _layers(model: Model, tok, pos_host, pos_d, hooks, trace, slot_horizon: int 
         if hooks is not None:
             hooks.finish_step(len(model.layers), int(X.shape[0]))
     return X
+
+
+def _layers(model: Model, tok, pos_host, pos_d, hooks, trace, slot_horizon: int = 0):
+    def attend(layer, X):
+        return attention_decode(model.cfg, layer.attn, layer.state, X, pos_host, positions_device=pos_d,
+                                slot_horizon=slot_horizon)
+
+    return _through_layers(model, tok, hooks, trace, "step", attend)
 
 
 def decode_step(model: Model, token_ids, positions, *, hooks: Optional[MoeHooks] = None,
@@ -198,18 +207,8 @@ def prefill(model: Model, token_ids, seq: int = 0, *, hooks: Optional[MoeHooks] 
     returns the streams ``[T, 4, D]``; ``trace`` as in :func:`decode_step`."""
     t = token_ids
     tok = check_tokens(model, t, int(t.shape[0]) if t.ndim == 1 and t.shape[0] else -1)
-    X = model.embed_tokens(tok)
-    with scope("prefill"):
-        for i, layer in enumerate(model.layers):
-            with scope(f"layer{i}"):
-                X = attention_prefill(model.cfg, layer.attn, layer.state, X, seq)
-                t = None if trace is None else {"selected": layer.state.last_selected}
-                X = moe_block(model.cfg, layer.moe, X, tok, layer=i, hooks=hooks, trace=t)
-                if trace is not None:
-                    trace.append(t)
-        if hooks is not None:
-            hooks.finish_step(len(model.layers), int(X.shape[0]))
-    return X
+    return _through_layers(model, tok, hooks, trace, "prefill",
+                           lambda layer, X: attention_prefill(model.cfg, layer.attn, layer.state, X, seq))
 
 
 def layer_bytes(cfg: Config, layer: int, batch: int, resident: Optional[int] = None) -> dict:

@@ -61,28 +61,13 @@ def op_table(records, steps: int) -> list:
     return sorted(((k, v / steps) for k, v in tot.items()), key=lambda kv: -kv[1])
 
 
-def _recorder_step_time(cp, hooks, layers: int, batch: int, steps: int) -> float:
+def _recorder_step_time(hooks, layers: int, batch: int, steps: int) -> float:
     """Median device seconds of the recorder's per-step recording (``hooks.finish_step``: its two
     kernels over every layer), from CUDA-graph replays of that call alone (cost only: the replays
     record the same routing again)."""
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        hooks.finish_step(layers, batch)  # compiles
-        s.synchronize()
-        s.begin_capture()
-        try:
-            hooks.finish_step(layers, batch)
-        finally:
-            g = s.end_capture()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(max(steps, 10)):
-            start.record(s)
-            g.launch(s)
-            stop.record(s)
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-    return float(np.median(times))
+    from ...core.timing import cuda_graph_time
+
+    return cuda_graph_time(lambda j: hooks.finish_step(layers, batch), inner=1, repeat=max(steps, 10))
 
 
 def time_step(cfg: Config, batch: int, context: int, *, layers: int, steps: int = 10, xp=np, seed: int = 0,
@@ -120,7 +105,7 @@ def time_step(cfg: Config, batch: int, context: int, *, layers: int, steps: int 
             # only, and the recorder's per-step kernels are timed on their own
             graph_hooks = MoeHooks(capture=hooks.capture, capture_row=hooks.capture_row) if hooks.capture else None
             if hooks.per_step:
-                out["recorder_step_s"] = _recorder_step_time(xp, hooks, layers, batch, steps)
+                out["recorder_step_s"] = _recorder_step_time(hooks, layers, batch, steps)
         if graph and xp is not np:
             try:
                 g = StepGraph(model, horizon=2 * steps + 2, hooks=graph_hooks, restore=False)

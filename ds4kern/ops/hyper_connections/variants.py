@@ -93,8 +93,7 @@ def _tiled(a: HcArgs) -> None:
     B, D = a.tokens, a.dim
     if B == 0:
         return
-    itemsize = 4 if p.dtype == "float32" else 2
-    KS = K.tiled_slices(B, D, itemsize, K.sm_count(a.frame.device_id))
+    KS = K.tiled_slices(B, D, a.X.dtype.itemsize, K.sm_count(a.frame.device_id))
     tiles = -(-B // K.TILE_TOKENS)
     part = a.frame.xp.empty(KS * B * K.SLOT, np.float32)
     dots = K.PRE_TILED.kernel(K.tiled_dots_name(p.dtype))

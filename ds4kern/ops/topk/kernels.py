@@ -75,7 +75,8 @@ def sort_name(dtype: str) -> str:
 
 # -- hist variant (cuda_src/topk/hist.cu) ---------------------------------------------------------
 HIST_THREADS = 256        # DS4_TOPK_HIST_THREADS
-HIST_SLICE = 256 * 16     # DS4_TOPK_HIST_SLICE: columns per block
+HIST_PER = 16             # DS4_TOPK_HIST_PER: columns per thread
+HIST_SLICE = HIST_THREADS * HIST_PER  # DS4_TOPK_HIST_SLICE: columns per block
 HIST_BINS = 2048          # DS4_TOPK_HIST_BINS
 HIST_STATE = 8            # DS4_TOPK_HIST_STATE: int32 words of row state
 HIST_ROUNDS = 3           # digits of 11, 11 and 10 bits

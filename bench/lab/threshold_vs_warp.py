@@ -87,10 +87,10 @@ def main() -> int:
                 differ = int((cp.asnumpy(i) != cp.asnumpy(i_thr)).any(axis=1).sum())
                 it = iter(range(1 << 30))
 
-                def warp_call():
+                def warp_call(_j):
                     launch_warp(cp, mods[vpl], xs[next(it) % n], bias, a.k, w, i, sms)
 
-                def thr_call():
+                def thr_call(_j):
                     ds4kern.router_topk(xs[next(it) % n], a.k, score_function="sqrtsoftplus", expert_bias=bias,
                                         scaling_factor=1.5, out=(w, i), variant="threshold")
 

@@ -290,13 +290,17 @@ def gpu_problem(B, D=4096, vec=4, dtype="bfloat16", y_dtype=""):
 @pytest.mark.parametrize("D", [4096, 7168])
 def test_rule_picks_by_token_count(op, D):
     y = "bfloat16" if op == "hc_post_pre" else ""
-    for B in (1, 8, 64, 256, 1024, 4096):
+    tiled_min = R.POST_PRE_TILED_MIN_TOKENS if y else R.TILED_MIN_TOKENS
+    for B in (1, 8, 64, 128, 200, 256, 512, 1024, 4096):
         d = dispatch.decide(op, gpu_problem(B, D, y_dtype=y))
         b = gpu_problem(B, D).tokens_bucket
-        want = ("split" if b <= R.SPLIT_MAX_TOKENS else "grouped" if b >= R.GROUPED_MIN_TOKENS else "naive")
+        want = "split" if b <= R.SPLIT_MAX_TOKENS else "tiled" if b >= tiled_min else "naive"
         assert d.chosen.name == want, (B, str(d))
-        if want == "grouped":
-            assert d.chosen.config == (("tokens_per_block", K.GROUPED_TOKENS[0]),)
+        # where tiled cannot run (scalar accesses): grouped at large B, with its first setting
+        d = dispatch.decide(op, gpu_problem(B, D, vec=1, y_dtype=y))
+        assert "tiled" not in d.chosen.name
+        if b > R.SPLIT_MAX_TOKENS and b >= R.GROUPED_MIN_TOKENS:
+            assert d.chosen.name == "grouped" and d.chosen.config == (("tokens_per_block", K.GROUPED_TOKENS[0]),)
 
 
 def test_rule_without_split_or_grouped():
@@ -347,7 +351,10 @@ def test_tiled_plan_and_support():
                 ks = K.tiled_slices(B, D, item, 132)
                 assert 1 <= ks <= (4 * D // K.TILE_CH) // K.TILE_MIN_CHUNKS
                 assert ks * K.SLOT * 4 <= 4 * D * item * K.TILE_PARTIAL_SHARE  # partials <= a quarter of X
-    assert K.tiled_slices(4096, 4096, 2, 132) == 17  # 16 token tiles x 17 slices: about two blocks per SM
+                tiles = -(-B // K.TILE_TOKENS)
+                assert ks == 1 or tiles * ks <= 2 * 132  # one wave of two blocks per SM, no tail
+    assert K.tiled_slices(4096, 4096, 2, 132) == 16  # 16 token tiles x 16 slices = 256 <= 264 blocks
+    assert K.tiled_slices(1024, 7168, 2, 132) == 66  # 4 tiles x 66 = 264: exactly one wave
     assert V._tiled_supports(gpu_problem(1024)) is None
     assert "multiple of 32" in V._tiled_supports(gpu_problem(1024, D=4100))
     assert "4-channel" in V._tiled_supports(gpu_problem(1024, vec=1))

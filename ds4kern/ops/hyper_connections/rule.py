@@ -1,22 +1,32 @@
 """The static dispatch rule of ``hc_pre`` and ``hc_post_pre`` over their built-in variants.
 
-The token thresholds are provisional until measured on the device (bench/hyper_connections/
-PERFORMANCE.md will hold the numbers behind them).  The reasoning they stand on: every block
-reads its slice of hc_fn (96 D bytes per token group, 24 floats per stream element), so one
-block per token (naive) pulls 24 x (float32) or 48 x (bf16) X's bytes from L2 per token, and
-small B leaves most multiprocessors idle.  split spreads a token group over several blocks (small
-B); grouped shares each hc_fn load among 2-4 tokens (large B); naive sits between.
-``DS4KERN_HC_SPLIT_MAX_TOKENS`` / ``DS4KERN_HC_GROUPED_MIN_TOKENS`` move the edges for sweeps;
-``DS4KERN_VARIANT=hc_pre=<name>`` and autotune override the rule.
+Every threshold names the measurement behind it (bench/hyper_connections/PERFORMANCE.md, "Data
+behind the dispatch rule": NVIDIA H100 80GB HBM3, CUDA-graph replay, D = 4096 and 7168, X
+bfloat16 and float32).  The reasoning: every block reads its slice of hc_fn (96 D bytes per token
+group), so per-token blocks pull many times X's bytes from L2 and small B leaves multiprocessors
+idle.  split spreads a token group over several blocks (small B); tiled stages hc_fn once per 256
+tokens and runs the dots as a tiled product (large B); naive and grouped remain where tiled cannot
+run (D not a multiple of 32, or no 4-channel accesses) and naive between split and tiled in
+hc_post_pre.  ``DS4KERN_HC_*`` move the edges for sweeps; ``DS4KERN_VARIANT=hc_pre=<name>`` and
+autotune override the rule.
 """
 
 from __future__ import annotations
 
 from ...core.env import env_int
 
-# Provisional until measured on the device: split while the token bucket is at most this ...
+# split up to B bucket 128: at B <= 64 it wins every measured case (hc_pre B=64 bf16 D=4096 35.0
+# us vs tiled 45.1, naive and grouped slower); at 128 it wins 2 of 4 for hc_pre (bf16 D=4096 43.1
+# vs tiled 49.0; bf16 D=7168 68.7 vs 58.9) and every case of hc_post_pre.
 SPLIT_MAX_TOKENS = env_int("DS4KERN_HC_SPLIT_MAX_TOKENS", 128, minimum=0)
-# ... grouped from this token bucket on, naive between the two.
+# hc_pre: tiled from bucket 256 on, where it wins every measured case (B=256 bf16 D=7168 76.7 vs
+# split 109.5; B=4096 bf16 D=7168 598.7 vs grouped 914.7, before the one-wave slice fix).
+TILED_MIN_TOKENS = env_int("DS4KERN_HC_TILED_MIN_TOKENS", 256, minimum=0)
+# hc_post_pre: tiled from bucket 512 on (B=512 bf16 D=7168 134.7 vs grouped 230.5; at 256 naive
+# wins 3 of 4: bf16 D=4096 54.0 vs tiled 64.2); naive at 256.
+POST_PRE_TILED_MIN_TOKENS = env_int("DS4KERN_HC_POST_PRE_TILED_MIN_TOKENS", 512, minimum=0)
+# where tiled cannot run: grouped from this bucket on (B=1024 bf16 D=7168 hc_pre 232.5 vs naive
+# 305.5), naive below it.
 GROUPED_MIN_TOKENS = env_int("DS4KERN_HC_GROUPED_MIN_TOKENS", 512, minimum=0)
 
 
@@ -26,9 +36,12 @@ def rule(p, ok: frozenset) -> tuple[str, str]:
         return "reference", "host arrays run the reference backend"
     B = p.tokens_bucket
     if "split" in ok and B <= SPLIT_MAX_TOKENS:
-        return "split", f"B bucket {B} <= {SPLIT_MAX_TOKENS}: spread each token group over blocks (provisional)"
+        return "split", f"B bucket {B} <= {SPLIT_MAX_TOKENS}: spread each token group over blocks"
+    tiled_min = POST_PRE_TILED_MIN_TOKENS if p.y_dtype else TILED_MIN_TOKENS
+    if "tiled" in ok and B >= tiled_min:
+        return "tiled", f"B bucket {B} >= {tiled_min}: a tiled product shares each staged hc_fn chunk by 256 tokens"
     if "grouped" in ok and B >= GROUPED_MIN_TOKENS:
-        return "grouped", f"B bucket {B} >= {GROUPED_MIN_TOKENS}: tokens share each hc_fn load (provisional)"
+        return "grouped", f"B bucket {B} >= {GROUPED_MIN_TOKENS}, tiled cannot run it: tokens share each hc_fn load"
     if "naive" in ok:
-        return "naive", f"B bucket {B} between split's and grouped's ranges, or they cannot run it"
+        return "naive", f"B bucket {B}: between split's and tiled's ranges, or they cannot run it"
     return sorted(ok)[0], "the first variant by name that can run it"

@@ -173,11 +173,11 @@ def ds4kern_register_variants(register):
                          description=_MIX_DESCRIPTIONS["split"]))
     register(Variant(POST_PRE_OP, "tiled", "cuda", _post_pre_tiled, supports=_tiled_supports,
                      description="hc_post's kernel writes X_new, then hc_pre's tiled product and finish on X_new as "
-                                 "stored: three launches, X_new read back twice; for large B; not yet measured"))
+                                 "stored: three launches, X_new read back twice; the rule's pick from B bucket 512"))
     register(Variant(PRE_OP, "tiled", "cuda", _tiled, supports=_tiled_supports,
                      description="the dots as a tiled product (256 tokens per block share each staged hc_fn chunk, "
                                  "split-K partial sums), then per 4 tokens the ordered sum, finish and x_in: two "
-                                 "launches; for large B; not yet measured (the rule does not pick it)"))
+                                 "launches; the rule's pick from B bucket 256"))
     register(Variant(POST_OP, "reference", "numpy", reference_post_variant,
                      description="numpy, float64, rounded once to X's dtype"))
     register(Variant(POST_OP, "naive", "cuda", _post_naive,

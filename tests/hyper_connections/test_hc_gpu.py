@@ -27,9 +27,16 @@ MIX_TOL = dict(rtol=1e-4, atol=1e-5)
 OPS = {"hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre}
 
 
-def check_x_in(got, want, label):
-    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=2.0 ** -7, atol=1e-5,
-                               err_msg=label, equal_nan=True)
+def check_x_in(got, want, X, label):
+    """x_in = sum_h pre[h] X[h] against the reference: one bf16 rounding (rtol 2^-7) plus what the
+    pre weights' own tolerance (MIX_TOL) carries through the sum, sum_h (rtol + atol) |X[h]| with
+    pre <= 1.  Where the four terms cancel, that absolute part is what a float32 4D-long dot chain
+    leaves (seen: B=4097 in one slice, |x_in| ~ 1e-5 off by 1.3e-5 at |X| ~ 1)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    carried = (MIX_TOL["rtol"] + MIX_TOL["atol"]) * np.abs(np.asarray(X, np.float64)).sum(axis=1)
+    bad = ~(np.abs(got - want) <= 2.0 ** -7 * np.abs(want) + 1e-5 + carried) & ~(np.isnan(got) & np.isnan(want))
+    assert not bad.any(), (f"{label}: {int(bad.sum())} of {bad.size} elements off, first at "
+                           f"{np.argwhere(bad)[0].tolist()}: got {got[bad][0]}, want {want[bad][0]}")
 
 
 def check_new(got, want, dtype, label):
@@ -38,10 +45,12 @@ def check_new(got, want, dtype, label):
                                equal_nan=True, **tol)
 
 
-def check_mix(got, want, label):
+def check_mix(got, want, X, label):
+    """hc_pre's outputs (x_in, post, comb) against the reference; ``X``: the streams x_in was mixed
+    from (host, [B, 4, D]; for hc_post_pre its X_new as stored)."""
     for g, w, n in zip(got, want, ("x_in", "post", "comb")):
         if n == "x_in":
-            check_x_in(g, w, f"{label}: x_in")
+            check_x_in(g, w, X, f"{label}: x_in")
         else:
             np.testing.assert_allclose(g, w, err_msg=f"{label}: {n}", equal_nan=True, **MIX_TOL)
 
@@ -112,7 +121,7 @@ def test_tiled_partial_tiles_and_forced_slices(cp, rng, monkeypatch, B, slices):
     require_support("hc_pre", "tiled", *args)
     outs = pre_outs(cp, B, D)
     run("hc_pre", "tiled", None, *args, out=outs)
-    check_mix(host(outs), want, f"hc_pre tiled B={B} slices={slices}")
+    check_mix(host(outs), want, inp["X"], f"hc_pre tiled B={B} slices={slices}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -127,7 +136,7 @@ def test_hc_pre_variants_match_reference(cp, rng, B, D, dtype):
     for variant, config in pairs:
         outs = pre_outs(cp, B, D)
         run("hc_pre", variant, config, *args, out=outs)
-        check_mix(host(outs), want, f"hc_pre {variant} {config}")
+        check_mix(host(outs), want, inp["X"], f"hc_pre {variant} {config}")
 
 
 @pytest.mark.parametrize("dtype,y_dtype", [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16"),
@@ -158,7 +167,7 @@ def test_hc_post_pre_variants_match_reference(cp, rng, B, D, dtype, y_dtype):
         run("hc_post_pre", variant, config, *args, out=outs)
         got = host(outs)
         check_new(got[0], new, dtype, f"hc_post_pre {variant} {config}: X_new")
-        check_mix(got[1:], pre_of_stored(got[0], inp), f"hc_post_pre {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), got[0], f"hc_post_pre {variant} {config}")
 
 
 # -- layouts, in place, device hc_scale -------------------------------------------------------
@@ -195,7 +204,7 @@ def test_layouts_every_variant(cp, rng, layout, dtype):
     for variant, config in settings("hc_pre", Xd, dv["hc_fn"], dv["hc_scale"], dv["hc_base"]):
         outs = pre_outs(cp, B, D)
         run("hc_pre", variant, config, Xd, dv["hc_fn"], dv["hc_scale"], dv["hc_base"], out=outs)
-        check_mix(host(outs), want, f"{layout} {variant} {config}")
+        check_mix(host(outs), want, inp["X"], f"{layout} {variant} {config}")
     new = reference_hc_post(inp["y"], inp["X"], inp["post"], inp["comb"])
     args = (dv["y"], Xd, dv["post"], dv["comb"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     for variant, config in settings("hc_post_pre", *args):
@@ -203,7 +212,7 @@ def test_layouts_every_variant(cp, rng, layout, dtype):
         run("hc_post_pre", variant, config, *args, out=outs)
         got = host(outs)
         check_new(got[0], new, dtype, f"{layout} {variant}: X_new")
-        check_mix(got[1:], pre_of_stored(got[0], inp), f"{layout} {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), got[0], f"{layout} {variant} {config}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -221,7 +230,7 @@ def test_in_place(cp, rng, dtype):
         outs = (X,) + pre_outs(cp, B, D)
         run("hc_post_pre", variant, config, dv["y"], X, dv["post"], dv["comb"], *mix, out=outs)
         check_new(cp.asnumpy(X), new, dtype, f"hc_post_pre {variant} in place")
-        check_mix(host(outs[1:]), pre_of_stored(cp.asnumpy(X), inp), f"hc_post_pre {variant} {config} in place")
+        check_mix(host(outs[1:]), pre_of_stored(cp.asnumpy(X), inp), cp.asnumpy(X), f"hc_post_pre {variant} {config} in place")
 
 
 # -- NaN isolation ------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ def test_nan_stays_in_its_token(cp, rng, B):
         run("hc_pre", variant, config, *args, out=outs)
         got = host(outs)
         assert np.isnan(got[1][1]).all() and not np.isnan(np.delete(got[1], 1, 0)).any(), variant
-        check_mix(got, want, f"NaN {variant} {config}")
+        check_mix(got, want, X, f"NaN {variant} {config}")
     args = (dv["y"], dv["X"], dv["post"], dv["comb"], dv["hc_fn"], dv["hc_scale"], dv["hc_base"])
     for variant, config in settings("hc_post_pre", *args):
         outs = (poisoned(cp, (B, 4, D), BFLOAT16),) + pre_outs(cp, B, D)
@@ -253,7 +262,7 @@ def test_nan_stays_in_its_token(cp, rng, B):
         bad = {1, B - 1}
         assert all(np.isnan(got[2][t]).all() == (t in bad) for t in range(B)), variant
         check_new(got[0], new, "bfloat16", f"NaN {variant}: X_new")
-        check_mix(got[1:], pre_of_stored(got[0], inp), f"NaN post_pre {variant} {config}")
+        check_mix(got[1:], pre_of_stored(got[0], inp), got[0], f"NaN post_pre {variant} {config}")
 
 
 # -- split's counters, graph capture --------------------------------------------------------------
@@ -299,4 +308,4 @@ def test_graph_capture_replays_every_variant(cp, rng):
             s.synchronize()
         got = host(outs)
         check_new(got[0], want[0], "bfloat16", f"graph {variant}")
-        check_mix(got[1:], want[1:], f"graph {variant}")
+        check_mix(got[1:], want[1:], want[0], f"graph {variant}")

@@ -59,11 +59,12 @@ def test_property_every_supported_variant(cp, problem):
         if op == "hc_pre":
             run(op, variant, config, *args, out=outs)
             got = tuple(cp.asnumpy(o) for o in outs)
+            mixed = inp["X"]
         else:
             outs = (poisoned(cp, (B, 4, D), DTYPES[dtype]),) + outs
             run(op, variant, config, *args, out=outs)
             got = tuple(cp.asnumpy(o) for o in outs)
             check_new(got[0], new, dtype, f"{label} {variant} {config}: X_new")
             want = pre_of_stored(got[0], inp)
-            got = got[1:]
-        check_mix(got, want, f"{label} {variant} {config}")
+            mixed, got = got[0], got[1:]
+        check_mix(got, want, mixed, f"{label} {variant} {config}")

@@ -24,12 +24,19 @@ def _grid(blocks: int, what: str = "the launch") -> int:
 
 def _radix_configs(p: TopkProblem) -> list:
     """Chunk sizes (keys per thread) whose block fits the device, the static default first: one
-    chunk per row where the row fits, else the largest chunk (fewer merge levels)."""
+    chunk per row where the row fits; for longer rows the most level-0 blocks up to
+    ``K.RADIX_WAVE_BLOCKS`` (one wave of two blocks per SM), else the largest chunk (fewer merge
+    levels)."""
     fits = [per for per in K.PER_THREAD if K.radix_smem(per) <= p.smem_per_block]
     if not fits:
         return []
     fit_row = [per for per in fits if K.chunk_of(per) >= p.cols_bucket and K.chunk_of(per) >= 4 * p.k_bucket]
-    first = min(fit_row) if fit_row else max(fits)
+    if fit_row:
+        first = min(fit_row)
+    else:
+        blocks = {per: p.rows_bucket * K.radix_plan(p.cols_bucket, p.k_bucket, per)[0] for per in fits}
+        wave = [per for per in fits if blocks[per] <= K.RADIX_WAVE_BLOCKS]
+        first = max(wave, key=lambda per: (blocks[per], per)) if wave else max(fits)
     return [{"per_thread": first}] + [{"per_thread": per} for per in fits if per != first]
 
 

@@ -125,8 +125,8 @@ def test_radix_plan_levels():
 
 
 def test_radix_default_chunk():
-    """One chunk per row where it fits; longer rows: the most level-0 blocks within one wave of two
-    per SM (the measured winners on an H100), else the largest chunk."""
+    """One chunk per row where it fits; longer rows: the fewest levels, then the smallest chunk
+    (the measured winners on an H100, variants._radix_configs)."""
     from ds4kern.ops.topk.api import TopkProblem
     from ds4kern.ops.topk.variants import _radix_configs
 
@@ -134,10 +134,10 @@ def test_radix_default_chunk():
         return _radix_configs(TopkProblem("cuda", R, C, k, "float32", False, 227 << 10))[0]["per_thread"]
 
     assert first(4, 8192, 512) == 16      # one chunk of 8192 per row
-    assert first(8, 262144, 512) == 16    # 256 blocks (32: 128, 8: 512 > one wave)
-    assert first(1, 65536, 1024) == 8     # 16 blocks, the most there are
-    assert first(64, 262144, 512) == 32   # every setting is past one wave: fewest merge levels
-    assert first(1, 1 << 20, 2048) == 16  # chunks of 4096 < 4 k fall back to 16384 (64 blocks); 8192: 128
+    assert first(8, 262144, 512) == 16    # 16 and 32 take two levels, 8 three
+    assert first(8, 262144, 1024) == 32   # only 32 takes two levels (16: 32 x 1024 candidates to merge)
+    assert first(1, 65536, 1024) == 8     # all two levels: the most blocks
+    assert first(64, 65536, 1024) == 8
 
 
 def test_explain_on_host():

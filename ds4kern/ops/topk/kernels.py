@@ -13,13 +13,6 @@ SORT_MAX_COLS = 8192  # sort: the whole row as 64-bit keys in shared memory (64 
 DTYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
 
 
-# the radix default for rows longer than a chunk: the most level-0 blocks up to two per
-# multiprocessor of an H100 / H200 (132 SMs; 512-thread blocks, two resident).  Measured
-# 2026-12-06 on an H100: R=8 C=262144 k=512 per_thread 16 (256 blocks) 60.0 us against 32 (128
-# blocks) 70.1 and 8 (512 blocks) 76.4; R=1 C=65536 k=1024: 8 (16 blocks) 44.0, 16: 49.9, 32: 61.1.
-RADIX_WAVE_BLOCKS = 264
-
-
 def chunk_of(per: int) -> int:
     return per * THREADS
 

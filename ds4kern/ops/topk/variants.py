@@ -24,9 +24,11 @@ def _grid(blocks: int, what: str = "the launch") -> int:
 
 def _radix_configs(p: TopkProblem) -> list:
     """Chunk sizes (keys per thread) whose block fits the device, the static default first: one
-    chunk per row where the row fits; for longer rows the most level-0 blocks up to
-    ``K.RADIX_WAVE_BLOCKS`` (one wave of two blocks per SM), else the largest chunk (fewer merge
-    levels)."""
+    chunk per row where the row fits; for longer rows the fewest levels (level 0 plus merges),
+    then the smallest chunk (the most level-0 blocks).  Measured on an H100 (2026-12-06, graph
+    replays): R=8 C=262144 k=512 per_thread 16 (2 levels) 60.2 us, 32 (2) 70.3, 8 (3) 76.4;
+    k=1024: 32 (2) 75.9, 8 (3) 83.4, 16 (3) 87.3; R=1 C=65536 k=1024 (all 2): 8 44.0, 16 49.8,
+    32 61.0; R=64 C=65536 k=1024 (all 2): 8 77.8, 16 79.1, 32 87.9."""
     fits = [per for per in K.PER_THREAD if K.radix_smem(per) <= p.smem_per_block]
     if not fits:
         return []
@@ -34,9 +36,7 @@ def _radix_configs(p: TopkProblem) -> list:
     if fit_row:
         first = min(fit_row)
     else:
-        blocks = {per: p.rows_bucket * K.radix_plan(p.cols_bucket, p.k_bucket, per)[0] for per in fits}
-        wave = [per for per in fits if blocks[per] <= K.RADIX_WAVE_BLOCKS]
-        first = max(wave, key=lambda per: (blocks[per], per)) if wave else max(fits)
+        first = min(fits, key=lambda per: (len(K.radix_plan(p.cols_bucket, p.k_bucket, per)), per))
     return [{"per_thread": first}] + [{"per_thread": per} for per in fits if per != first]
 
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from ...core.env import env_int
 
-# split up to B bucket 128: at B <= 64 it wins every measured case (hc_pre B=64 bf16 D=4096 35.0
-# us vs tiled 45.1, naive and grouped slower); at 128 it wins 2 of 4 for hc_pre (bf16 D=4096 43.1
-# vs tiled 49.0; bf16 D=7168 68.7 vs 58.9) and every case of hc_post_pre.
+# split up to B bucket 128: at B <= 8 it wins every measured case; at B=64 tiled loses 3 of 4
+# (hc_pre bf16 D=4096 45.1 vs split 35.0) and ties one; at B=128 tiled wins 3 of 4 hc_pre cases
+# (bf16 D=7168 58.9 vs 68.7) but loses bf16 D=4096 (49.0 vs 43.1), and the bucket holds B=65..128;
+# split wins 3 of 4 hc_post_pre cases at 128.
 SPLIT_MAX_TOKENS = env_int("DS4KERN_HC_SPLIT_MAX_TOKENS", 128, minimum=0)
 # hc_pre: tiled from bucket 256 on, where it wins every measured case (B=256 bf16 D=7168 76.7 vs
 # split 109.5; B=4096 bf16 D=7168 598.7 vs grouped 914.7, before the one-wave slice fix).
 TILED_MIN_TOKENS = env_int("DS4KERN_HC_TILED_MIN_TOKENS", 256, minimum=0)
-# hc_post_pre: tiled from bucket 512 on (B=512 bf16 D=7168 134.7 vs grouped 230.5; at 256 naive
-# wins 3 of 4: bf16 D=4096 54.0 vs tiled 64.2); naive at 256.
+# hc_post_pre: tiled from bucket 512 on, 9 of 12 measured cases at 512-4096 (B=512 bf16 D=7168
+# 134.7 vs grouped 162.3; grouped wins float32 at 512 by 6-25%); at 256 naive wins 3 of 4 (bf16
+# D=4096 54.0 vs tiled 64.2).
 POST_PRE_TILED_MIN_TOKENS = env_int("DS4KERN_HC_POST_PRE_TILED_MIN_TOKENS", 512, minimum=0)
 # where tiled cannot run: grouped from this bucket on (B=1024 bf16 D=7168 hc_pre 232.5 vs naive
 # 305.5), naive below it.

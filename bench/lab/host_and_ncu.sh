@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Device call (2026-12-06, fourth session): host cost old vs new (#22), hc tiled's crossover
-# (B = 128..512), ncu counters of hc_pre tiled / grouped and topk radix / hist for the
-# performance pages.   run with carry [".old"]
+# Device call: host cost of a router call on an old tree (.old, carried) and this one, interleaved
+# (#22), hc tiled against the other variants at B = 128..512, and ncu counters of hc_pre tiled /
+# grouped and topk radix / hist (the performance pages quote them).   run with carry [".old"]
 set -u; OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/ds4kern-cupy-router 2>&1 | tail -1
 { for side in new old new old; do

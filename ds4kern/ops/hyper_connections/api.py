@@ -351,6 +351,8 @@ def hc_pre(X, hc_fn, hc_scale, hc_base, *, norm_eps: float = 1e-6, hc_eps: float
     scratch ``KS * B * 128`` bytes); on the host ``reference`` (numpy, float64).  split keeps a small workspace per (device, stream)
     that its kernels leave zeroed; two split calls on one stream never overlap, but one
     workspace must not serve two concurrently running graph replays of different captures.
+    The rule (measured on an H100): split up to 128 tokens, tiled from 256, naive or grouped where
+    tiled cannot run (D not a multiple of 32, or no 4-channel accesses).
 
     Returns ``(x_in, post, comb)``: bf16 ``[B, D]``, float32 ``[B, 4]``, float32 ``[B, 4, 4]``
     (``comb[b, i, j]``: from stream i into stream j).
@@ -432,7 +434,8 @@ def hc_post_pre(y, X, post, comb, hc_fn, hc_scale, hc_base, *, norm_eps: float =
 
     Variants: as :func:`hc_pre` (``naive``, ``grouped``, ``split``, ``reference``), and ``tiled``:
     hc_post's kernel writes X_new, then hc_pre's tiled variant runs on X_new as stored (three
-    launches; X_new is read back twice).
+    launches; X_new is read back twice).  The rule: split up to 128 tokens, naive at 256, tiled
+    from 512 (naive or grouped where tiled cannot run).
 
     Returns ``(X_new, x_in, post, comb)``: X_new ``[B, 4, D]`` in X's dtype, the others as
     :func:`hc_pre` returns them for X_new.

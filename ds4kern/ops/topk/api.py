@@ -169,10 +169,13 @@ def topk_rows(scores, k, *, lengths=None, out=None, errors=None, plan_only: bool
     memory: C <= 8192; the reference's GPU twin), ``radix`` (radix select: 8-bit digit histograms
     over keys staged in shared memory, an ordered compaction, a bitonic sort of the k winners; rows
     longer than one chunk are cut into chunks whose k best are merged by further passes, so many
-    blocks share a long row), ``hist`` (one block per 4096 columns of a row: three rounds of global
-    11/11/10-bit digit histograms find the k-th key, a pass collects the winners, one block per row
-    sorts them; scratch ``R * (8 + 2048) * 4 + R * slices * 4 + R * k * 8`` bytes).  Device scratch
-    of ``radix`` with S chunks per row: ``R * S * k * 8`` bytes (none when a row fits one chunk).
+    blocks share a long row; by default one chunk per row where it fits, else the fewest merge
+    levels, then the smallest chunk), ``hist`` (one block per 4096 columns of a row: three rounds
+    of global 11/11/10-bit digit histograms find the k-th key, a pass collects the winners, one
+    block per row sorts them; scratch ``R * (8 + 2048) * 4 + R * slices * 4 + R * k * 8`` bytes;
+    slower than ``radix`` wherever measured, so only the autotuner or ``variant=`` picks it).
+    Device scratch of ``radix`` with S chunks per row: ``R * S * k * 8`` bytes (none when a row
+    fits one chunk).
 
     Returns ``out`` (int32 ``[R, k]``).
     """

@@ -138,6 +138,10 @@ def test_radix_default_chunk():
     assert first(8, 262144, 1024) == 32   # only 32 takes two levels (16: 32 x 1024 candidates to merge)
     assert first(1, 65536, 1024) == 8     # all two levels: the most blocks
     assert first(64, 65536, 1024) == 8
+    # k = 2048: chunks of 4096 (< 4 k) run as 16384, so 8 would only relabel 32's launch; all three
+    # levels deep, the smallest chunk launched is 16's 8192
+    assert first(8, 262144, 2048) == 16
+    assert first(1, 1 << 20, 2048) != 8
 
 
 def test_explain_on_host():

@@ -55,8 +55,9 @@ def tiled_finish_name(dtype: str) -> str:
 def tiled_slices(tokens: int, dim: int, itemsize: int, sm_count: int) -> int:
     """Slices of the 4D channels per token tile: at most two blocks per multiprocessor (the dots
     kernel's registers allow two resident blocks, so tiles x slices stays within one wave: ncu at
-    B=4096, D=7168 on an H100 showed 16 x 17 = 272 blocks, one full wave of 264 and a tail of 8
-    that doubled the kernel's time), each slice at least TILE_MIN_CHUNKS chunks, and the partial
+    B=4096, D=7168 on an H100 showed 16 x 17 = 272 blocks, one full wave of 264 and a tail of 8,
+    which ncu bounds at up to half the kernel's time; the floor took hc_pre there from 598.7 to
+    437.6 us), each slice at least TILE_MIN_CHUNKS chunks, and the partial
     sums (128 bytes per token and slice) at most TILE_PARTIAL_SHARE of X's bytes (4 D itemsize per
     token)."""
     tiles = max(1, -(-tokens // TILE_TOKENS))

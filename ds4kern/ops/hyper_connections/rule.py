@@ -21,14 +21,16 @@ from ...core.env import env_int
 # split wins 3 of 4 hc_post_pre cases at 128.
 SPLIT_MAX_TOKENS = env_int("DS4KERN_HC_SPLIT_MAX_TOKENS", 128, minimum=0)
 # hc_pre: tiled from bucket 256 on, where it wins every measured case (B=256 bf16 D=7168 76.7 vs
-# split 109.5; B=4096 bf16 D=7168 598.7 vs grouped 914.7, before the one-wave slice fix).
+# split 89.7, naive 109.5; bf16 D=4096 62.8 vs split 63.6, the narrowest; B=4096 bf16 D=7168 437.6
+# vs grouped 914.7).  B=129..255 (in bucket 256) was not measured.
 TILED_MIN_TOKENS = env_int("DS4KERN_HC_TILED_MIN_TOKENS", 256, minimum=0)
 # hc_post_pre: tiled from bucket 512 on, 9 of 12 measured cases at 512-4096 (B=512 bf16 D=7168
 # 134.7 vs grouped 162.3; grouped wins float32 at 512 by 6-25%); at 256 naive wins 3 of 4 (bf16
 # D=4096 54.0 vs tiled 64.2).
 POST_PRE_TILED_MIN_TOKENS = env_int("DS4KERN_HC_POST_PRE_TILED_MIN_TOKENS", 512, minimum=0)
-# where tiled cannot run: grouped from this bucket on (B=1024 bf16 D=7168 hc_pre 232.5 vs naive
-# 305.5), naive below it.
+# where tiled cannot run: grouped from this bucket on, naive below it.  Measured only with 4-channel
+# accesses (the scalar path tiled leaves to them was not timed): grouped wins B=1024 bf16 D=7168
+# (232.5 vs naive 305.5) but loses B=4096 bf16 D=4096 (514.6 vs naive 471.7).
 GROUPED_MIN_TOKENS = env_int("DS4KERN_HC_GROUPED_MIN_TOKENS", 512, minimum=0)
 
 
@@ -43,7 +45,8 @@ def rule(p, ok: frozenset) -> tuple[str, str]:
     if "tiled" in ok and B >= tiled_min:
         return "tiled", f"B bucket {B} >= {tiled_min}: a tiled product shares each staged hc_fn chunk by 256 tokens"
     if "grouped" in ok and B >= GROUPED_MIN_TOKENS:
-        return "grouped", f"B bucket {B} >= {GROUPED_MIN_TOKENS}, tiled cannot run it: tokens share each hc_fn load"
+        short = "tiled cannot run it" if "tiled" not in ok else f"below tiled's edge {tiled_min}"
+        return "grouped", f"B bucket {B} >= {GROUPED_MIN_TOKENS}, {short}: tokens share each hc_fn load"
     if "naive" in ok:
         return "naive", f"B bucket {B}: between split's and tiled's ranges, or they cannot run it"
     return sorted(ok)[0], "the first variant by name that can run it"

@@ -154,7 +154,7 @@ _MIX_DESCRIPTIONS = {
     "naive": "one block of 256 threads per token: 24 dot products and the sum of squares, block "
              "reduction, finish, x_in from the block's own (L2-resident) streams",
     "grouped": "2 or 4 tokens per block of 128 threads (tokens_per_block): each hc_fn element loaded "
-               "serves every token of the block; for large B",
+               "serves every token of the block; for large B where tiled cannot run",
     "split": "each token group's channels spread over several blocks (at least slice_chunks chunks each) "
              "writing partial sums; the last block (atomic counter) adds them in slice order, finishes and "
              "writes x_in; for small B",

@@ -1,8 +1,9 @@
 """topk_rows' static dispatch rule over its built-in variants.
 
-Provisional until measured on the device (bench/topk/PERFORMANCE.md): radix everywhere (sort is
-the reference's GPU twin: O(C log^2 C) work, kept for checking and for autotune to time);
-``DS4KERN_VARIANT=topk_rows=<name>`` and autotune override the rule.
+radix everywhere: it was the fastest at every shape measured on an H100 (bench/topk/PERFORMANCE.md:
+sort up to 4x slower at C = 8192, hist 3-105% slower); sort is the reference's GPU twin (O(C log^2 C)
+work) and hist is autotune-only.  ``DS4KERN_VARIANT=topk_rows=<name>`` and autotune override the
+rule.
 """
 
 from __future__ import annotations

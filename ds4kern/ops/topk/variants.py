@@ -25,7 +25,7 @@ def _grid(blocks: int, what: str = "the launch") -> int:
 def _radix_configs(p: TopkProblem) -> list:
     """Chunk sizes (keys per thread) whose block fits the device, the static default first: one
     chunk per row where the row fits; for longer rows the fewest levels (level 0 plus merges),
-    then the smallest chunk (the most level-0 blocks).  Measured on an H100 (2026-12-06, graph
+    then the smallest chunk level 0 really launches (the most blocks).  Measured on an H100 (2026-12-06, graph
     replays): R=8 C=262144 k=512 per_thread 16 (2 levels) 60.2 us, 32 (2) 70.3, 8 (3) 76.4;
     k=1024: 32 (2) 75.9, 8 (3) 83.4, 16 (3) 87.3; R=1 C=65536 k=1024 (all 2): 8 44.0, 16 49.8,
     32 61.0; R=64 C=65536 k=1024 (all 2): 8 77.8, 16 79.1, 32 87.9."""
@@ -36,7 +36,9 @@ def _radix_configs(p: TopkProblem) -> list:
     if fit_row:
         first = min(fit_row)
     else:
-        first = min(fits, key=lambda per: (len(K.radix_plan(p.cols_bucket, p.k_bucket, per)), per))
+        # rank by the chunk level 0 really launches (one of fewer than 4 k keys runs as the largest)
+        first = min(fits, key=lambda per: (len(K.radix_plan(p.cols_bucket, p.k_bucket, per)),
+                                           K.level_per(0, p.cols_bucket, p.k_bucket, per), -per))
     return [{"per_thread": first}] + [{"per_thread": per} for per in fits if per != first]
 
 

@@ -57,9 +57,10 @@ def tiled_slices(tokens: int, dim: int, itemsize: int, sm_count: int) -> int:
     kernel's registers allow two resident blocks, so tiles x slices stays within one wave: ncu at
     B=4096, D=7168 on an H100 showed 16 x 17 = 272 blocks, one full wave of 264 and a tail of 8,
     which ncu bounds at up to half the kernel's time; the floor took hc_pre there from 598.7 to
-    437.6 us), each slice at least TILE_MIN_CHUNKS chunks, and the partial
-    sums (128 bytes per token and slice) at most TILE_PARTIAL_SHARE of X's bytes (4 D itemsize per
-    token)."""
+    437.6 us), each slice at least TILE_MIN_CHUNKS chunks, and the partial sums (128 bytes per
+    token and slice) at most TILE_PARTIAL_SHARE of X's bytes (4 D itemsize per token).  Never fewer
+    than one slice: at D = 32 (bf16) that one slice's partials are half of X's bytes, and from 133
+    tiles (B > 34k tokens) one slice per tile leaves about one block per SM (not measured)."""
     tiles = max(1, -(-tokens // TILE_TOKENS))
     chunks = 4 * dim // TILE_CH
     want = 2 * sm_count // tiles  # floor: never a partial second wave

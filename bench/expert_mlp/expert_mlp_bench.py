@@ -28,7 +28,7 @@ import numpy as np
 import ds4kern
 from ds4kern.core.arrays import BFLOAT16
 from ds4kern.core.registry import registry
-from ds4kern.core.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name
+from ds4kern.core.timing import copy_bandwidth, cuda_graph_time, cuda_time, device_name, torch_time
 from ds4kern.ops.expert_mlp import expert_mlp
 
 OP = "expert_mlp"
@@ -61,25 +61,6 @@ def candidates(args):
             cfgs = c.variant.configs_for(d.problem) or [{}]
             out += [(c.variant.name, cfg) for cfg in cfgs]
     return out, d.chosen.name
-
-
-def torch_time(torch, fn, warmup=3, repeat=30, setup=None):
-    for i in range(warmup):
-        if setup:
-            setup(i)
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(repeat):
-        if setup:
-            setup(i)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
 
 
 def bench(model, batches, topk, nsets, repeat, json_path):
@@ -156,7 +137,7 @@ def bench(model, batches, topk, nsets, repeat, json_path):
                         y[lo:hi] = (F.silu(g) * u).to(torch.bfloat16) @ tw[2][e].T
                 return y
 
-            t = torch_time(torch, torch_peer, repeat=repeat, setup=lambda i: state.update(j=i % nsets))
+            t = torch_time(torch_peer, repeat=repeat, setup=lambda i: state.update(j=i % nsets))
             rows.append(dict(model=model, B=B, N=N, touched=touched, bytes=nbytes, impl="torch per expert",
                              event_us=t * 1e6, pct_copy=100 * nbytes / t / bw, device=name))
             print(f"  {'torch per expert':28s} {'':18s}  {t * 1e6:9.1f} us (per call)  {nbytes / t / 1e9:7.0f} GB/s  "

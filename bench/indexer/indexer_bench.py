@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import numpy as np
 
@@ -35,7 +34,7 @@ import ds4kern
 import ds4kern.ops.indexer  # noqa: F401  (registers the op before ds4kern imports it)
 from ds4kern.core.arrays import BFLOAT16
 from ds4kern.core.registry import registry
-from ds4kern.core.timing import copy_bandwidth, cuda_graph_time, device_name
+from ds4kern.core.timing import copy_bandwidth, cuda_graph_time, device_name, torch_time
 from ds4kern.ops.indexer import indexer_topk
 from ds4kern.ops.topk import topk_rows
 
@@ -102,23 +101,6 @@ def torch_indexer(fmt, shared, chunk):
         return torch.topk(out, k, dim=1).indices
 
     return step
-
-
-def torch_time(fn, warmup=3, repeat=20):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
 
 
 def bench(shapes, formats, k, json_path):
@@ -190,7 +172,7 @@ def bench(shapes, formats, k, json_path):
                             j[0] += 1
                             return fn(tq, tw, keys, sc, tl, k)
 
-                        row["times_us"][name] = torch_time(call) * 1e6
+                        row["times_us"][name] = torch_time(call, repeat=20) * 1e6
                     except Exception as e:
                         row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
                 torch.cuda.empty_cache()

@@ -31,6 +31,7 @@ def router_call():
 
 
 def per_call(fn, n):
+    # its own loop, not ds4kern.core.timing.host_time: the old trees this runs on have no core package
     for _ in range(200):
         fn()
     cp.cuda.Device().synchronize()

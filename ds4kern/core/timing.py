@@ -96,6 +96,29 @@ def cuda_graph_time(fn, inner: int = 20, repeat: int = 50) -> float:
     return statistics.median(times)
 
 
+def torch_time(fn, warmup: int = 3, repeat: int = 30, setup=None) -> float:
+    """As :func:`cuda_time`, for torch code: median seconds of ``fn()`` between torch CUDA events
+    on torch's current stream (``setup(i)`` runs before run i, outside the timed region)."""
+    import torch
+
+    for i in range(warmup):
+        if setup:
+            setup(i)
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(repeat):
+        if setup:
+            setup(i)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(times)
+
+
 def torch_graph_time(fn, inner: int = 20, repeat: int = 50) -> float:
     """As :func:`cuda_graph_time`, for torch code (captured with ``torch.cuda.graph``)."""
     import torch
@@ -111,18 +134,7 @@ def torch_graph_time(fn, inner: int = 20, repeat: int = 50) -> float:
     with torch.cuda.graph(g):
         for j in range(inner):
             fn(j)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / inner)
-    return statistics.median(times)
+    return torch_time(g.replay, warmup=3, repeat=repeat) / inner
 
 
 # -- device time of a captured graph (driver API through ctypes) ---------------------------
